@@ -1,0 +1,711 @@
+"""
+AV-JEPA: audio-video joint-embedding predictive architecture, in one file.
+
+A clip is cut into tokens: tubelets of 2 frames x 16 x 16 pixels for the video, 16 x 16 patches of
+its log-mel spectrogram for the sound. Each step hides blocks of tokens (the *targets*). A shared
+ViT, the *encoder*, sees only what is left (the *context*). A narrow ViT, the *predictor*, is asked
+to fill in, in embedding space, what an *EMA* copy of the encoder says about the targets when it
+sees the whole clip. Nothing is ever reconstructed in pixels. Without --audio this is V-JEPA.
+
+Read top to bottom: config -> data -> masks -> model -> loss -> loop.
+
+    python avjepa.py --model vit_tiny --audio           # AV-JEPA on data/synthetic
+    torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
+"""
+import argparse
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+# -----------------------------------------------------------------------------
+# Config
+
+# name: (width, depth, heads), V-JEPA's encoders. mlp ratio 4, qkv bias, LayerNorm eps 1e-6, exact GELU.
+MODELS = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+# A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
+# vit_large up, as V-JEPA). The seed's 384x12 predictor was 4x ViT-Tiny's encoder: a predictor that
+# strong can solve the task by itself, and the encoder, the part we keep, learns less.
+def predictor_size(width, depth):
+    return min(width // 2, 384), (12 if depth >= 24 else 6)
+
+# Mask configs: name -> (blocks, spatial scale) for multiblock, or a cross-modal mode. V-JEPA uses
+# "short" and "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse.
+MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": None, "a2v": None}
+ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
+TUBELET, PATCH = 2, 16    # video tubelet = 2 frames x 16 x 16 pixels; audio patch = 16 mel x 16 frames
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (or V-JEPA without --audio) on prepare.py's arrays.")
+    p.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
+    p.add_argument("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
+    p.add_argument("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
+    p.add_argument("--masks", default="short,long", help=f"comma list of mask configs used every step, from {list(MASKS)}")
+    p.add_argument("--truncate", action="store_true", help="cut every mask to the batch minimum, as V-JEPA and the seed do (for comparison)")
+    p.add_argument("--audio-weight", type=float, default=1.0, help="weight of the audio loss; the video loss has weight 1")
+    p.add_argument("--pred-width", type=int, default=0, help="predictor width (0: half the encoder's, at most 384)")
+    p.add_argument("--pred-depth", type=int, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
+    p.add_argument("--crop", type=int, default=0, help="training crop size in pixels (0: the dataset's size)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=6.25e-4, help="peak learning rate")
+    p.add_argument("--start-lr", type=float, default=2e-4, help="learning rate at the start of warmup")
+    p.add_argument("--final-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup", type=float, default=40 / 300, help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
+    p.add_argument("--wd", type=float, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from the first to the second value")
+    p.add_argument("--ema", type=float, nargs=2, default=(0.998, 1.0), help="EMA momentum of the target encoder, linear from/to")
+    p.add_argument("--schedule-scale", type=float, default=1.25, help="schedules span steps x this and training stops at steps, as V-JEPA")
+    p.add_argument("--clip-grad", type=float, default=10.0, help="gradient norm clipping (0: off)")
+    p.add_argument("--init", default="", help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
+    p.add_argument("--out", default="out", help="folder for runs")
+    p.add_argument("--run", default="", help="run name (default: <model>-av or <model>-v)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every this many steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=10, help="write a log.jsonl line every this many steps")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and predictor")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, masks and augmentation")
+    args = p.parse_args(argv)
+    if args.model not in MODELS:
+        p.error(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
+    args.masks = args.masks.split(",")
+    for m in args.masks:
+        if m not in MASKS:
+            p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
+        if MASKS[m] is None and not args.audio:
+            p.error(f"mask config {m!r} is cross-modal and needs --audio")
+    args.run = args.run or f"{args.model}-{'av' if args.audio else 'v'}"
+    return args
+
+# -----------------------------------------------------------------------------
+# Data: prepare.py's flat memmaps. Video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta].
+
+def load_split(root, split):
+    """Memmaps of one split of a prepare.py dataset, plus its meta.json."""
+    root = Path(root)
+    if not (root / "meta.json").exists():
+        raise SystemExit(f"no dataset at {root}: run `python prepare.py` (synthetic default) "
+                         f"or `python prepare.py --videos PATH --out {root}` first")
+    meta = json.loads((root / "meta.json").read_text())
+    n = meta["splits"][split]
+    def mm(name, dtype, shape=()):
+        return np.memmap(root / f"{split}_{name}.bin", dtype=dtype, mode="r", shape=(n, *shape)) if n else np.zeros((0, *shape), dtype)
+    return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
+                audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
+                has_audio=mm("has_audio", np.uint8))
+
+
+def get_batch(data, idx, device):
+    """Clips idx of a split as tensors on the device (video still uint8; augmentation runs there)."""
+    idx = np.sort(idx)  # sorted reads are kinder to a memmap
+    pin = device.type == "cuda"
+    def t(a):
+        x = torch.from_numpy(np.ascontiguousarray(a[idx]))
+        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+    return dict(video=t(data["video"]), audio=t(data["audio"]), has_audio=t(data["has_audio"]).bool(),
+                label=t(data["label"]))
+
+
+def batch_indices(n, batch_size, step, seed, rank=0, world=1):
+    """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
+    Stateless, so a resumed run reads exactly the batches it would have read."""
+    per_step = batch_size * world
+    steps_per_epoch = max(n // per_step, 1)
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    start = i * per_step + rank * batch_size
+    return perm[np.arange(start, start + batch_size) % n]
+
+
+def prefetch(make, steps, depth=2):
+    """Yield make(step) for each step, built one ahead in a background thread (reads overlap compute)."""
+    q = queue.Queue(depth)
+    def worker():
+        for s in steps:
+            q.put(make(s))
+        q.put(None)
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not None:
+        yield item
+
+
+def augment_video(video, size, rng=None):
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised.
+    With rng: random resized crop (area 0.3-1, aspect 0.75-1.35) and horizontal flip, one per clip and
+    the same for all its frames, done as one batched affine resample on the device. Without: resize only."""
+    B, T, H, W, _ = video.shape
+    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)   # frames as channels
+    theta = torch.zeros(B, 2, 3)
+    if rng is None:
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    else:
+        area = rng.uniform(0.3, 1.0, B)
+        ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
+        w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # fractions of the frame
+        flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
+        theta[:, 0, 0] = torch.tensor(w * flip)
+        theta[:, 1, 1] = torch.tensor(h)
+        theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
+        theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
+    grid = F.affine_grid(theta.to(x.device), (B, T * 3, size, size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1, 1)
+    return (x - mean) / std
+
+
+def normalize_audio(audio, meta):
+    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta], normalised with the train split's statistics
+    as AudioMAE/CAV-MAE do: (x - mean) / (2 std)."""
+    return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
+
+# -----------------------------------------------------------------------------
+# Masks. Tokens are numbered video first, then audio: [t, h, w] raster, then [mel, time] raster.
+# A mask config picks *target* tokens per clip; the *context* is everything else. The kept tokens of
+# every clip are packed into one flat index list with cu_seqlens offsets: nothing is truncated.
+
+def block_mask(rng, grid_h, grid_w, blocks, scale):
+    """Union of `blocks` random rectangles of area scale*h*w on an [h, w] grid (True = target).
+    As V-JEPA's multiblock: aspect ratio uniform in ASPECT, sides kept below the grid's."""
+    mask = np.zeros((grid_h, grid_w), bool)
+    for _ in range(blocks):
+        area, ar = scale * grid_h * grid_w, rng.uniform(*ASPECT)
+        h = min(max(round(math.sqrt(area * ar)), 1), max(grid_h - 1, 1))
+        w = min(max(round(math.sqrt(area / ar)), 1), max(grid_w - 1, 1))
+        top, left = rng.integers(0, grid_h - h + 1), rng.integers(0, grid_w - w + 1)
+        mask[top:top + h, left:left + w] = True
+    return mask
+
+
+def sample_targets(rng, config, video_grid, audio_grid):
+    """Target mask [Nv + Na] of one clip. Video blocks span all time (V-JEPA's temporal scale 1.0);
+    audio blocks are rectangles over (mel, time)."""
+    T, H, W = video_grid
+    if MASKS[config] is None:   # cross-modal: one modality is the whole target
+        v = np.full(T * H * W, config == "a2v")
+        a = np.full(audio_grid[0] * audio_grid[1], config == "v2a") if audio_grid else np.zeros(0, bool)
+    else:
+        blocks, scale = MASKS[config]
+        v = np.broadcast_to(block_mask(rng, H, W, blocks, scale), (T, H, W)).reshape(-1)
+        a = block_mask(rng, *audio_grid, blocks, scale).reshape(-1) if audio_grid else np.zeros(0, bool)
+    return np.concatenate([v, a])
+
+
+def pack(lists, n_tokens, batch):
+    """Token lists of segments (config, clip) -> (rows of the flattened [B * N] tokens, cu_seqlens, max_len)."""
+    lengths = [len(x) for x in lists]
+    index = np.concatenate([np.asarray(x, np.int64) + (i % batch) * n_tokens for i, x in enumerate(lists)])
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return torch.from_numpy(index), torch.from_numpy(cu), max(lengths)
+
+
+def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False):
+    """Context and target tokens of every (config, clip) pair, packed: segment s = config s // B, clip s % B.
+    Returns dict(ctx=(index, cu, max), tgt=(index, cu, max)); index rows point into [B * N] tokens."""
+    N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
+    Nv = math.prod(video_grid)
+    ctx, tgt = [], []
+    for config in configs:
+        for b in range(batch):
+            exists = np.ones(N, bool)
+            exists[Nv:] = bool(has_audio[b])      # silent clips drop their audio tokens entirely
+            for _ in range(20):                   # resample until the context is not empty
+                target = sample_targets(rng, config, video_grid, audio_grid) & exists
+                if (exists & ~target).any():
+                    break
+            else:                                 # only a2v on a silent clip: keep one video token visible
+                target[rng.choice(np.flatnonzero(target))] = False
+            ctx.append(np.flatnonzero(exists & ~target))
+            tgt.append(np.flatnonzero(target))
+    if truncate:   # the seed's and V-JEPA's collation: every list cut to its config's batch minimum
+        for lists in (ctx, tgt):
+            for c in range(len(configs)):
+                seg = lists[c * batch:(c + 1) * batch]
+                keep = min(len(x) for x in seg)
+                lists[c * batch:(c + 1) * batch] = [x[:keep] for x in seg]
+    return dict(ctx=pack(ctx, N, batch), tgt=pack(tgt, N, batch))
+
+# -----------------------------------------------------------------------------
+# Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
+# axis is measured in tubelets, so an audio column and the video tubelet playing at the same instant
+# share their temporal code; its mel band takes the height axis. A learned modality embedding tells
+# the two apart.
+
+def sincos(coords, dim):
+    """coords [N, 3] (t, h, w) -> [N, dim]. Each axis gets 2*ceil(dim/6) dims of [sin(p w), cos(p w)],
+    w_i = 1/10000^(i/(d/2)); concatenated (t, h, w) and cut to dim (V-JEPA, uniform_power=True)."""
+    d = 2 * math.ceil(dim / 6)
+    omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+    parts = []
+    for axis in range(3):
+        out = coords[:, axis, None].double() * omega[None]               # [N, d/2]
+        parts += [torch.sin(out), torch.cos(out)]
+    return torch.cat(parts, dim=1)[:, :dim].float()
+
+
+def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_seconds=1.0):
+    """(t, h, w) coordinates of every token, video [t, h, w] raster then audio [mel, time] raster."""
+    T, H, W = video_grid
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
+    if audio_grid:
+        F_, C = audio_grid
+        mel, col = torch.meshgrid(torch.arange(F_), torch.arange(C), indexing="ij")
+        # centre of audio column c, in tubelet units (tubelet t is centred at t + 0.5)
+        t_audio = (col.double() + 0.5) * audio_patch_seconds / tubelet_seconds - 0.5
+        coords.append(torch.stack([t_audio, mel.double(), torch.zeros_like(t_audio)], -1).reshape(-1, 3))
+    return torch.cat(coords)
+
+# -----------------------------------------------------------------------------
+# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each clip starts.
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(1)   # 3 x [total, H, hd]
+        x = kernels.attention(q, k, v, cu_seqlens, max_seqlen)               # each clip attends to itself
+        return self.proj(x.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn, self.mlp = Attention(dim, heads), MLP(dim)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module, blocks):
+    """V-JEPA's init: trunc-normal(0.02) weights, zero biases, block outputs scaled by 1/sqrt(2 layer)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for layer, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets or Conv2d patches)."""
+    def __init__(self, conv, in_ch, dim, kernel):
+        super().__init__()
+        self.proj = conv(in_ch, dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)                        # [B, N, D] in raster order
+
+
+class Encoder(nn.Module):
+    """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
+    def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0, tubelet_seconds=1.0,
+                 audio_patch_seconds=0.16):
+        super().__init__()
+        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size, audio_frames=audio_frames,
+                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds)
+        self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
+        self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
+        self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
+        pos = sincos(token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds), width)
+        self.nv = math.prod(self.video_grid)
+        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)     # [1, Nv, D], as V-JEPA
+        if audio_frames:
+            self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, width, (PATCH, PATCH))
+            self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
+            self.modality_embed = nn.Parameter(torch.zeros(2, width))           # [video, audio]
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        init_weights(self, self.blocks)
+        if audio_frames:
+            nn.init.trunc_normal_(self.modality_embed, std=0.02)
+
+    def embed(self, video=None, audio=None):
+        """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them."""
+        tokens, pos = [], []
+        if video is not None:
+            tokens.append(self.patch_embed(video))
+            pos.append(self.pos_embed[0] + (self.modality_embed[0] if self.audio_grid else 0))
+        if audio is not None:
+            tokens.append(self.audio_patch_embed(audio))
+            pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
+        return torch.cat(tokens, 1), torch.cat(pos, 0)
+
+    def forward(self, video=None, audio=None, keep=None):
+        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
+        keep=None: all tokens, returns [B, N, D]. keep=(index, cu_seqlens, max_len): only those rows of
+        the flattened [B*N] tokens, packed per segment, returns [total, D]."""
+        x, pos = self.embed(video, audio)
+        B, N, D = x.shape
+        if keep is None:
+            index, cu, max_len = torch.arange(B * N, device=x.device), torch.arange(B + 1, device=x.device, dtype=torch.int32) * N, N
+        else:
+            index, cu, max_len = keep
+        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))    # kept tokens + their positions
+        for block in self.blocks:
+            x = block(x, cu, max_len)
+        x = self.norm(x)
+        return x.view(B, N, D) if keep is None else x
+
+
+class Predictor(nn.Module):
+    """Narrow ViT over [context ; mask tokens] per segment, which predicts the targets' embeddings."""
+    def __init__(self, enc_width, width, depth, heads, n_configs, encoder):
+        super().__init__()
+        e = encoder.config
+        self.nv = encoder.nv
+        coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"], e["audio_patch_seconds"])
+        self.register_buffer("pos_embed", sincos(coords, width), persistent=False)          # [N, Dp]
+        self.predictor_embed = nn.Linear(enc_width, width)
+        # one learned mask token per mask config and modality, zero at start (V-JEPA)
+        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, 2 if encoder.audio_grid else 1, width))
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.predictor_proj = nn.Linear(width, enc_width)
+        init_weights(self, self.blocks)
+
+    def forward(self, context, masks, batch):
+        """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
+        (ci, ccu, _), (ti, tcu, _) = masks["ctx"], masks["tgt"]
+        N = self.pos_embed.shape[0]
+        ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ci % N)
+        seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=ti.device), tcu[1:] - tcu[:-1])  # target row -> segment
+        kind = (ti % N >= self.nv).long()                                    # 0 video, 1 audio
+        tgt = self.mask_tokens[seg // batch, kind] + kernels.gather(self.pos_embed, ti % N)
+        # Segment s becomes [its context ; its targets]: find each row's slot in that packed sequence.
+        cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1, device=ci.device), ccu[1:] - ccu[:-1])
+        ctx_slot = torch.arange(len(ci), device=ci.device) + tcu[cseg]
+        tgt_slot = torch.arange(len(ti), device=ti.device) + ccu[seg + 1]
+        cu = ccu + tcu
+        x = kernels.scatter(torch.cat([ctx, tgt]), torch.cat([ctx_slot, tgt_slot]), len(ci) + len(ti))
+        max_len = int((cu[1:] - cu[:-1]).max())
+        for block in self.blocks:
+            x = block(x, cu, max_len)
+        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))
+
+
+class JEPA(nn.Module):
+    """The trained half: context encoder + predictor (one module, so DDP syncs both)."""
+    def __init__(self, encoder, predictor):
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+
+    def forward(self, video, audio, masks):
+        context = self.encoder(video, audio, keep=masks["ctx"])            # [Tc, D]
+        return self.predictor(context, masks, video.shape[0])             # [Tt, D]
+
+
+def build(cfg):
+    """Encoder, predictor and EMA target encoder from a run config (a dict; saved in checkpoints)."""
+    width, depth, heads = MODELS[cfg["model"]]
+    encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if cfg["audio"] else 0,
+                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"])
+    pw, pd = predictor_size(width, depth)
+    predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
+    target = Encoder(**encoder.config)
+    target.load_state_dict(encoder.state_dict())
+    target.requires_grad_(False)
+    return encoder, predictor, target
+
+# -----------------------------------------------------------------------------
+# Checkpoints: ours, and V-JEPA's (.pth.tar: 'target_encoder' / 'encoder', 'module.'/'backbone.' prefixes).
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # a crash mid-write never leaves a half checkpoint under the real name
+
+
+def read_checkpoint(path):
+    if not Path(path).is_file():
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})")
+
+
+def encoder_weights(ckpt, path):
+    """The EMA target encoder's state dict from either kind of checkpoint, prefixes stripped."""
+    for key in ("target_encoder", "encoder"):
+        if isinstance(ckpt, dict) and key in ckpt:
+            sd = ckpt[key]
+            break
+    else:
+        raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA checkpoint")
+    return {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd.items()}
+
+
+def load_encoder(path, device="cpu"):
+    """The frozen target encoder of a checkpoint, in eval mode: for features, `load_encoder(p)(video, audio)`.
+    Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its tensor shapes."""
+    ckpt = read_checkpoint(path)
+    sd = encoder_weights(ckpt, path)
+    if "config" in ckpt:
+        encoder = build(ckpt["config"])[2]
+    else:
+        if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+            raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
+        width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        heads = {w: h for w, _, h in MODELS.values()}.get(width, width // 64)
+        frames = 16                                           # every released V-JEPA model sees 16 frames
+        size = int(math.isqrt(sd["pos_embed"].shape[1] // (frames // tubelet))) * patch
+        encoder = Encoder(width, depth, heads, frames, size)
+    try:
+        encoder.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
+    return encoder.to(device).eval().requires_grad_(False)
+
+
+def init_from(encoder, path):
+    """--init: copy a checkpoint's video encoder weights into ours, or say clearly why they don't fit."""
+    sd = encoder_weights(read_checkpoint(path), path)
+    own = encoder.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but {list(own[k].shape)} "
+                             f"here (width {encoder.config['width']}); pick the --model and --crop it was trained with")
+    missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
+    if missing:
+        raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
+                         f"it was trained with a different --model")
+    encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+# -----------------------------------------------------------------------------
+# Loss and schedules
+
+def jepa_loss(pred, target, masks, n_configs, batch, nv, n_tokens, audio_weight):
+    """L1 between predicted and target embeddings, averaged per (config, modality), so the few audio
+    tokens are not drowned by the many video ones (the seed's audio was 2-7% of its loss).
+    Returns (loss, video_loss, audio_loss); a modality with no targets this step gives nan."""
+    ti, tcu, _ = masks["tgt"]
+    err = (pred.float() - target.float()).abs().mean(-1)                     # [Tt]
+    seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=err.device), tcu[1:] - tcu[:-1])
+    group = (seg // batch) * 2 + (ti % n_tokens >= nv).long()               # (config, modality)
+    total = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, err)
+    count = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, torch.ones_like(err))
+    mean = (total / count.clamp(min=1)).view(n_configs, 2)                  # [configs, (video, audio)]
+    present = (count.view(n_configs, 2) > 0).float()
+    weight = present * torch.tensor([1.0, audio_weight], device=err.device)
+    loss = ((mean * weight).sum(1) / weight.sum(1).clamp(min=1e-8)).mean()
+    per_mod = (mean * present).sum(0) / present.sum(0)                       # nan if never present
+    return loss, per_mod[0], per_mod[1]
+
+
+def schedules(step, args):
+    """lr (warmup then cosine), weight decay (cosine up), EMA momentum (linear up) at `step`.
+    They span steps * schedule_scale; training stops at `steps` (V-JEPA's 1.25 stretch, stop at 80%)."""
+    total = args.steps * args.schedule_scale
+    warm = args.warmup * total
+    if step < warm:
+        lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+    else:
+        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+    wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
+    ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
+    return lr, wd, ema
+
+
+def step_flops(encoder, predictor, masks, batch, n_tokens):
+    """Matmul FLOPs of one training step: 6 per weight per trained token (fwd + bwd), 2 per target
+    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained)."""
+    def lin(m):   # weights applied per token
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
+    def attn(m, cu):
+        L = (cu[1:] - cu[:-1]).double()
+        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
+    ccu, tcu = masks["ctx"][1], masks["tgt"][1]
+    tc, tt = int(ccu[-1]), int(tcu[-1])
+    full_cu = torch.arange(batch + 1) * n_tokens
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, ccu) + 6 * lin(predictor) * (tc + tt)
+            + 3 * attn(predictor, ccu + tcu) + 2 * lin(encoder) * batch * n_tokens + attn(encoder, full_cu))
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+def train(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ
+    if ddp:   # launched by torchrun: one process per GPU (or per CPU worker with gloo)
+        import torch.distributed as dist
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    master = rank == 0
+    torch.manual_seed(args.seed)
+
+    data = load_split(args.data, "train")
+    meta = data["meta"]
+    if data["n"] == 0:
+        raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
+    cfg = dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
+               crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
+               tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
+               pred_width=args.pred_width, pred_depth=args.pred_depth, data=str(args.data))
+    if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
+        raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
+    run_dir = Path(args.out) / args.run
+    ckpt_path = run_dir / "ckpt.pt"
+
+    encoder, predictor, target = build(cfg)
+    model = JEPA(encoder, predictor)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+
+    step = 0
+    if args.resume:
+        ck = read_checkpoint(ckpt_path)
+        saved = {k: v for k, v in ck["config"].items() if k != "data"}
+        if saved != {k: v for k, v in cfg.items() if k != "data"}:
+            diff = [k for k in cfg if k != "data" and saved.get(k) != cfg[k]]
+            raise SystemExit(f"{ckpt_path} was trained with different settings ({', '.join(diff)}): "
+                             f"resume with the same flags, or start a new --run")
+        encoder.load_state_dict(ck["encoder"])
+        predictor.load_state_dict(ck["predictor"])
+        target.load_state_dict(ck["target_encoder"])
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        step = ck["step"]
+    elif ckpt_path.exists():
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --run")
+    elif args.init:
+        init_from(encoder, args.init)
+        target.load_state_dict(encoder.state_dict())
+
+    model.to(device)
+    target.to(device)
+    trained = model
+    if ddp:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        trained = torch.compile(trained, dynamic=True)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    video_grid, audio_grid = encoder.video_grid, encoder.audio_grid
+    N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
+    B = args.batch_size
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+
+    def make_batch(s):
+        """Everything random about step s comes from (seed, step, rank): resume replays it exactly."""
+        rng = np.random.default_rng([args.seed, s, rank])
+        batch = get_batch(data, batch_indices(data["n"], B, s, args.seed, rank, world), device)
+        has_audio = batch["has_audio"].cpu().numpy() if args.audio else np.zeros(B, bool)
+        masks = sample_masks(rng, args.masks, B, video_grid, audio_grid, has_audio, args.truncate)
+        masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
+        return batch, masks, rng
+
+    def save(s):
+        if master:
+            save_atomic(dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
+                             target_encoder=target.state_dict(), opt=opt.state_dict(), step=s, config=cfg,
+                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
+
+    log = open(run_dir / "log.jsonl", "a") if master else None
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.run, dynamic_ncols=True)
+    t0, clips, last = time.time(), 0, None
+    for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
+        lr, wd, momentum = schedules(s, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = wd if g is opt.param_groups[0] else 0.0
+        video = augment_video(batch["video"], cfg["crop"], rng)
+        audio = normalize_audio(batch["audio"], meta) if args.audio else None
+        with amp:
+            with torch.no_grad():   # the target: layer-normed EMA-encoder features of the whole clip
+                h = F.layer_norm(target(video, audio).float(), (encoder.config["width"],))
+                tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])     # [Tt, D]
+            pred = trained(video, audio, masks)
+            loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
+        if not torch.isfinite(loss):
+            kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
+                if ckpt_path.exists() else "no checkpoint was written yet"
+            raise SystemExit(f"loss became {loss.item()} at step {s}; stopping, {kept}. "
+                             f"Try a lower --lr or a higher --ema start.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        with torch.no_grad():   # target <- momentum * target + (1 - momentum) * encoder
+            torch._foreach_lerp_(list(target.parameters()), list(encoder.parameters()), 1 - momentum)
+        clips += B * world
+        bar.update(1)
+        if s % args.log_every == 0 or s == args.steps - 1:
+            dt = time.time() - t0
+            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
+                       lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
+            if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
+                flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N)
+                rec["mfu"] = flops * (clips / (B * world)) / dt / peak
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
+            if master:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            last, t0, clips = rec, time.time(), 0
+        if (s + 1) % args.save_every == 0 and s + 1 < args.steps:
+            save(s + 1)
+    bar.close()
+    save(args.steps)
+    if master and last:
+        audio_part = f", audio {last['loss_audio']:.4f}" if args.audio else ""
+        print(f"trained {args.run} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
+              f"{audio_part}), {last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return encoder, predictor, target
+
+
+if __name__ == "__main__":
+    train()

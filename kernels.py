@@ -1,0 +1,460 @@
+"""
+The three token operations of a packed JEPA batch, each behind one function that picks its path.
+
+A JEPA batch is ragged: every clip keeps a different number of context tokens. Instead of
+truncating to the batch minimum (as V-JEPA does) or padding, we *pack* the kept tokens of all
+clips into one [total, D] tensor and describe the clips by `cu_seqlens`, the int32 prefix sum
+of their lengths (the flash_attn_varlen convention):
+
+    lengths    = [3, 1, 4]
+    cu_seqlens = [0, 3, 4, 8]   # clip i owns rows cu_seqlens[i]:cu_seqlens[i+1]
+
+attention(q, k, v, cu_seqlens, max_seqlen)  non-causal attention inside each clip only
+gather(x, index, pos=None)                  rows x[index] (+ pos[index % len(pos)])
+scatter(x, index, n)                        the inverse: an [n, D] tensor with x placed at index
+
+Each has a plain PyTorch reference (`*_torch`), which is the specification, and right below it
+the Triton kernel (CUDA) that must equal it. Under TRITON_INTERPRET=1 the kernels also run on
+the CPU (slowly), which is how the tests check them on a machine without a GPU.
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (e.g. macOS): the references still work, the kernels are never launched
+    class _NoTriton:
+        jit = staticmethod(lambda fn: fn)
+        constexpr = None
+    triton = tl = _NoTriton
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+
+# "auto": the fast path where it exists (CUDA), the reference elsewhere. Tests set "torch" or "triton".
+BACKEND = "auto"
+# tests set this: kernel outputs start as NaN instead of uninitialised memory, so a skipped tile shows
+POISON = False
+# the interpreter runs one program at a time through numpy: small tiles keep the tests fast
+# and make tiny shapes span several tiles
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(*tensors):
+    if BACKEND == "torch":
+        return False
+    if BACKEND == "triton":
+        return True
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _empty(*shape, like, dtype=None):
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _unit_stride(x):
+    """The kernels index rows by stride but need the last dimension contiguous (vector loads)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# -----------------------------------------------------------------------------
+# Attention over packed variable-length sequences
+
+def attention_torch(q, k, v, cu_seqlens, max_seqlen=None):
+    """q, k, v: [total, H, hd] packed; cu_seqlens: int32 [B+1]. Returns [total, H, hd].
+    Reference: pad every clip to the longest, and mask the padding keys out."""
+    total, H, hd = q.shape
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()                # [B]
+    B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
+    # row r of the packed tensor sits at (clip, offset) in the padded one
+    clip = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)   # [total]
+    offset = torch.arange(total, device=q.device) - cu_seqlens[:-1].long()[clip]
+    def pad(x):                                                        # [total, H, hd] -> [B, H, L, hd]
+        out = x.new_zeros(B, L, H, hd)
+        out[clip, offset] = x
+        return out.transpose(1, 2)
+    keep = torch.arange(L, device=q.device)[None, :] < lengths[:, None]    # [B, L] real keys
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :])
+    return out.transpose(1, 2)[clip, offset]                           # back to [total, H, hd]
+
+# FlashAttention-2 on packed clips. Never materialise the [L, L] score matrix:
+# - forward: a program owns BLOCK_M queries of one (clip, head) and sweeps that clip's keys in
+#   tiles of BLOCK_N, keeping an online softmax: a running row max m, a running sum l of
+#   exp(s - m) and an fp32 accumulator of exp(s - m) @ V, rescaled by exp(m_old - m_new) whenever
+#   the max grows. O = acc / l, and it stores LSE = m + log(l) per row for the backward.
+# - backward: with P = exp(S - LSE) recomputed tile by tile, dV = P^T dO, dP = dO V^T and
+#   dS = P * (dP - Δ) where Δ = rowsum(O * dO) (a cheap preprocess; equals rowsum(P * dP)).
+#   One kernel owns a key tile and sweeps the queries for dK = scale dS^T Q and dV; another owns
+#   a query tile and sweeps the keys for dQ = scale dS K. No atomics, so it is deterministic.
+# Scores live in base 2 (scale folded with log2(e), exp2 is the fast instruction), so the stored
+# LSE is log2-based too. Tiles past a clip's end exit at once; rows past it are masked: keys by
+# -inf scores, queries by not storing. Head dims pad to a power of two >= 16 (tl.dot's minimum).
+
+def _attn_config(hd_pad, kernel, elem_bytes=2):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and row size. Fixed (no autotune) so
+    the module imports and runs without a driver, and varying clip lengths never re-tune."""
+    if INTERPRET:
+        return 16, 16, 1, 1
+    row = min(256, max(64, hd_pad * elem_bytes // 2))  # fp32 rows count double: shared memory
+    table = {  # H100 choices in the spirit of Triton's fused-attention tutorial
+        "fwd":  {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+        "dkdv": {64: (32, 128, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},  # BLOCK_N keys owned
+        "dq":   {64: (128, 32, 4, 3), 128: (64, 32, 4, 3), 256: (32, 32, 4, 2)},  # BLOCK_M queries owned
+    }[kernel]
+    return table[row]
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
+                     sqt, sqh, skt, skh, svt, svh, sot, soh,
+                     HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
+    L = end - start
+    if pid_m * BLOCK_M >= L:  # the grid is sized for the longest clip
+        return
+    row0 = start.to(tl.int64)  # int64 base offsets: total * stride can pass 2^31
+    Q += row0 * sqt + h * sqh
+    K += row0 * skt + h * skh
+    V += row0 * svt + h * svh
+    O += row0 * sot + h * soh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HD_PAD)
+    m_mask, d_mask = offs_m < L, offs_d < HD
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        n = start_n + offs_n
+        kv_mask = (n < L)[:, None] & d_mask[None, :]
+        k = tl.load(K + n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                          # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where((n < L)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                          # finite: every tile has a real key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)                                   # 0 on the first tile
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])           # accumulate in place
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + h * total + start + offs_m, m_i + tl.log2(l_i), mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, total, sot, soh, sdt, sdh,
+                           HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ[h, r] = sum_d O[r, h, d] * dO[r, h, d] over all packed rows (clips do not matter here)."""
+    pid_m, h = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HD_PAD)
+    mask = (offs_m < total)[:, None] & (offs_d < HD)[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + rows * sot + h * soh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows * sdt + h * sdh + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * total + offs_m, tl.sum(o * do, 1), mask=offs_m < total)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale, sm_scale, H, total,
+                          sqt, sqh, skt, skh, svt, svh, sdt, sdh, sgt, sgh,
+                          HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program owns BLOCK_N keys of one (clip, head); it sweeps the clip's queries. DK and DV
+    share the strides sgt, sgh (both are fresh contiguous tensors)."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
+    L = end - start
+    if pid_n * BLOCK_N >= L:
+        return
+    row0 = start.to(tl.int64)
+    Q += row0 * sqt + h * sqh
+    K += row0 * skt + h * skh
+    V += row0 * svt + h * svh
+    DO += row0 * sdt + h * sdh
+    DK += row0 * sgt + h * sgh
+    DV += row0 * sgt + h * sgh
+    LSE += h * total + start
+    DELTA += h * total + start
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HD_PAD)
+    d_mask = offs_d < HD
+    kv_mask = (offs_n < L)[:, None] & d_mask[None, :]
+    k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        m = start_m + offs_m
+        m_mask = m < L
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE + m, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + m, mask=m_mask, other=0.0)
+        # work transposed ([keys, queries]) so the results land in the key-major layout of dK, dV.
+        # Padding queries need no mask: q = dO = LSE = Δ = 0 there, so pT = 1 and dsT = 0 add nothing.
+        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+    tl.store(DK + offs_n[:, None] * sgt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * sgt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_scale, H, total,
+                        sqt, sqh, skt, skh, svt, svh, sdt, sdh, sgt, sgh,
+                        HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program owns BLOCK_M queries of one (clip, head); it sweeps the clip's keys."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
+    L = end - start
+    if pid_m * BLOCK_M >= L:
+        return
+    row0 = start.to(tl.int64)
+    Q += row0 * sqt + h * sqh
+    K += row0 * skt + h * skh
+    V += row0 * svt + h * svh
+    DO += row0 * sdt + h * sdh
+    DQ += row0 * sgt + h * sgh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HD_PAD)
+    m_mask, d_mask = offs_m < L, offs_d < HD
+    q_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + h * total + start + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + h * total + start + offs_m, mask=m_mask, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        n = start_n + offs_n
+        kv_mask = (n < L)[:, None] & d_mask[None, :]
+        k = tl.load(K + n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        # padding keys must be masked: exp2(0 - LSE) overflows for rows with very negative scores,
+        # and inf * (k = 0) would be NaN
+        p = tl.exp2(tl.where((n < L)[None, :], s, float("-inf")) - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _rows_heads(x):
+    return x.stride(0), x.stride(1)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen):
+        # q, k, v may be strided views (e.g. unbound from one [total, 3, H, hd] tensor): no copy
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+        total, H, hd = q.shape
+        B = cu_seqlens.numel() - 1
+        hd_pad = max(16, triton.next_power_of_2(hd))
+        sm_scale = 1.0 / math.sqrt(hd)
+        qk_scale = sm_scale * 1.4426950408889634                       # log2(e): scores in base 2
+        o = _empty(total, H, hd, like=q)
+        lse = _empty(H, total, like=q, dtype=torch.float32)
+        BM, BN, warps, stages = _attn_config(hd_pad, "fwd", q.element_size())
+        _attn_fwd_kernel[(triton.cdiv(max_seqlen, BM), B * H)](
+            q, k, v, o, lse, cu_seqlens, qk_scale, H, total,
+            *_rows_heads(q), *_rows_heads(k), *_rows_heads(v), *_rows_heads(o),
+            HD=hd, HD_PAD=hd_pad, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.scales, ctx.hd_pad = max_seqlen, (qk_scale, sm_scale), hd_pad
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        do = _unit_stride(do)
+        total, H, hd = q.shape
+        B, hd_pad, (qk_scale, sm_scale) = cu_seqlens.numel() - 1, ctx.hd_pad, ctx.scales
+        delta = _empty(H, total, like=q, dtype=torch.float32)
+        BM = 16 if INTERPRET else 64
+        _attn_bwd_delta_kernel[(triton.cdiv(total, BM), H)](
+            o, do, delta, total, *_rows_heads(o), *_rows_heads(do), HD=hd, HD_PAD=hd_pad, BLOCK_M=BM)
+        dq, dk, dv = (_empty(total, H, hd, like=q) for _ in range(3))
+        strides = (*_rows_heads(q), *_rows_heads(k), *_rows_heads(v), *_rows_heads(do), *_rows_heads(dq))
+        BM, BN, warps, stages = _attn_config(hd_pad, "dkdv", q.element_size())
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, BN), B * H)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens, qk_scale, sm_scale, H, total, *strides,
+            HD=hd, HD_PAD=hd_pad, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+        BM, BN, warps, stages = _attn_config(hd_pad, "dq", q.element_size())
+        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, BM), B * H)](
+            q, k, v, do, lse, delta, dq, cu_seqlens, qk_scale, sm_scale, H, total, *strides,
+            HD=hd, HD_PAD=hd_pad, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None, None
+
+
+def _attention_triton(q, k, v, cu_seqlens, max_seqlen):
+    assert q.shape == k.shape == v.shape and q.dim() == 3, "q, k, v: [total, H, hd] each"
+    assert q.dtype == k.dtype == v.dtype, "q, k, v: one dtype (tl.dot takes matching operands)"
+    assert q.shape[2] <= 256, "head dims up to 256"
+    assert (cu_seqlens.numel() - 1) * q.shape[1] < 65536, "B * H is the grid's second axis"
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    if max_seqlen is None:  # costs a device sync: callers that know it should pass it
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return _Attention.apply(q, k, v, cu_seqlens, int(max_seqlen))
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen=None):
+    """Non-causal softmax(q k^T / sqrt(hd)) v within each packed clip."""
+    if _use_triton(q, k, v):
+        return _attention_triton(q, k, v, cu_seqlens, max_seqlen)
+    return attention_torch(q, k, v, cu_seqlens, max_seqlen)
+
+
+# -----------------------------------------------------------------------------
+# Masked-token gather and its inverse
+# Row-tiled copies: a program moves BLOCK_R rows, BLOCK_D columns at a time (masked, so any D).
+# Pure memory traffic: the napkin limit is bytes moved / ~3 TB/s on an H100.
+
+def _rows_config(D):
+    """(BLOCK_R, BLOCK_D): ~4k elements per program step, 16 B+ vector loads along D."""
+    if INTERPRET:
+        return 4, min(32, triton.next_power_of_2(D))
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    return max(1, 4096 // BLOCK_D), BLOCK_D
+
+
+def gather_torch(x, index, pos=None):
+    """x: [M, D], index: int64 [K] -> [K, D] = x[index] (+ pos[index % P] with pos [P, D])."""
+    out = x.index_select(0, index)
+    if pos is not None:
+        out = out + pos.index_select(0, index % pos.shape[0])
+    return out
+
+
+@triton.jit
+def _gather_kernel(X, INDEX, POS, OUT, K, D, P, sx, spos, sout,
+                   HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < K
+    src = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = r_mask[:, None] & (cols < D)[None, :]
+        val = tl.load(X + src[:, None] * sx + cols[None, :], mask=mask).to(tl.float32)
+        if HAS_POS:  # the positional add rides along instead of costing a second pass
+            val += tl.load(POS + (src % P)[:, None] * spos + cols[None, :], mask=mask).to(tl.float32)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * sout + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _gather_rows(x, index, pos=None):
+    x = _unit_stride(x)
+    pos = None if pos is None else _unit_stride(pos)
+    K, D = index.shape[0], x.shape[1]
+    dtype = x.dtype if pos is None else torch.result_type(x, pos)
+    out = _empty(K, D, like=x, dtype=dtype)
+    if K == 0:
+        return out
+    BR, BD = _rows_config(D)
+    _gather_kernel[(triton.cdiv(K, BR),)](
+        x, index, x if pos is None else pos, out, K, D, 1 if pos is None else pos.shape[0],
+        x.stride(0), 0 if pos is None else pos.stride(0), out.stride(0),
+        HAS_POS=pos is not None, BLOCK_R=BR, BLOCK_D=BD)
+    return out
+
+
+class _Gather(torch.autograd.Function):
+    # Backward is a scatter-add: indices may repeat in general (and index % P always does for pos),
+    # so it uses torch's index_add_ (atomics on CUDA) rather than a second hand-written kernel.
+    @staticmethod
+    def forward(ctx, x, index, pos):
+        ctx.save_for_backward(index)
+        ctx.x_meta, ctx.pos_meta = (x.shape[0], x.dtype), None if pos is None else (pos.shape[0], pos.dtype)
+        return _gather_rows(x, index, pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        dx = dpos = None
+        if ctx.needs_input_grad[0]:
+            M, dtype = ctx.x_meta
+            dx = grad.new_zeros(M, grad.shape[1], dtype=dtype).index_add_(0, index, grad.to(dtype))
+        if ctx.pos_meta is not None and ctx.needs_input_grad[2]:
+            P, dtype = ctx.pos_meta
+            dpos = grad.new_zeros(P, grad.shape[1], dtype=dtype).index_add_(0, index % P, grad.to(dtype))
+        return dx, None, dpos
+
+
+def _gather_triton(x, index, pos):
+    return _Gather.apply(x, index.contiguous(), pos)
+
+
+def scatter_torch(x, index, n):
+    """x: [K, D], index: int64 [K] of distinct rows -> [n, D], zero where no row lands."""
+    return x.new_zeros(n, x.shape[1]).index_copy(0, index, x)
+
+
+@triton.jit
+def _scatter_kernel(X, INDEX, OUT, K, D, sx, sout, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < K
+    dst = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = r_mask[:, None] & (cols < D)[None, :]
+        val = tl.load(X + rows.to(tl.int64)[:, None] * sx + cols[None, :], mask=mask)
+        tl.store(OUT + dst[:, None] * sout + cols[None, :], val, mask=mask)
+
+
+class _Scatter(torch.autograd.Function):
+    # Rows land at distinct indices, so no atomics; the rows nobody writes are zero (a memset).
+    @staticmethod
+    def forward(ctx, x, index, n):
+        x = _unit_stride(x)
+        K, D = x.shape
+        out = x.new_zeros(n, D)
+        if K:
+            BR, BD = _rows_config(D)
+            _scatter_kernel[(triton.cdiv(K, BR),)](x, index, out, K, D, x.stride(0), out.stride(0),
+                                                  BLOCK_R=BR, BLOCK_D=BD)
+        ctx.save_for_backward(index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return _gather_rows(grad, index), None, None
+
+
+def _scatter_triton(x, index, n):
+    return _Scatter.apply(x, index.contiguous(), n)
+
+
+def gather(x, index, pos=None):
+    if _use_triton(x, index):
+        return _gather_triton(x, index, pos)
+    return gather_torch(x, index, pos)
+
+
+def scatter(x, index, n):
+    if _use_triton(x, index):
+        return _scatter_triton(x, index, n)
+    return scatter_torch(x, index, n)
