@@ -564,6 +564,32 @@ def step_flops(encoder, predictor, masks, batch, n_tokens):
 # -----------------------------------------------------------------------------
 # Training loop
 
+def train_step(model, target, opt, video, audio, masks, momentum, args):
+    """One JEPA step: predict the EMA target's features of the hidden tokens, update, then move the target.
+    model is the JEPA (maybe DDP-wrapped); returns (loss, video loss, audio loss). A non-finite loss
+    changes nothing, so the caller can stop with the weights of the last good step."""
+    jepa = getattr(model, "module", model)
+    encoder = jepa.encoder
+    B, N = video.shape[0], encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda)
+    with amp:
+        with torch.no_grad():   # the target: layer-normed EMA-encoder features of the whole clip
+            h = F.layer_norm(target(video, audio).float(), (encoder.config["width"],))
+            tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])           # [Tt, D]
+        pred = model(video, audio, masks)                                   # [Tt, D]
+        loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
+    if not torch.isfinite(loss):
+        return loss, loss_v, loss_a
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
+    opt.step()
+    with torch.no_grad():   # target <- momentum * target + (1 - momentum) * encoder
+        torch._foreach_lerp_(list(target.parameters()), list(encoder.parameters()), 1 - momentum)
+    return loss, loss_v, loss_a
+
+
 def train(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ
@@ -633,7 +659,6 @@ def train(argv=None):
     video_grid, audio_grid = encoder.video_grid, encoder.audio_grid
     N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
     B = args.batch_size
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
 
     def make_batch(s):
@@ -662,24 +687,12 @@ def train(argv=None):
             g["weight_decay"] = wd if g is opt.param_groups[0] else 0.0
         video = augment_video(batch["video"], cfg["crop"], rng)
         audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        with amp:
-            with torch.no_grad():   # the target: layer-normed EMA-encoder features of the whole clip
-                h = F.layer_norm(target(video, audio).float(), (encoder.config["width"],))
-                tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])     # [Tt, D]
-            pred = trained(video, audio, masks)
-            loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
+        loss, loss_v, loss_a = train_step(trained, target, opt, video, audio, masks, momentum, args)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
                 if ckpt_path.exists() else "no checkpoint was written yet"
             raise SystemExit(f"loss became {loss.item()} at step {s}; stopping, {kept}. "
                              f"Try a lower --lr or a higher --ema start.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        opt.step()
-        with torch.no_grad():   # target <- momentum * target + (1 - momentum) * encoder
-            torch._foreach_lerp_(list(target.parameters()), list(encoder.parameters()), 1 - momentum)
         clips += B * world
         bar.update(1)
         if s % args.log_every == 0 or s == args.steps - 1:
