@@ -107,13 +107,20 @@ def load_split(root, split):
     if not (root / "meta.json").exists():
         raise SystemExit(f"no dataset at {root}: run `python prepare.py` (synthetic default) "
                          f"or `python prepare.py --videos PATH --out {root}` first")
-    meta = json.loads((root / "meta.json").read_text())
-    n = meta["splits"][split]
-    def mm(name, dtype, shape=()):
-        return np.memmap(root / f"{split}_{name}.bin", dtype=dtype, mode="r", shape=(n, *shape)) if n else np.zeros((0, *shape), dtype)
-    return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
-                audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
-                has_audio=mm("has_audio", np.uint8))
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        n = meta["splits"][split]
+        def mm(name, dtype, shape=()):
+            path = root / f"{split}_{name}.bin"
+            if path.stat().st_size != n * math.prod(shape) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{path.name} has the wrong size")
+            return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape)) if n else np.zeros((0, *shape), dtype)
+        return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
+                    audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
+                    has_audio=mm("has_audio", np.uint8))
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's ({type(e).__name__}: {e}): "
+                         f"rerun `python prepare.py` for it")
 
 
 def get_batch(data, idx, device):

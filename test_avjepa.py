@@ -1,9 +1,15 @@
 """
 The specification of avjepa, as tests. Tiny shapes, CPU, fast.  Run: python -m pytest -q test_avjepa.py
+
+On a machine without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set
+below before triton is imported). On a GPU, `TRITON_INTERPRET=0 python -m pytest test_avjepa.py` runs
+them compiled, with bf16 and longer clips added.
 """
+import os
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and so triton) is imported
+
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -298,6 +304,13 @@ def test_missing_dataset_says_to_run_prepare(tmp_path):
         avjepa.train(["--data", str(tmp_path / "nowhere")])
 
 
+def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
+    root = write_fake_dataset(tmp_path / "d")
+    os.truncate(os.path.join(root, "train_video.bin"), 100)
+    with pytest.raises(SystemExit, match="rerun `python prepare.py`"):
+        avjepa.load_split(root, "train")
+
+
 def test_unknown_model_is_named(capsys):
     with pytest.raises(SystemExit):
         avjepa.get_args(["--model", "vit_gigantic"])
@@ -322,3 +335,246 @@ def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
     monkeypatch.setattr(avjepa, "jepa_loss", lambda *a: tuple(x * float("nan") for x in loss(*a)))
     with pytest.raises(SystemExit, match="loss became nan at step 0"):
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3"))
+
+
+# -----------------------------------------------------------------------------
+# kernels.py: each Triton kernel equals its PyTorch reference, forward and backward.
+# Tolerance: max |kernel - reference| <= tol * max(1, max |reference|), reference in fp32 from the
+# same (rounded) inputs. tol: fp32 1e-4 interpreted (exact), 1e-2 compiled (tl.dot uses TF32);
+# fp16 1e-2; bf16 4e-2.
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+needs_runner = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                  reason="compiled Triton needs a GPU; set TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+TOL = {torch.float32: 1e-4 if INTERPRET else 1e-2, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+RAGGED = [1, 17, 5, 33] if INTERPRET else [1, 300, 129, 64, 257]  # 1, and not multiples of the tile
+HEAD_DIMS = [16, 24, 32, 64] if INTERPRET else [16, 24, 32, 64, 128]  # 24: padded to 32, masked
+# the interpreter's range() over a tensor bound trips a numpy deprecation warning, harmlessly
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Force the Triton kernels, with outputs allocated as NaN so an unwritten element fails."""
+    monkeypatch.setattr(kernels, "BACKEND", "triton")
+    monkeypatch.setattr(kernels, "POISON", True)
+
+
+def assert_close(out, ref, dtype):
+    ref = ref.float()
+    err = (out.float() - ref).abs().max().item()  # NaN anywhere makes this NaN, and fails
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"max error {err}"
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+
+
+def packed_qkv(lengths, H, hd, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(lengths), H, hd, generator=g).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+
+
+def _grads(fn, leaves, do_dtype=None):
+    """fn() and its gradients wrt leaves for a fixed random upstream gradient, rounded to
+    do_dtype first so a fp32 reference sees the same upstream values as a fp16 kernel."""
+    out = fn()
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    do = do.to(DEVICE, do_dtype or out.dtype).to(out.dtype)
+    return out, torch.autograd.grad(out, leaves, do)
+
+
+def attention_and_grads(q, k, v, cu, max_seqlen):
+    return _grads(lambda: kernels.attention(q, k, v, cu, max_seqlen), [q, k, v])
+
+
+def reference_and_grads(q, k, v, cu, max_seqlen):
+    """The reference in fp32 on the same (rounded) inputs."""
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    return _grads(lambda: kernels.attention_torch(*leaves, cu, max_seqlen), leaves, do_dtype=q.dtype)
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+def test_attention_reference_equals_per_clip_dense_softmax():
+    lengths, H, hd = [1, 17, 5, 33], 2, 16
+    q, k, v = (x.detach().cpu() for x in packed_qkv(lengths, H, hd, torch.float32))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    out = kernels.attention_torch(q, k, v, cu, max(lengths))
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))          # [H, L, hd]
+        dense = torch.softmax(qs @ ks.transpose(1, 2) / hd ** 0.5, dim=-1) @ vs
+        torch.testing.assert_close(out[a:b], dense.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+@needs_runner
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hd", HEAD_DIMS)
+def test_attention_forward_matches_reference(triton_path, hd, dtype):
+    q, k, v = packed_qkv(RAGGED, 2, hd, dtype)
+    cu = cu_seqlens(RAGGED)
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, cu, max(RAGGED))
+        ref = kernels.attention_torch(q.float(), k.float(), v.float(), cu, max(RAGGED))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, ref, dtype)
+
+
+@needs_runner
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hd", HEAD_DIMS)
+def test_attention_grads_match_reference(triton_path, hd, dtype):
+    q, k, v = packed_qkv(RAGGED, 2, hd, dtype)
+    cu = cu_seqlens(RAGGED)
+    _, grads = attention_and_grads(q, k, v, cu, max(RAGGED))
+    _, ref_grads = reference_and_grads(q, k, v, cu, max(RAGGED))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype, name
+        assert_close(g, r, dtype)
+
+
+@needs_runner
+def test_attention_writes_every_output_element(triton_path):
+    q, k, v = packed_qkv(RAGGED, 3, 32, torch.float32)
+    o, grads = attention_and_grads(q, k, v, cu_seqlens(RAGGED), max(RAGGED))
+    for t in (o, *grads):  # allocated as NaN by the poison flag
+        assert torch.isfinite(t).all()
+
+
+@needs_runner
+def test_attention_poison_catches_a_skipped_tile(triton_path):
+    # a max_seqlen too small launches one tile per clip: the rows beyond it must stay NaN,
+    # which is what makes the test above able to fail
+    block_m = kernels._attn_config(32, "fwd", 4)[0]                   # fp32, hd 32
+    lengths = [block_m + 3]
+    q, k, v = packed_qkv(lengths, 1, 32, torch.float32)
+    with torch.no_grad():
+        o = kernels.attention(q, k, v, cu_seqlens(lengths), 1)
+    assert torch.isfinite(o[:block_m]).all() and torch.isnan(o[block_m:]).all()
+
+
+@needs_runner
+def test_attention_dense_equal_lengths_matches_sdpa(triton_path):
+    B, L, H, hd = 3, 40 if INTERPRET else 200, 2, 32
+    x = [torch.randn(B, H, L, hd, device=DEVICE, requires_grad=True) for _ in range(3)]
+    packed = [t.transpose(1, 2).reshape(B * L, H, hd) for t in x]          # [B*L, H, hd], strided
+    out, grads = attention_and_grads(*packed, cu_seqlens([L] * B), L)
+    ref, ref_grads = _grads(lambda: torch.nn.functional.scaled_dot_product_attention(*x)
+                            .transpose(1, 2).reshape(B * L, H, hd), x)          # same upstream grad
+    assert_close(out, ref, torch.float32)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r.transpose(1, 2).reshape(B * L, H, hd), torch.float32)
+
+
+@needs_runner
+def test_attention_accepts_strided_views_of_one_qkv_tensor(triton_path):
+    H, hd = 2, 16
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(RAGGED), 3, H, hd, generator=g).to(DEVICE).requires_grad_()
+    cu = cu_seqlens(RAGGED)
+    out, (dqkv,) = _grads(lambda: kernels.attention(*qkv.unbind(1), cu, max(RAGGED)), [qkv])
+    ref, (ref_dqkv,) = _grads(lambda: kernels.attention_torch(*qkv.unbind(1), cu, max(RAGGED)), [qkv])
+    assert_close(out, ref, torch.float32)
+    assert_close(dqkv, ref_dqkv, torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# gather / scatter: D = 37 is not a power of two and spans two 32-wide column tiles under the
+# interpreter; K = 11 is not a multiple of the 4-row tile
+
+
+@needs_runner
+@pytest.mark.parametrize("pos_mode", ["none", "pos", "pos_with_grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_matches_reference_forward_and_backward(triton_path, dtype, pos_mode):
+    M, K, D, P = 20, 11, 37, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    index = torch.randint(0, M, (K,), generator=g).to(DEVICE)             # repeats allowed
+    index[:2] = index[2]                                                   # and certainly present
+    pos = None if pos_mode == "none" else torch.randn(P, D, generator=g).to(DEVICE, dtype)
+    if pos_mode == "pos_with_grad":
+        pos.requires_grad_()
+    leaves = [t for t in (x, pos) if t is not None and t.requires_grad]
+    out, grads = _grads(lambda: kernels.gather(x, index, pos), leaves)
+    ref, ref_grads = _grads(lambda: kernels.gather_torch(x, index, pos), leaves)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)                    # a copy (and one add)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@needs_runner
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scatter_matches_reference_forward_and_backward(triton_path, dtype):
+    n, K, D = 20, 11, 37
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(K, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    index = torch.randperm(n, generator=g)[:K].to(DEVICE)                 # distinct rows
+    out, (dx,) = _grads(lambda: kernels.scatter(x, index, n), [x])
+    ref, (ref_dx,) = _grads(lambda: kernels.scatter_torch(x, index, n), [x])
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(dx, ref_dx, atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# import and dispatch
+
+
+@needs_runner
+def test_torch_compile_runs_around_the_kernels(triton_path):
+    # avjepa --compile: dynamo must leave the Triton paths to run eagerly, and gradients still flow
+    cu, index = cu_seqlens(RAGGED), torch.tensor([5, 1, 7, 40], device=DEVICE)
+    qkv = torch.randn(sum(RAGGED), 3 * 2 * 16, device=DEVICE, requires_grad=True)
+    pos = torch.randn(4, 32, device=DEVICE)
+    def block(qkv):
+        q, k, v = qkv.unflatten(-1, (3, 2, -1)).unbind(1)
+        x = kernels.attention(q, k, v, cu, max(RAGGED)).flatten(1)
+        return kernels.scatter(kernels.gather(x, index, pos), index, len(x))
+    out, (g,) = _grads(lambda: torch.compile(block, backend="eager", dynamic=True)(qkv), [qkv])
+    ref, (ref_g,) = _grads(lambda: block(qkv), [qkv])
+    assert_close(out, ref, torch.float32)
+    assert_close(g, ref_g, torch.float32)
+
+
+def test_import_without_interpreter_or_gpu_falls_back_to_reference():
+    code = """
+import torch, kernels
+assert kernels.BACKEND == "auto" and not kernels.INTERPRET
+q, k, v = (torch.randn(7, 2, 16) for _ in range(3))
+cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+assert torch.equal(kernels.attention(q, k, v, cu, 4), kernels.attention_torch(q, k, v, cu, 4))
+x, index = torch.randn(7, 5), torch.tensor([4, 0, 2])
+assert torch.equal(kernels.gather(x, index, x[:3]), kernels.gather_torch(x, index, x[:3]))
+assert torch.equal(kernels.scatter(x[:3], index, 6), kernels.scatter_torch(x[:3], index, 6))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=here, env=env, timeout=120)
+
+
+@needs_runner
+def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeypatch):
+    torch.manual_seed(0)
+    cfg = dict(model="vit_micro", audio=True, masks=["short", "long"], frames=4, crop=32, audio_frames=32,
+               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0)
+    encoder, predictor, target = avjepa.build(cfg)
+    model = avjepa.JEPA(encoder, predictor).to(DEVICE)
+    video, audio = torch.randn(2, 3, 4, 32, 32, device=DEVICE), torch.randn(2, 1, 128, 32, device=DEVICE)
+    masks = avjepa.sample_masks(np.random.default_rng(0), cfg["masks"], 2, encoder.video_grid, encoder.audio_grid, [1, 0])
+    masks = {k: (i.to(DEVICE), cu.to(DEVICE), m) for k, (i, cu, m) in masks.items()}
+    target_tokens = torch.randn(len(masks["tgt"][0]), 32, device=DEVICE)
+    def loss_and_grads(backend):
+        monkeypatch.setattr(kernels, "BACKEND", backend)
+        model.zero_grad()
+        loss = avjepa.jepa_loss(model(video, audio, masks), target_tokens, masks, 2, 2, encoder.nv, 24, 1.0)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    (loss_t, grads_t), (loss_r, grads_r) = loss_and_grads("triton"), loss_and_grads("torch")
+    torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-4)
+    for gt, gr in zip(grads_t, grads_r, strict=True):
+        torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-3)
