@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import avjepa
+import bench
 import kernels
 
 # A micro encoder for tests of mechanics (the real sizes are tested where they matter).
@@ -578,3 +579,32 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
     torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-4)
     for gt, gr in zip(grads_t, grads_r, strict=True):
         torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-3)
+
+# -----------------------------------------------------------------------------
+# bench.py runs end to end at --quick sizes on the CPU: every reference row has a number, the Triton
+# rows say they were skipped (they need CUDA), and --json writes what was printed.
+
+def test_step_quick(tmp_path, monkeypatch):
+    monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))   # vit_tiny's init alone takes seconds on a CPU
+    out = tmp_path / "bench.json"
+    res = bench.main(["--quick", "--only", "step", "--models", "vit_micro", "--device", "cpu", "--batch-size", "1",
+                      "--steps", "1", "--json", str(out)])
+    rows = res["step"]
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"vit_micro"}   # AV/V x varlen/truncate x triton/torch
+    for r in rows:
+        if r["path"] == "torch":
+            assert r["note"] == "" and r["clips_s"] > 0 and r["gflop"] > 0, r
+        else:
+            assert r["note"] == bench.SKIP and "clips_s" not in r
+    assert json.loads(out.read_text())["step"] == rows
+
+
+def test_kernels_quick():
+    res = bench.main(["--quick", "--only", "attention", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    rows = res["attention"]
+    ref = [r for r in rows if r["kind"] == "ref"]
+    assert len(ref) == 6 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)
+    assert all(r["note"] == bench.SKIP for r in rows if r["kind"] == "ours")
+    res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    rows = res["gather"]
+    assert all(r["err"] == 0 and r["gbs"] > 0 for r in rows if "[triton]" not in r["row"])

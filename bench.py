@@ -1,0 +1,434 @@
+"""
+Benchmarks of avjepa's hot paths, each next to the baselines it has to beat, in one run:
+
+  attention  kernels.attention (packed varlen, Triton) vs every torch SDPA backend, on dense ViT
+             batches and on the ragged batches the JEPA masks make (padded to the longest for SDPA)
+  gather     kernels.gather / kernels.scatter (Triton) vs torch.gather, index_select and indexing
+  step       avjepa.train_step, exactly what training runs: clips/s, MFU and peak memory
+
+Each section prints its napkin-math floor first (the time at the GPU's bf16 peak, or at the measured
+copy bandwidth), then what every row achieves against it. A row that fails or is unsupported says
+so instead of showing a number. On CUDA, the rows the issue sets targets for say met or missed.
+
+    python bench.py                                # everything (on an H100 or H200)
+    python bench.py --only step --models vit_base  # one section
+    python bench.py --quick                        # tiny shapes; on a CPU, the reference paths only
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import avjepa
+import kernels
+
+FRAME_SECONDS, HOP_SECONDS = 4 / 30, 0.01   # prepare.py's defaults: every 4th frame at 30 fps, 10 ms mel hop
+CONFIGS = ["short", "long"]                 # V-JEPA's two mask configs, as training uses them
+HEADS = 12                                  # vit_base's, for the attention rows
+TARGETS = dict(dense=1.0, ragged=1.5, gather=0.8, mfu=0.4)   # the issue's H100 targets
+SKIP = "skipped: Triton rows need CUDA"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Time avjepa's attention, gather/scatter and training step against baselines.")
+    p.add_argument("--only", choices=["attention", "gather", "step"], help="run this section only (default: all three)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
+                   "proves the script runs, on a CPU too; the numbers mean nothing")
+    p.add_argument("--batch-size", type=int, default=0, help="clips per batch in every section (0: 32, or 2 with --quick)")
+    p.add_argument("--steps", type=int, default=0, help="timed training steps per step row, after warmup (0: 10, or 2 with --quick)")
+    p.add_argument("--models", default="", help="comma list of encoders for the step section (default: vit_tiny,vit_small,vit_base; "
+                   "vit_tiny with --quick)")
+    p.add_argument("--repeats", type=int, default=0, help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default="", help="also write the header and every row to this JSON file")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.batch_size = args.batch_size or (2 if q else 32)
+    args.steps = args.steps or (2 if q else 10)
+    args.repeats = args.repeats or (3 if q else 20)
+    args.warmup, args.warmup_steps = (1, 1) if q else (5, 3)
+    args.models = (args.models or ("vit_tiny" if q else "vit_tiny,vit_small,vit_base")).split(",")
+    for m in args.models:
+        if m not in avjepa.MODELS:
+            p.error(f"unknown model {m!r}: choose from {', '.join(avjepa.MODELS)}")
+    args.frames, args.crop, args.audio_frames = (4, 64, 112) if q else (16, 224, 208)
+    args.dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.cuda = args.dev.type == "cuda"
+    args.triton = args.cuda and kernels.HAS_TRITON
+    args.dtype = torch.bfloat16 if args.cuda else torch.float32   # what training computes in (autocast on CUDA only)
+    name = torch.cuda.get_device_name(args.dev) if args.cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    args.device_name = name
+    args.peak = next((v for k, v in avjepa.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
+    args.video_grid = (args.frames // avjepa.TUBELET, args.crop // avjepa.PATCH, args.crop // avjepa.PATCH)
+    args.audio_grid = (128 // avjepa.PATCH, args.audio_frames // avjepa.PATCH)
+    return args
+
+# -----------------------------------------------------------------------------
+# Timing and printing
+
+def median_time(fn, args):
+    """Median seconds of one fn() call. Warm up first (Triton compiles on its first call), then time
+    each call alone: on CUDA between events, after flushing L2 so no call reads what the last one left."""
+    for _ in range(args.warmup):
+        fn()
+    if not args.cuda:
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=args.dev)   # more than any L2 (H100: 50 MB)
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(args.repeats)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+def attempt(fn, args):
+    """(fn(), None), or (None, why) when it raises: an unsupported backend, out of memory, a kernel bug.
+    SDPA explains a refusal in a warning and raises 'No available kernel', so the warning is the reason."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return fn(), None
+        except Exception as e:
+            if args.cuda:
+                torch.cuda.empty_cache()
+            reasons = [str(w.message).split(" (Triggered")[0] for w in caught if "not used because" not in str(w.message)]
+            why = " ".join(("; ".join(reasons) or str(e).split(". ")[0]).split())
+            return None, f"failed: {type(e).__name__}: {why[:100]}"
+
+
+@contextlib.contextmanager
+def backend(name):
+    """kernels.BACKEND = name inside the block: "triton" forces the kernels, "torch" the references."""
+    old, kernels.BACKEND = kernels.BACKEND, name
+    try:
+        yield
+    finally:
+        kernels.BACKEND = old
+
+
+def table(cols, rows):
+    """cols: (key, header, format or None for text). A missing value prints 'n/a'."""
+    cells = [[h for _, h, _ in cols]] + [["n/a" if r.get(k) is None else f.format(r[k]) if f else str(r[k])
+                                          for k, _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for c in cells:
+        print("  " + "  ".join(s.rjust(w) if f else s.ljust(w) for s, w, (_, _, f) in zip(c, widths, cols)).rstrip())
+
+
+def verdict(value, need, fmt):
+    """'1.12x (need 1.00x): met', with fmt the way both numbers print."""
+    return f"{fmt.format(value)} (need {fmt.format(need)}): {'met' if value >= need else 'MISSED'}"
+
+
+def sample_masks(args, batch, audio=True, truncate=False, seed=0):
+    """The real mask generator's output for a batch of clips with sound (or video only)."""
+    rng = np.random.default_rng(seed)
+    return avjepa.sample_masks(rng, CONFIGS, batch, args.video_grid, args.audio_grid if audio else None,
+                               np.full(batch, audio), truncate)
+
+# -----------------------------------------------------------------------------
+# 1. Attention. FLOPs count useful work only: 4 * sum(L_i^2) * H * hd forward (QK^T and PV, non-causal),
+# and FlashAttention's convention for the backward, 2.5x the forward (it recomputes QK^T), so fwd+bwd
+# is 3.5x. Padded baselines get the same count: the work they waste on padding earns nothing.
+
+def attention_cases(args):
+    """(name, head dim, sequence lengths): dense clips, and the segments JEPA masks produce. Heads are
+    vit_base's 12 everywhere; the encoder's head dim is 64, every predictor's 32 (half width, same heads).
+    A clip with sound has context + targets = all its tokens, so the predictor's segments are only
+    ragged where clips are silent or masks truncated; the rows treat a case as ragged when it is."""
+    B, nv, na = args.batch_size, math.prod(args.video_grid), math.prod(args.audio_grid)
+    masks = sample_masks(args, B)
+    ctx, tgt = (np.diff(masks[k][1].numpy()).tolist() for k in ("ctx", "tgt"))
+    return [("dense AV", 64, [nv + na] * B), ("dense V", 64, [nv] * B), ("dense AV, hd 32", 32, [nv + na] * B),
+            ("dense AV, hd 128", 128, [nv + na] * B), ("JEPA context (encoder)", 64, ctx),
+            ("JEPA context + targets (predictor)", 32, [c + t for c, t in zip(ctx, tgt)])]
+
+
+def bench_attention(args):
+    print("\n== attention: TFLOP/s of useful work (fwd+bwd = 3.5x fwd), forward timed with autograd on, as in training")
+    print("   max err: largest |row - kernels.attention_torch in fp32| on the real tokens; padded rows pay no pad/unpad")
+    if not args.triton:
+        print(f"   ({SKIP})")
+    results = []
+    for case, hd, lengths in attention_cases(args):
+        dev, L, total = args.dev, max(lengths), sum(lengths)
+        lens = torch.tensor(lengths, device=dev)
+        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        flops = 4 * sum(n * n for n in lengths) * HEADS * hd
+        torch.manual_seed(0)
+        q, k, v = packed = [torch.randn(total, HEADS, hd, device=dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
+        clip = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens)   # packed row -> (clip, offset)
+        offset = torch.arange(total, device=dev) - cu[:-1].long()[clip]
+        def pad(x):   # [total, H, hd] -> [B, H, L, hd], zeros after each clip's end: what a padded batch holds
+            out = x.new_zeros(len(lengths), L, HEADS, hd)
+            out[clip, offset] = x
+            return out.transpose(1, 2).contiguous().requires_grad_()
+        padded = [pad(t.detach()) for t in packed]
+        unpad = lambda o: o.transpose(1, 2)[clip, offset]
+        key_mask = (torch.arange(L, device=dev)[None] < lens[:, None])[:, None, None, :]   # [B, 1, 1, L]
+        with torch.no_grad():
+            ref = kernels.attention_torch(q.float(), k.float(), v.float(), cu, L)
+        spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        ragged = len(set(lengths)) > 1
+
+        def ours(q, k, v):
+            with backend("triton"):
+                return kernels.attention(q, k, v, cu, L)
+        def sdpa(kind, mask):
+            def f(q, k, v):
+                with sdpa_kernel(kind):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return f
+        def loop(q, k, v):   # one SDPA call per clip: exact, no padding, but a launch per clip
+            return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+                              for a, b in spans])
+        same = lambda o: o
+        rows = [("kernels.attention [triton]", "ours", packed, ours, same),
+                ("kernels.attention_torch (reference)", "ref", packed, lambda q, k, v: kernels.attention_torch(q, k, v, cu, L), same)]
+        for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            name = f"sdpa {b.name.lower()}"
+            if not ragged:
+                rows.append((name, "sdpa", padded, sdpa(b, None), unpad))
+            elif b == SDPBackend.FLASH_ATTENTION:   # takes no mask: it attends to the padding, a wrong result
+                rows.append((name + ", padded, NO mask", "wrong", padded, sdpa(b, None), unpad))
+            else:
+                rows.append((name + ", padded + key mask", "padded", padded, sdpa(b, key_mask), unpad))
+        if ragged:
+            rows.append(("sdpa per-clip loop (auto backend)", "loop", packed, loop, same))
+
+        at_peak = f"{flops / args.peak * 1e3:.3f} ms fwd, {3.5 * flops / args.peak * 1e3:.3f} ms fwd+bwd" if args.peak else "n/a"
+        print(f"\n{case}: {len(lengths)} sequences of {min(lengths)}-{L} tokens (mean {total / len(lengths):.0f}), "
+              f"{HEADS} heads x {hd}, {str(args.dtype)[6:]}; {flops / 1e9:.1f} GFLOP fwd; at peak: {at_peak}")
+        out_rows = []
+        for name, kind, inputs, fn, unpack in rows:
+            row = dict(case=case, row=name, kind=kind)
+            out_rows.append(row)
+            if kind == "ours" and not args.triton:
+                row["note"] = SKIP
+                continue
+            out, why = attempt(lambda: fn(*inputs), args)
+            if why:
+                row["note"] = why
+                continue
+            row["err"] = (unpack(out.detach()).float() - ref).abs().max().item()
+            tol = 5e-2 if args.dtype == torch.bfloat16 else 1e-3
+            row["note"] = "WRONG: attends to the padding (speed only)" if kind == "wrong" else "" if row["err"] <= tol else "MISMATCH"
+            grad = torch.randn_like(out)
+            for mode, mult, call in (("fwd", 1.0, lambda: fn(*inputs)),
+                                     ("fb", 3.5, lambda: torch.autograd.grad(fn(*inputs), inputs, grad))):
+                t, why = attempt(lambda: median_time(call, args), args)
+                if why:
+                    row["note"] = why
+                    break
+                row[f"{mode}_ms"], row[f"{mode}_tflops"] = t * 1e3, mult * flops / t / 1e12
+                row[f"{mode}_pct"] = 100 * mult * flops / t / args.peak if args.peak else None
+            del out, grad
+        # targets: ours vs the fastest correct baseline of the kind the issue names
+        mine = out_rows[0]
+        base_kind, need = ("padded", TARGETS["ragged"]) if ragged else ("sdpa", TARGETS["dense"])
+        base = [r for r in out_rows if r["kind"] == base_kind and r.get("fb_ms") and r["note"] == ""]
+        if args.cuda and mine.get("fb_ms") and base:
+            best = min(base, key=lambda r: r["fb_ms"])
+            mine["target"] = f"{verdict(best['fb_ms'] / mine['fb_ms'], need, '{:.2f}x')} vs {best['row'].split(',')[0]}"
+        table([("row", "row", None), ("fwd_ms", "fwd ms", "{:.3f}"), ("fwd_tflops", "TFLOP/s", "{:.1f}"), ("fwd_pct", "% peak", "{:.1f}"),
+               ("fb_ms", "fwd+bwd ms", "{:.3f}"), ("fb_tflops", "TFLOP/s", "{:.1f}"), ("fb_pct", "% peak", "{:.1f}"),
+               ("err", "max err", "{:.1e}"), ("target", "target (fwd+bwd speedup)", None), ("note", "note", None)], out_rows)
+        results += out_rows
+        del q, k, v, packed, padded, ref
+    return results
+
+# -----------------------------------------------------------------------------
+# 2. Gather / scatter: pure memory traffic. Bytes = rows read + rows written + the int64 index, plus
+# the position table once when fused (it is small and stays in L2); the bound is a device copy.
+
+def bench_gather(args):
+    print("\n== gather / scatter: GB/s of bytes read + written, against a device copy")
+    dev, B = args.dev, args.batch_size
+    n_copy = 2**28 if args.cuda else 2**22   # 512 MiB in bf16 on a GPU: far past L2
+    src = torch.empty(n_copy, dtype=args.dtype, device=dev)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), args)
+    copy_bw = 2 * src.nbytes / t
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (copy_ of {src.nbytes / 2**20:.0f} MiB, read + write)")
+    del src, dst
+    if not args.triton:
+        print(f"   ({SKIP})")
+    N = math.prod(args.video_grid) + math.prod(args.audio_grid)
+    masks = sample_masks(args, B)
+    index = masks["ctx"][0].to(dev)                         # the packed JEPA context of the batch
+    (_, ccu, _), (_, tcu, _) = masks["ctx"], masks["tgt"]   # the predictor's slots, as Predictor.forward finds them
+    cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1), ccu[1:] - ccu[:-1])
+    tseg = torch.repeat_interleave(torch.arange(len(tcu) - 1), tcu[1:] - tcu[:-1])
+    slot = torch.cat([torch.arange(int(ccu[-1])) + tcu[cseg], torch.arange(int(tcu[-1])) + ccu[tseg + 1]]).to(dev)
+    K, n, e = len(index), len(slot), torch.finfo(args.dtype).bits // 8
+    print(f"context of {B} clips x {N} tokens x {len(CONFIGS)} mask configs: {K} rows gathered "
+          f"({K / (len(CONFIGS) * B * N):.0%} kept); predictor scatter: {n} rows")
+    results = []
+    for D in (384, 768):
+        x, pos, rows = (torch.randn(m, D, device=dev, dtype=args.dtype) for m in (B * N, N, n))
+        g_ref, gp_ref, s_ref = x[index], x[index] + pos[index % N], kernels.scatter_torch(rows, slot, n)
+        g_bytes, s_bytes = 2 * K * D * e + 8 * K, (K + n) * D * e + 8 * n
+        def triton(fn):
+            def f():
+                with backend("triton"):
+                    return fn()
+            return f
+        def indexed_scatter():
+            out = rows.new_zeros(n, D)
+            out[slot] = rows
+            return out
+        ops = [("kernels.gather [triton]", "ours", triton(lambda: kernels.gather(x, index)), g_ref, g_bytes),
+               ("kernels.gather [triton] + pos", "ours", triton(lambda: kernels.gather(x, index, pos)), gp_ref, g_bytes + N * D * e),
+               ("torch.gather (expanded index)", "", lambda: torch.gather(x, 0, index[:, None].expand(-1, D)), g_ref, g_bytes),
+               ("index_select", "", lambda: x.index_select(0, index), g_ref, g_bytes),
+               ("x[index]", "", lambda: x[index], g_ref, g_bytes),
+               ("kernels.gather_torch + pos (reference)", "", lambda: kernels.gather_torch(x, index, pos), gp_ref, g_bytes + N * D * e),
+               ("kernels.scatter [triton]", "ours-scatter", triton(lambda: kernels.scatter(rows, slot, n)), s_ref, s_bytes),
+               ("kernels.scatter_torch (index_copy)", "", lambda: kernels.scatter_torch(rows, slot, n), s_ref, s_bytes),
+               ("zeros, then out[index] = x", "", indexed_scatter, s_ref, s_bytes),
+               ("zeros, then scatter_", "", lambda: rows.new_zeros(n, D).scatter_(0, slot[:, None].expand(-1, D), rows), s_ref, s_bytes)]
+        print(f"\nD = {D}: gather moves {g_bytes / 1e6:.1f} MB -> {g_bytes / copy_bw * 1e6:.1f} us at copy bandwidth; "
+              f"scatter {s_bytes / 1e6:.1f} MB -> {s_bytes / copy_bw * 1e6:.1f} us")
+        out_rows = []
+        for name, kind, fn, ref, nbytes in ops:
+            row = dict(D=D, row=name, mb=nbytes / 1e6, note="")
+            out_rows.append(row)
+            if kind.startswith("ours") and not args.triton:
+                row["note"] = SKIP
+                continue
+            out, why = attempt(fn, args)
+            t, why = (None, why) if why else attempt(lambda: median_time(fn, args), args)
+            if why:
+                row["note"] = why
+                continue
+            row["err"] = (out.float() - ref.float()).abs().max().item()
+            row.update(us=t * 1e6, gbs=nbytes / t / 1e9, pct=100 * nbytes / t / copy_bw)
+            if row["err"] > (2**-7 * ref.abs().max().item() if "pos" in name else 0):   # copies are exact; an add may
+                row["note"] = "MISMATCH"                                                 # round one bf16 ulp apart
+            if args.cuda and kind == "ours":
+                row["target"] = verdict(row["pct"], 100 * TARGETS["gather"], "{:.0f}%")
+        table([("row", "row", None), ("mb", "MB", "{:.1f}"), ("us", "us", "{:.1f}"), ("gbs", "GB/s", "{:.0f}"),
+               ("pct", "% copy", "{:.0f}"), ("err", "max err", "{:.1e}"), ("target", "target (of copy)", None),
+               ("note", "note", None)], out_rows)
+        results += out_rows
+    return results
+
+# -----------------------------------------------------------------------------
+# 3. The training step: avjepa.train_step on random inputs already on the device, fresh masks every
+# step as in training. MFU counts avjepa.step_flops (attention's backward at 2x, no recompute).
+
+def time_steps(args, model_name, audio, truncate, path):
+    B, dev = args.batch_size, args.dev
+    targs = avjepa.get_args(["--model", model_name, "--masks", ",".join(CONFIGS)] + ["--audio"] * audio + ["--truncate"] * truncate)
+    cfg = dict(model=model_name, audio=audio, masks=targs.masks, frames=args.frames, crop=args.crop,
+               audio_frames=args.audio_frames, tubelet_seconds=avjepa.TUBELET * FRAME_SECONDS,
+               audio_patch_seconds=avjepa.PATCH * HOP_SECONDS, pred_width=0, pred_depth=0)
+    torch.manual_seed(0)
+    encoder, predictor, target = avjepa.build(cfg)
+    model = avjepa.JEPA(encoder, predictor).to(dev)
+    target.to(dev)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]   # as avjepa.train builds it
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=targs.lr, betas=(0.9, 0.999))
+    N = encoder.nv + (math.prod(encoder.audio_grid) if audio else 0)
+    video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
+    sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
+    masks = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
+    timed = masks[args.warmup_steps:]
+    flops = sum(avjepa.step_flops(encoder, predictor, m, B, N) for m in timed)
+    masks = [{k: (i.to(dev), cu.to(dev), L) for k, (i, cu, L) in m.items()} for m in masks]   # training prefetches these
+    losses = []
+    with backend(path):
+        for m in masks[:args.warmup_steps]:
+            avjepa.train_step(model, target, opt, video, sound, m, 0.998, targs)
+        if args.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()   # train_step syncs on its finite-loss check every step anyway
+        for m in masks[args.warmup_steps:]:
+            losses.append(avjepa.train_step(model, target, opt, video, sound, m, 0.998, targs)[0])
+        if args.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    if not all(torch.isfinite(l) for l in losses):
+        raise RuntimeError("non-finite loss: train_step skipped its update, so the time is not a step's")
+    ctx_tokens = np.mean([np.diff(m["ctx"][1].numpy()).mean() for m in timed])
+    return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens,
+                gflop=flops / args.steps / 1e9, peak_ms=flops / args.steps / args.peak * 1e3 if args.peak else None,
+                mfu=100 * flops / dt / args.peak if args.peak else None,
+                mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if args.cuda else None)
+
+
+def bench_step(args):
+    print(f"\n== training step: avjepa.train_step, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} timed steps; "
+          f"'ms at peak' is the step's FLOPs at the bf16 peak")
+    results = []
+    for model_name in args.models:
+        for audio in (True, False):
+            for truncate in (False, True):
+                for path in ("triton", "torch"):
+                    row = dict(model=model_name, input="AV" if audio else "V", masks="truncate" if truncate else "varlen",
+                               path=path, note="")
+                    results.append(row)
+                    if path == "triton" and not args.triton:
+                        row["note"] = SKIP
+                        continue
+                    res, why = attempt(lambda: time_steps(args, model_name, audio, truncate, path), args)
+                    row.update(res or dict(note=why))
+                    if args.cuda:
+                        torch.cuda.empty_cache()
+                    if args.cuda and res and (model_name, audio, truncate, path) == ("vit_base", True, False, "triton"):
+                        row["target"] = verdict(res["mfu"], 100 * TARGETS["mfu"], "{:.1f}%") if res["mfu"] else None
+    table([("model", "model", None), ("input", "input", None), ("masks", "masks", None), ("path", "kernels", None),
+           ("ctx_tokens", "ctx tok/seg", "{:.0f}"), ("gflop", "GFLOP/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"),
+           ("peak_ms", "ms at peak", "{:.1f}"), ("clips_s", "clips/s", "{:.1f}"), ("mfu", "MFU %", "{:.1f}"),
+           ("mem_gib", "peak GiB", "{:.1f}"), ("target", "target (MFU)", None), ("note", "note", None)], results)
+    return results
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    header = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=args.device_name,
+                  torch=torch.__version__, cuda=torch.version.cuda, triton=kernels.triton.__version__ if kernels.HAS_TRITON else None,
+                  peak_tflops=args.peak / 1e12 if args.peak else None, batch_size=args.batch_size, dtype=str(args.dtype),
+                  frames=args.frames, crop=args.crop, audio_frames=args.audio_frames, quick=args.quick)
+    print(f"avjepa bench  {header['date']}  {header['device']}")
+    print(f"torch {header['torch']} (CUDA {header['cuda']}), triton {header['triton']}, {header['dtype']}; "
+          f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in avjepa.GPU_PEAK_FLOPS)'}")
+    print(f"clips: {args.frames} frames x {args.crop}^2 px -> {math.prod(args.video_grid)} video tokens, "
+          f"{args.audio_frames} audio frames -> {math.prod(args.audio_grid)} audio tokens; batch {args.batch_size}")
+    if not args.cuda and not args.quick:
+        print("warning: full-size shapes on a CPU take a very long time; --quick is the CPU run")
+    results = dict(header=header)
+    for section, fn in (("attention", bench_attention), ("gather", bench_gather), ("step", bench_step)):
+        if args.only in (None, section):
+            results[section] = fn(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
