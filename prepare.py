@@ -1,0 +1,483 @@
+"""
+Turn video files into training-ready memmaps for avjepa.py, or build the built-in synthetic set.
+
+    python prepare.py                                    # synthetic audio-visual set -> data/synthetic
+    python prepare.py --videos ~/ucf101 --out data/ucf  # a folder, a V-JEPA list or a Kinetics CSV
+
+Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for split in train, val:
+    {split}_video.bin      uint8   [N, T, S, S, 3]       RGB frames on a fixed time grid
+    {split}_audio.bin      float16 [N, 128, audio_frames] log-mel, NOT normalised (meta has mean/std)
+    {split}_label.bin      int64   [N]                    -1 = unlabeled
+    {split}_has_audio.bin  uint8   [N]                    0 = no sound in the clip (silence stored)
+    meta.json, report.json (which files were used, which were skipped and why)
+
+The time grid: frame i of a clip is the frame shown at t0 + i * frame_step / 30 seconds, whatever
+the file's fps, and the audio is cut from the same clock: [t0, t0 + frames * frame_step / 30).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from fractions import Fraction
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional as AF
+from tqdm import tqdm
+
+VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
+FPS = 30             # frame_step counts frames at this nominal rate (V-JEPA's assumption)
+SAMPLE_RATE = 16000  # every file is resampled to this
+MEL_BINS = 128
+HOP = 0.01           # fbank frame shift: 100 log-mel columns per second
+EPS = 1e-4           # timestamps closer than this are equal (float rounding, far below a frame interval)
+# kaldi.fbank of digital silence is log(float32 eps) in every bin. Padding and missing audio use the
+# same value, so they look like silence to the model rather than like some arbitrary number.
+SILENCE = math.log(torch.finfo(torch.float32).eps)  # -15.94
+SPLITS, KEYS = ("train", "val"), ("video", "audio", "label", "has_audio")
+
+
+def audio_frames(clip_seconds):
+    """Log-mel columns per clip: 100 per second, rounded to a multiple of 16 (one patch)."""
+    return 16 * round(clip_seconds * 100 / 16)
+
+
+# -----------------------------------------------------------------------------
+# Decoding one file (runs in the worker processes)
+
+def frames_from(container, stream, t):
+    """Decoded frames of `stream`, starting at or before time t (seconds, the container's clock)."""
+    # Seek to the keyframe before t: only the needed part of a long file is decoded. Some demuxers
+    # (e.g. matroska audio) seek coarsely and land after t; then seek earlier, in the end to the start.
+    for seek_to in [t - back for back in (0, 1, 10) if t - back > 0] + [None]:
+        try:
+            container.seek(0) if seek_to is None else container.seek(int(seek_to / stream.time_base), stream=stream)
+        except av.FFmpegError:
+            if seek_to is not None:
+                continue  # try earlier; at the start, decode from wherever the demuxer is
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is not None and (seek_to is None or first.time is None or first.time <= t + EPS):
+            yield first
+            yield from frames
+            return
+
+
+def to_rgb(frame, size):
+    """Resize the short side to `size`, centre-crop: any pixel format or shape -> [size, size, 3] uint8."""
+    scale = size / min(frame.width, frame.height)
+    w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+    img = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+def read_frames(container, stream, times, end, size):
+    """The frame shown at each of the sorted `times`: the last frame with pts <= t (the first if none).
+    Sampling by timestamp instead of frame index is what makes the grid fps-independent and VFR-safe.
+    Returns frames [len(times), size, size, 3] and whether the clip (until `end`) ran past the video."""
+    frame_dur = 1 / float(stream.average_rate or FPS)
+    picked, last, last_t = [], None, 0.0
+    for frame in frames_from(container, stream, times[0]):
+        t = frame.time if frame.time is not None else last_t + frame_dur
+        while len(picked) < len(times) and t > times[len(picked)] + EPS:  # `frame` comes later: `last` is shown
+            picked.append(last if last is not None else frame)
+        if len(picked) == len(times):
+            break
+        last, last_t = frame, t
+    if last is None:
+        raise ValueError("no decodable video frame")
+    padded = len(picked) < len(times) and end > last_t + frame_dur + EPS  # the clip outlasts the video
+    picked += [last] * (len(times) - len(picked))  # past the end: repeat the last frame
+    rgb = {id(f): to_rgb(f, size) for f in picked}  # each source frame is converted once
+    return np.stack([rgb[id(f)] for f in picked]), padded
+
+
+def to_mono(frame):
+    """Average an audio frame's channels into float32 samples in [-1, 1]. Packed formats interleave the
+    channels (L R L R ...): reading them as one channel was a seed defect that halved the clip's time."""
+    x = frame.to_ndarray()
+    if not frame.format.is_planar:
+        x = x.reshape(-1, frame.layout.nb_channels).T
+    if x.dtype.kind == "u":  # u8 is offset binary
+        x = (x.astype(np.float32) - 128) / 128
+    elif x.dtype.kind == "i":
+        x = x.astype(np.float32) / -np.iinfo(x.dtype).min
+    return x.astype(np.float32).mean(0)
+
+
+def read_audio(container, stream, start, seconds):
+    """Mono 16 kHz waveform of exactly [start, start + seconds) on the container's clock. Samples are
+    placed by the stream's own timestamps, so audio that starts late stays aligned with the video; where
+    the track has no samples the wave is 0. Returns (wave, whether any real sample fell inside)."""
+    margin = 0.1  # decode a little more on both sides, so the resampling filter has context
+    lo, hi = start - margin, start + seconds + margin
+    buf, t_next, got = None, lo, False
+    for frame in frames_from(container, stream, lo):
+        t = frame.time if frame.time is not None else t_next
+        if t >= hi:
+            break
+        if buf is None:
+            sr = frame.sample_rate
+            buf = np.zeros(round((hi - lo) * sr), np.float32)
+        x = to_mono(frame)
+        t_next = t + len(x) / sr
+        i = round((t - lo) * sr)
+        a, b = max(i, 0), min(i + len(x), len(buf))
+        if a < b:
+            buf[a:b] = x[a - i:b - i]
+            got |= t < start + seconds and t_next > start
+    n = round(seconds * SAMPLE_RATE)
+    if buf is None:
+        return np.zeros(n, np.float32), False
+    wave = AF.resample(torch.from_numpy(buf), sr, SAMPLE_RATE).numpy()
+    wave = wave[round(margin * SAMPLE_RATE):][:n]
+    return np.pad(wave, (0, n - len(wave))), got
+
+
+def log_mel(wave, n_frames):
+    """The AST / AudioMAE / CAV-MAE front end: 128 kaldi fbanks, 25 ms window, 10 ms hop -> [128, n_frames]."""
+    w = torch.from_numpy(wave)[None]
+    mel = kaldi.fbank(w - w.mean(), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
+                      window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0, frame_shift=HOP * 1000).T
+    mel = torch.nn.functional.pad(mel, (0, max(0, n_frames - mel.shape[1])), value=SILENCE)
+    return mel[:, :n_frames].numpy()
+
+
+def init_worker():
+    """One thread per worker process, and Ctrl-C is left to the parent, which stops the pool."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def decode_video(path, frames, frame_step, size, clips_per_video):
+    """All clips of one file as arrays, or {"error": reason} when the file cannot be used."""
+    clip_seconds = frames * frame_step / FPS
+    silent = np.full((MEL_BINS, audio_frames(clip_seconds)), SILENCE, np.float32)
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return {"error": "file not found" if not os.path.isfile(path) else "empty file"}
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return {"error": "no video stream"}
+            vs = container.streams.video[0]
+            astream = container.streams.audio[0] if container.streams.audio else None
+            v0 = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
+            if vs.duration:
+                duration = float(vs.duration * vs.time_base)
+            else:  # some containers (webm, mkv) only know the file's duration
+                duration = (container.duration or 0) / av.time_base
+            # K clips at the centres of K equal parts of the video; a video shorter than a clip gives one
+            k = clips_per_video if duration > clip_seconds else 1
+            starts = [max(0.0, duration - clip_seconds) * (j + 0.5) / k for j in range(k)]
+            clips = []
+            for t0 in starts:
+                t0 += v0  # clip times are relative to the first frame; timestamps are the container's
+                times = t0 + np.arange(frames) * frame_step / FPS
+                v, pad = read_frames(container, vs, times, t0 + clip_seconds, size)
+                mel, ok = silent, False
+                if astream is not None:
+                    try:
+                        wave, ok = read_audio(container, astream, t0, clip_seconds)
+                        mel = log_mel(wave, silent.shape[1]) if ok else silent
+                    except Exception:  # a broken audio track: keep the video, as silent
+                        mel, ok = silent, False
+                clips.append((v, mel, ok, pad))
+    except av.FFmpegError as e:  # corrupt, truncated, not a video...
+        return {"error": f"cannot decode: {e.strerror}"}
+    except Exception as e:  # whatever else is wrong with one file must not stop a run over thousands
+        return {"error": f"{type(e).__name__}: {e}"}
+    video, audio, has_audio, padded = zip(*clips)
+    return {"video": np.stack(video), "audio": np.stack(audio).astype(np.float16),
+            "has_audio": np.array(has_audio, np.uint8), "padded": any(padded)}
+
+
+# -----------------------------------------------------------------------------
+# Finding the videos: a folder, a V-JEPA list or a Kinetics CSV -> [(path, label, split or None)]
+
+def from_folder(root):
+    """Class subfolders give labels, train/ and val/ subfolders give splits, a flat folder is unlabeled."""
+    def scan(folder, split):  # a video's class is the first folder below `folder` (None if directly in it)
+        return [(p, p.relative_to(folder).parts[0] if p.parent != folder else None, split)
+                for p in sorted(folder.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and p.is_file()]
+    if (root / "train").is_dir():
+        found = scan(root / "train", "train") + (scan(root / "val", "val") if (root / "val").is_dir() else [])
+    else:
+        found = scan(root, None)
+    classes = sorted({c for _, c, _ in found if c is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(p, index[c] if classes else -1, s) for p, c, s in found if c is not None or not classes]
+    skipped = [{"path": str(p), "reason": "outside the class folders"} for p, c, _ in found if classes and c is None]
+    return items, classes, skipped
+
+
+def from_vjepa_list(path):
+    """Lines '<path> <int label>': the label is the last token, so paths may contain spaces."""
+    items, skipped = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        file, label = (line.strip().rsplit(None, 1) + [""])[:2]
+        if not label.lstrip("-").isdigit():
+            skipped.append({"path": line, "reason": f"line {n}: expected '<path> <int label>'"})
+            continue
+        file = Path(file).expanduser()
+        items.append((file if file.is_absolute() else path.parent / file, int(label), None))
+    n_classes = max([l for _, l, _ in items], default=-1) + 1
+    # Name the classes after their folders when labels and folders match one to one, with at least
+    # two videos each so that it is not chance (.../archery/a.mp4 0, .../archery/b.mp4 0, ...)
+    pairs = {(l, p.parent.name) for p, l, _ in items if l >= 0}
+    by_label, counts = dict(pairs), np.bincount([l for _, l, _ in items if l >= 0], minlength=n_classes)
+    if len(pairs) == n_classes == len(by_label) == len(set(by_label.values())) and n_classes and counts.min() >= 2:
+        return items, [by_label[i] for i in range(n_classes)], skipped
+    return items, [str(i) for i in range(n_classes)], skipped
+
+
+def from_kinetics_csv(path):
+    """label,youtube_id,time_start,time_end,split[,is_cc] -> <id>_<start:06d>_<end:06d>.<ext> anywhere below."""
+    with open(path, newline="", errors="replace") as f:
+        rows = list(csv.DictReader(f))
+    files = {p.stem: p for p in path.parent.rglob("*") if p.suffix.lower() in VIDEO_EXTS}  # one walk, by name
+    classes = sorted({r.get("label") for r in rows if r.get("label")})
+    index = {c: i for i, c in enumerate(classes)}
+    items, skipped = [], []
+    for n, r in enumerate(rows, 2):
+        try:
+            stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
+        except (KeyError, TypeError, ValueError):
+            skipped.append({"path": str(path), "reason": f"line {n}: cannot read {r}"})
+            continue
+        if stem not in files:
+            skipped.append({"path": str(path.parent / f"{stem}.mp4"), "reason": "file not found"})
+            continue
+        split = "train" if (r.get("split") or "").strip().lower() == "train" else "val"
+        items.append((files[stem], index.get(r.get("label"), -1), split))
+    return items, classes, skipped
+
+
+def find_videos(source):
+    if source.is_dir():
+        return from_folder(source)
+    if source.suffix.lower() in VIDEO_EXTS:
+        return [(source, -1, None)], [], []
+    with open(source, errors="replace") as f:
+        header = f.readline()
+    return from_kinetics_csv(source) if "youtube_id" in header else from_vjepa_list(source)
+
+
+def assign_splits(items, val_fraction, seed):
+    """Videos without a split get one: a seeded val fraction of *videos*, so a video's clips stay together."""
+    free = [i for i, (_, _, s) in enumerate(items) if s is None]
+    n_val = min(len(free) - 1, max(1, round(val_fraction * len(free)))) if val_fraction > 0 and len(free) > 1 else 0
+    val = set(np.random.default_rng(seed).permutation(free)[:n_val].tolist())
+    return [(p, l, s if s is not None else "val" if i in val else "train") for i, (p, l, s) in enumerate(items)]
+
+
+# -----------------------------------------------------------------------------
+# Writing a dataset
+
+def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, val_fraction=0.1,
+            workers=None, seed=0, extra_meta=None):
+    t_begin, source, out = time.time(), Path(source), Path(out)
+    if not source.exists():
+        raise SystemExit(f"error: {source} does not exist: pass a folder of videos, a list or a Kinetics CSV")
+    items, classes, skipped = find_videos(source)
+    if not items and not skipped:
+        raise SystemExit(f"error: no video files in {source} (looked for {', '.join(sorted(VIDEO_EXTS))}); "
+                         "point --videos at a folder of videos or a list of them")
+    items = assign_splits(items, val_fraction, seed)
+    clip_seconds = frames * frame_step / FPS
+    n_mel = audio_frames(clip_seconds)
+    workers = workers or os.cpu_count()
+    # Everything goes to a temporary folder that is renamed at the very end: an interrupted run
+    # never leaves something that looks like a finished dataset, and an old one is replaced only then.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        files = {(s, k): open(tmp / f"{s}_{k}.bin", "wb") for s in SPLITS for k in KEYS}
+        counts, ingested, stats = dict.fromkeys(SPLITS, 0), [], np.zeros(3)  # stats: n, sum, sum of squares
+        work = partial(decode_video, frames=frames, frame_step=frame_step, size=size, clips_per_video=clips_per_video)
+        with Pool(workers, init_worker) if workers > 1 else nullcontext() as pool:
+            results = (pool.imap if pool else map)(work, [p for p, _, _ in items])  # in order: deterministic
+            for (path, label, split), r in zip(items, tqdm(results, total=len(items), unit="video", smoothing=0.1)):
+                if "error" in r:
+                    skipped.append({"path": str(path), "reason": r["error"]})
+                    continue
+                n = len(r["video"])  # workers return arrays, only this process writes: the files just grow
+                for key, arr in zip(KEYS, (r["video"], r["audio"], np.full(n, label, np.int64), r["has_audio"])):
+                    files[split, key].write(np.ascontiguousarray(arr).tobytes())
+                counts[split] += n
+                if split == "train" and r["has_audio"].any():
+                    a = r["audio"][r["has_audio"] == 1].astype(np.float64)
+                    stats += (a.size, a.sum(), np.square(a).sum())
+                ingested.append({"path": str(path), "clips": n, "has_audio": bool(r["has_audio"].all()),
+                                 "padded": bool(r["padded"])})
+        for f in files.values():
+            f.close()
+        if counts["train"] == 0:
+            why = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+            what = f"no decodable video in {source}" if not ingested else f"no train clips from {source}"
+            raise SystemExit(f"error: {what}: {len(skipped)} file(s) skipped ({why})")
+        # Log-mel statistics of the train split (clips with audio), for avjepa's (x - mean) / (2 std).
+        # Without any audio fall back to AudioSet's statistics.
+        mean = stats[1] / stats[0] if stats[0] else -4.27
+        std = math.sqrt(max(stats[2] / stats[0] - mean ** 2, 1e-12)) if stats[0] else 4.57
+        meta = {"version": 1, "source": str(source), "frames": frames, "size": size, "frame_step": frame_step,
+                "fps": FPS, "frame_seconds": frame_step / FPS, "clip_seconds": clip_seconds,
+                "sample_rate": SAMPLE_RATE, "mel_bins": MEL_BINS, "audio_frames": n_mel, "audio_hop_seconds": HOP,
+                "audio_mean": float(mean), "audio_std": float(std), "classes": classes, "splits": counts,
+                "video_shape": [frames, size, size, 3], "audio_shape": [MEL_BINS, n_mel], **(extra_meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "report.json").write_text(json.dumps({"ingested": ingested, "skipped": skipped}, indent=1))
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dt, n = time.time() - t_begin, counts["train"] + counts["val"]
+    print(f"prepared {out}: {counts['train']} train + {counts['val']} val clips from {len(ingested)} videos "
+          f"({len(skipped)} skipped, {sum(not r['has_audio'] for r in ingested)} without audio, "
+          f"{sum(r['padded'] for r in ingested)} padded) in {dt:.1f} s, {n / dt:.1f} clips/s")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# The built-in synthetic dataset: what each modality carries is known, so it can be measured
+
+COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.8, 0.1)}
+SHAPES = ("circle", "square", "triangle")
+RHYTHMS = {"slow": 2.0, "fast": 6.0}  # background ticks per second
+SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
+
+
+def write_mp4(path, frames, fps, wave, sample_rate):
+    """H.264 + AAC mp4 from frames [T, H, W, 3] uint8 and a mono waveform, with PyAV."""
+    with av.open(str(path), "w") as c:
+        # constant quantiser, not crf: this x264's crf mode gives slightly different bytes from run to run
+        v = c.add_stream("libx264", rate=fps, options={"qp": "20", "preset": "veryfast"})
+        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        a = c.add_stream("aac", rate=sample_rate, layout="mono")
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, fps)
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
+        c.mux(a.encode(f))
+        c.mux(a.encode())
+
+
+def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2):
+    """A coloured shape bouncing on a textured background, and a soundtrack tied to what is seen:
+    pitch follows height, a tone burst marks each wall bounce, the waveform is set by the shape.
+    Colour is only seen; the rhythm of background ticks is only heard."""
+    rng = np.random.default_rng(seed)
+    sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
+    r = rng.uniform(6, 10)  # object radius in pixels
+    lo, span = r + 1, width - 2 * r - 2  # the centre stays inside [lo, lo + span]
+    p0, angle = rng.uniform(0, span, 2), rng.uniform(0, 2 * np.pi)
+    vel = rng.uniform(40, 90) * np.array([np.cos(angle), np.sin(angle)])  # pixels per second
+
+    def position(t):  # straight-line motion folded into the box = bouncing; k counts the walls hit
+        u = p0 + vel * t[:, None]
+        k = np.floor(u / span)
+        return lo + np.where(k % 2 == 0, u - k * span, (k + 1) * span - u), k
+
+    # Sound
+    t = np.arange(round(seconds * sr)) / sr
+    pos, k = position(t)
+    height = 1 - (pos[:, 1] - lo) / span  # 0 at the bottom, 1 at the top (image y points down)
+    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr  # 220 Hz at the bottom .. 880 Hz at the top
+    wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
+                   "triangle": phase / np.pi % 2 - 1}[shape]  # sine, square, sawtooth: ~equal loudness
+    tb = np.arange(round(0.05 * sr)) / sr
+    burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.exp(-tb / 0.012)
+    for i in np.nonzero(np.any(np.diff(k, axis=0) != 0, axis=1))[0] + 1:  # the samples where a wall is hit
+        wave[i:i + len(burst)] += burst[:len(wave) - i]
+    # Ticks: short high-passed noise bursts. Their loudness is scaled so that both tempos put the same
+    # energy per second on average: the rhythm is in the timing, not in the average spectrum.
+    rate, n = RHYTHMS[rhythm], round(0.015 * sr)
+    tick = np.diff(rng.normal(0, 1, n), prepend=0) * np.exp(-np.arange(n) / (0.004 * sr))
+    tick *= 0.1 * math.sqrt(2 / rate) * rng.uniform(0.6, 1.4)
+    for i in (np.arange(rng.uniform(0, 1 / rate), seconds, 1 / rate) * sr).astype(int):
+        wave[i:i + n] += tick[:len(wave) - i]
+    wave += rng.normal(0, 0.003, len(wave))
+
+    # Picture: a small object on a tinted, blocky-textured background, so that the object's colour
+    # cannot be read off the average pixel: a model has to find the object.
+    blocks = np.kron(rng.normal(0, 0.08, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
+    background = rng.uniform(0.25, 0.75) + rng.uniform(-0.1, 0.1, 3) + blocks
+    tf = np.arange(round(seconds * fps)) / fps
+    c, _ = position(tf)
+    yy, xx = np.mgrid[:width, :width] + 0.5
+    dx, dy = xx - c[:, 0, None, None], yy - c[:, 1, None, None]
+    mask = {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
+            "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
+    img = np.where(mask[..., None], np.array(COLOURS[colour]) * rng.uniform(0.8, 1.1), background)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(path, (np.clip(img, 0, 1) * 255).astype(np.uint8), fps, wave, sr)
+
+
+def make_synthetic(out="data/synthetic", workers=None, per_class=(30, 10)):
+    """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/ and ingest them like user videos."""
+    t_begin, out = time.time(), Path(out)
+    videos = out.parent / f"{out.name}_videos"
+    shutil.rmtree(videos, ignore_errors=True)
+    classes = [f"{c}-{s}-{r}" for c in COLOURS for s in SHAPES for r in RHYTHMS]  # sorted below, like ingest
+    jobs = [(videos / split / name / f"{j:03d}.mp4", *name.split("-"))
+            for split, n in zip(SPLITS, per_class) for name in classes for j in range(n)]
+    jobs = [job + (seed,) for seed, job in enumerate(jobs)]
+    with Pool(workers or os.cpu_count(), init_worker) as pool:
+        pool.starmap(synth_clip, jobs, chunksize=8)
+    print(f"generated {len(jobs)} synthetic videos in {videos} in {time.time() - t_begin:.1f} s")
+    classes = sorted(classes)
+    factors = {"colour": {"values": list(COLOURS), "modality": "video"},
+               "shape": {"values": list(SHAPES), "modality": "both"},
+               "rhythm": {"values": list(RHYTHMS), "modality": "audio"}}
+    class_factors = [[factors[f]["values"].index(v) for f, v in zip(factors, name.split("-"))] for name in classes]
+    return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors})
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Turn videos into avjepa memmaps. Without --videos: build the synthetic "
+                                "set in data/synthetic (8 frames, step 4, 64 px; the clip flags are ignored).")
+    p.add_argument("--videos", metavar="PATH", help="a folder of videos (class subfolders = labels, train/ and val/ "
+                   "= splits), a list of '<path> <int label>' lines, or a Kinetics CSV")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: data/<name of --videos>)")
+    p.add_argument("--frames", type=int, default=16, metavar="N", help="frames per clip")
+    p.add_argument("--frame-step", type=int, default=4, metavar="N",
+                   help="frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps")
+    p.add_argument("--size", type=int, default=224, metavar="N", help="frame side after short-side resize and centre crop")
+    p.add_argument("--clips-per-video", type=int, default=1, metavar="N", help="clips per video, spread evenly over it")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the videos held out for val, when the source has no split of its own")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="decoding processes")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the train/val split")
+    args = p.parse_args()
+    if min(args.frames, args.frame_step, args.size, args.clips_per_video, args.workers) < 1:
+        p.error("--frames, --frame-step, --size, --clips-per-video and --workers must be at least 1")
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
+    try:
+        if args.videos is None:
+            make_synthetic(args.out or "data/synthetic", args.workers)
+        else:
+            src = Path(args.videos).expanduser()
+            out = args.out or Path("data") / (src.resolve().stem if src.is_file() else src.resolve().name)
+            prepare(src, out, args.frames, args.frame_step, args.size, args.clips_per_video, args.val_fraction,
+                    args.workers, args.seed)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: no dataset was written, an existing one is left as it was")
