@@ -53,7 +53,8 @@ MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": None, "a2v": None}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 TUBELET, PATCH = 2, 16    # video tubelet = 2 frames x 16 x 16 pixels; audio patch = 16 mel x 16 frames
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# dense bf16 peak by device-name substring, first match wins (so the PCIe H100 is not taken for an SXM)
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 def get_args(argv=None):

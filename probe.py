@@ -1,0 +1,548 @@
+"""
+Probes of a trained avjepa checkpoint: what did the frozen networks learn?
+
+    python probe.py --task classify       # attentive probe on the frozen encoder: top-1 on val
+    python probe.py --task reconstruct    # a decoder on the predictor: pixels and sound under the mask
+
+classify is V-JEPA's frozen evaluation. The EMA target encoder turns every clip into tokens once
+(cached); a small attentive probe (one learned query, one cross-attention block, a linear layer) is
+trained on them. --init random runs the identical probe on an untrained encoder of the same size:
+the gap is what pretraining bought. On the synthetic set it also scores each factor of the label
+(colour is only seen, rhythm only heard), which shows what the sound adds.
+
+reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
+predictor frozen we fit a linear decoder from one token to its patch: the predictor's output at
+hidden tokens -> pixel tubelets and spectrogram patches. It is scored only where tokens were hidden,
+next to the trivial answer (every hidden patch = the mean visible patch of its clip), and drawn:
+PNG, MP4 with the resynthesised sound, WAV.
+"""
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import avjepa
+from avjepa import PATCH, TUBELET
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive classification or masked reconstruction.")
+    p.add_argument("--task", choices=["classify", "reconstruct"], required=True, help="which probe to run")
+    p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest <runs>/*/ckpt.pt)")
+    p.add_argument("--runs", default="out", help="folder searched for the newest run when --ckpt is not given")
+    p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
+                   help="random: the same probe on a freshly initialised model of the same config (the baseline)")
+    p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
+                   help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
+    p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
+    p.add_argument("--epochs", type=int, default=20, help="classify: probe training epochs (V-JEPA: 20)")
+    p.add_argument("--lr", type=float, default=1e-3, help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
+    p.add_argument("--wd", type=float, default=0.01, help="classify: weight decay of the probe")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per batch through the frozen networks and the probe")
+    p.add_argument("--clips", type=int, default=0, help="use at most this many clips of each split (0: all)")
+    p.add_argument("--examples", type=int, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
+    p.add_argument("--no-cache", action="store_true", help="classify: recompute features, neither read nor write the cache file")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for masks, random init and probe training")
+    return p.parse_args(argv)
+
+# -----------------------------------------------------------------------------
+# The run: which checkpoint, which data, which networks
+
+def newest_checkpoint(runs):
+    found = sorted(Path(runs).glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no checkpoint under {runs}/: train first with `python avjepa.py --model vit_tiny --audio`, "
+                         f"or pass --ckpt")
+    return found[-1]
+
+
+def open_run(args):
+    path = Path(args.ckpt) if args.ckpt else newest_checkpoint(args.runs)
+    ckpt = avjepa.read_checkpoint(path)   # exits with a message if missing or unreadable
+    if not (isinstance(ckpt, dict) and {"config", "encoder", "predictor", "target_encoder"} <= ckpt.keys()):
+        raise SystemExit(f"{path} is not an avjepa checkpoint (no encoder/predictor/target_encoder/config): "
+                         f"pass a ckpt.pt written by avjepa.py")
+    data = Path(args.data or ckpt["config"]["data"])
+    if not (data / "meta.json").exists():
+        raise SystemExit(f"no dataset at {data}: run prepare.py, or pass --data")
+    print(f"probing {path} (step {ckpt['step']}) on {data}")
+    return path, ckpt, data
+
+
+def frozen_models(ckpt, init, seed):
+    """(online encoder, predictor, EMA target encoder), frozen. The online pair was trained together, so it
+    is the one to ask for predictions; the EMA encoder is the one to read features from (as V-JEPA).
+    init=random: the same architecture with the same initialisation training starts from."""
+    torch.manual_seed(seed)
+    nets = avjepa.build(ckpt["config"])
+    if init == "pretrained":
+        for net, key in zip(nets, ("encoder", "predictor", "target_encoder")):
+            net.load_state_dict(ckpt[key])
+    return [net.eval().requires_grad_(False) for net in nets]
+
+
+def check_data(meta, encoder, audio):
+    if meta["frames"] != encoder.config["frames"]:
+        raise SystemExit(f"the dataset has {meta['frames']} frames per clip, the model {encoder.config['frames']}")
+    if audio and meta["audio_shape"][1] // PATCH != encoder.audio_grid[1]:
+        raise SystemExit(f"the dataset has {meta['audio_shape'][1]} log-mel frames per clip, the model "
+                         f"{encoder.config['audio_frames']}")
+
+
+def clip_ids(data, n_max, labelled=False):
+    """Clips to use, sorted (memmap-friendly); a --clips subset is drawn at random, as splits are often
+    stored class by class and their first clips would all share one label."""
+    ids = np.flatnonzero(np.asarray(data["label"]) >= 0) if labelled else np.arange(data["n"])
+    return np.sort(np.random.default_rng(0).choice(ids, n_max, replace=False)) if 0 < n_max < len(ids) else ids
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def write_atomic(path, write):
+    """write(tmp) then rename: a crash never leaves half a file under the real name."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    write_atomic(path, lambda t: Path(t).write_text(json.dumps(obj, indent=1) + "\n"))
+
+# -----------------------------------------------------------------------------
+# Classification: frozen tokens, once, then V-JEPA's attentive probe on them
+
+def encode(encoder, video, audio, has_audio):
+    """Tokens [B, N, D] of whole clips and which of them exist [B, N]. As in training, a silent clip has no
+    audio tokens (its spectrogram is padding) - unless audio is all the probe sees, then it is the input."""
+    B = len(has_audio)
+    nv = encoder.nv if video is not None else 0
+    N = nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
+    valid = torch.ones(B, N, dtype=torch.bool, device=has_audio.device)
+    if video is not None and audio is not None:
+        valid[~has_audio, nv:] = False
+    if valid.all():
+        return encoder(video, audio), valid
+    keep = avjepa.pack([r.nonzero()[:, 0].cpu().numpy() for r in valid], N, B)
+    keep = (keep[0].to(valid.device), keep[1].to(valid.device), keep[2])
+    out = encoder(video, audio, keep=keep)
+    return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep[0], out).view(B, N, -1), valid
+
+
+@torch.no_grad()
+def extract(encoder, data, ids, modalities, device, batch_size, desc):
+    """Frozen tokens of clips `ids`: x fp16 [n, N, D], valid [n, N], y labels [n]. No augmentation: the
+    probe sees each clip as it is, so one pass suffices and every probe epoch after it is cheap."""
+    xs, valids = [], []
+    for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
+        b = avjepa.get_batch(data, ids[i:i + batch_size], device)
+        video = avjepa.augment_video(b["video"], encoder.config["size"]) if modalities != "audio" else None
+        audio = avjepa.normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
+        with autocast(device):
+            x, valid = encode(encoder, video, audio, b["has_audio"])
+        xs.append(x.half().cpu())
+        valids.append(valid.cpu())
+    return dict(x=torch.cat(xs), valid=torch.cat(valids), y=torch.from_numpy(np.asarray(data["label"])[ids]))
+
+
+class AttentiveProbe(nn.Module):
+    """V-JEPA's attentive classifier: one learned query cross-attends to the frozen tokens (keys and values
+    layer-normed), a residual MLP refines it, a linear layer gives the class logits."""
+    def __init__(self, dim, heads, classes):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = avjepa.MLP(dim)
+        self.head = nn.Linear(dim, classes)
+        avjepa.init_weights(self, [])
+        nn.init.trunc_normal_(self.query, std=0.02)
+
+    def forward(self, x, valid):
+        B, N, D = x.shape
+        q = self.q(self.query).view(1, self.heads, 1, -1).expand(B, -1, -1, -1)        # [B, H, 1, hd]
+        k, v = self.kv(self.norm1(x)).view(B, N, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # missing tokens ignored
+        h = self.query + self.proj(y.transpose(1, 2).reshape(B, 1, D))
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h[:, 0])
+
+
+def train_probe(train, val, classes, heads, args, device):
+    """AdamW, cosine to 0, no warmup (V-JEPA's probe recipe); returns the val logits."""
+    torch.manual_seed(args.seed)
+    probe = AttentiveProbe(train["x"].shape[-1], heads, classes).to(device)
+    opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.wd)
+    per_epoch = math.ceil(len(train["y"]) / args.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * per_epoch)
+    x, valid, y = train["x"].to(device), train["valid"].to(device), train["y"].to(device)
+    for epoch in tqdm(range(args.epochs), desc="probe", dynamic_ncols=True):
+        perm = torch.randperm(len(y), device=device)
+        for i in range(per_epoch):
+            j = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            loss = F.cross_entropy(probe(x[j].float(), valid[j]), y[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        return torch.cat([probe(val["x"][i:i + 256].to(device).float(), val["valid"][i:i + 256].to(device)).cpu()
+                          for i in range(0, len(val["y"]), 256)])
+
+
+def top_k(logits, labels, k):
+    return (logits.topk(k, -1).indices == labels[:, None]).any(-1).float().mean().item()
+
+
+def factor_accuracy(pred, labels, meta):
+    """Accuracy on each factor of the label (synthetic set): a prediction that gets the colour right but the
+    rhythm wrong still counts for colour. Tells which modality a probe really reads."""
+    cf = torch.tensor(meta["class_factors"])
+    return {name: (cf[pred, j] == cf[labels, j]).float().mean().item() for j, name in enumerate(meta["factors"])}
+
+
+def classify(args, path, ckpt, data_dir, device):
+    cfg = ckpt["config"]
+    args.modalities = args.modalities or ("both" if cfg["audio"] else "video")
+    if args.modalities != "video" and not cfg["audio"]:
+        raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
+    train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
+    meta = train_data["meta"]
+    train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips, True)
+    if not len(train_ids) or not len(val_ids):
+        raise SystemExit(f"{data_dir} has no labelled clips in train and val: classify needs a labelled dataset "
+                         f"(prepare.py from class folders or a CSV with labels)")
+    classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(), val_data["label"].max())) + 1
+    encoder = frozen_models(ckpt, args.init, args.seed)[2].to(device)
+    check_data(meta, encoder, args.modalities != "video")
+
+    t0 = time.time()
+    cache = path.parent / f"probe_features_{args.modalities}_{args.init}.pt"
+    key = dict(ckpt=str(path.resolve()), ckpt_mtime=path.stat().st_mtime_ns, data=str(data_dir.resolve()),
+               data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed, clips=args.clips)
+    feats = torch.load(cache, weights_only=True) if cache.exists() and not args.no_cache else None
+    if feats is not None and feats["key"] == key:
+        print(f"features from {cache}")
+    else:
+        feats = dict(key=key, train=extract(encoder, train_data, train_ids, args.modalities, device, args.batch_size, "train features"),
+                     val=extract(encoder, val_data, val_ids, args.modalities, device, args.batch_size, "val features"))
+        if not args.no_cache:
+            write_atomic(cache, lambda t: torch.save(feats, t))
+    logits = train_probe(feats["train"], feats["val"], classes, encoder.config["heads"], args, device)
+
+    labels = feats["val"]["y"]
+    res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
+               modalities=args.modalities, init=args.init, epochs=args.epochs, classes=classes,
+               train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1))
+    if classes >= 10:
+        res["top5"] = top_k(logits, labels, 5)
+    if "class_factors" in meta:
+        res["factors"] = factor_accuracy(logits.argmax(-1), labels, meta)
+    res["seconds"] = time.time() - t0
+    write_json(res, path.parent / f"probe_classify_{args.modalities}_{args.init}.json")
+    line = f"top-1 {100 * res['top1']:.1f}%" + (f", top-5 {100 * res['top5']:.1f}%" if "top5" in res else "")
+    factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in res.get("factors", {}).items())
+    print(f"classify {res['run']} [{args.modalities}, {args.init}]: {line} on {len(labels)} val clips"
+          f"{f' ({factors})' if factors else ''} in {res['seconds']:.0f} s")
+    return res
+
+# -----------------------------------------------------------------------------
+# Reconstruction. Patches are laid out exactly as the encoder's tokens: video [t, h, w] raster of
+# 2x16x16 tubelets, audio [mel band, time column] raster of 16x16 patches.
+
+def patchify_video(x):
+    """[B, C, T, H, W] -> [B, Nv, 2*16*16*C], one row per token, (dt, dy, dx, c) inside a row."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // TUBELET, TUBELET, H // PATCH, PATCH, W // PATCH, PATCH)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, TUBELET * PATCH * PATCH * C)
+
+
+def unpatchify_video(p, C, T, H, W):
+    x = p.reshape(len(p), T // TUBELET, H // PATCH, W // PATCH, TUBELET, PATCH, PATCH, C)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(len(p), C, T, H, W)
+
+
+def patchify_audio(x):
+    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: the seed
+    reshaped without this permute and scrambled its spectrograms. Columns past the last patch are dropped."""
+    B, _, M, Ta = x.shape
+    x = x[..., :Ta // PATCH * PATCH].reshape(B, M // PATCH, PATCH, Ta // PATCH, PATCH)
+    return x.permute(0, 1, 3, 2, 4).reshape(B, -1, PATCH * PATCH)
+
+
+def unpatchify_audio(p, M, Ta):
+    return p.reshape(len(p), M // PATCH, Ta // PATCH, PATCH, PATCH).permute(0, 1, 3, 2, 4).reshape(len(p), 1, M, Ta)
+
+
+# Metrics: per clip over the hidden patches only. pred, target [B, N, P]; mask [B, N] True = hidden.
+# A clip with nothing hidden gives nan (averages skip it).
+def masked_mean(err, mask):
+    return (err * mask).sum(1) / mask.sum(1)
+
+
+def masked_psnr(pred, target, mask, peak=1.0):
+    return 10 * torch.log10(peak ** 2 / masked_mean(((pred - target) ** 2).mean(-1), mask))
+
+
+def masked_l1(pred, target, mask):
+    return masked_mean((pred - target).abs().mean(-1), mask)
+
+
+def masked_snr(pred, target, mask):
+    return 10 * torch.log10(masked_mean((target ** 2).mean(-1), mask) / masked_mean(((pred - target) ** 2).mean(-1), mask))
+
+
+def mean_fill(patches, mask):
+    """The trivial reconstruction: every hidden patch is the mean of its clip's visible patches."""
+    seen = (~mask).float()[..., None]
+    mean = (patches * seen).sum(1, keepdim=True) / seen.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(mask[..., None], mean, patches)
+
+
+class Decoder(nn.Module):
+    """One token -> one patch: LayerNorm (no affine) + Linear. It sees a single token (no neighbours, no
+    position), so what it draws is what that token carries. Being linear, it has a closed-form best fit:
+    least squares over every hidden token of the train pass, from normal equations summed batch by batch
+    (ridge-regularised). No learning rate, no epochs, and one pass of the frozen networks is all it costs."""
+    def __init__(self, dim, out, ridge=1e-3):
+        super().__init__()
+        self.norm, self.proj, self.ridge = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False), nn.Linear(dim, out), ridge
+        self.register_buffer("xx", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
+        self.register_buffer("xy", torch.zeros(dim + 1, out, dtype=torch.float64))
+
+    def accumulate(self, x, y):
+        f = F.pad(self.norm(x.float()), (0, 1), value=1.0)               # a constant column for the bias
+        self.xx += (f.T @ f).double()
+        self.xy += (f.T @ y.float()).double()
+
+    def solve(self):
+        reg = self.ridge * self.xx.diagonal().mean() * torch.eye(len(self.xx), dtype=torch.float64)
+        w = torch.linalg.solve(self.xx + reg, self.xy)                    # [dim + 1, out]
+        self.proj.weight.data, self.proj.bias.data = w[:-1].T.float(), w[-1].float()
+
+    def forward(self, x):
+        return self.proj(self.norm(x.float()))
+
+
+@torch.no_grad()
+def predict(jepa, cfg, data, ids, rng, device):
+    """Mask clips `ids` with every mask config the predictor knows (each config has its own mask token),
+    run the frozen encoder + predictor. Returns the clips' patches (pixels in [0, 1], normalised log-mel)
+    and one row per hidden token: its config, clip, token number and predicted embedding."""
+    encoder = jepa.encoder
+    b = avjepa.get_batch(data, ids, device)
+    video = avjepa.augment_video(b["video"], cfg["crop"])
+    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
+    has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
+    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio)
+    masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
+    with autocast(device):
+        pred = jepa(video, audio, masks)
+    index, cu, _ = masks["tgt"]
+    N = encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])
+    mean = torch.tensor(avjepa.IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(avjepa.IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
+    return dict(pix=patchify_video(video * std + mean).cpu(), mel=patchify_audio(audio).cpu() if audio is not None else None,
+                config=(seg // len(ids)).cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu())
+
+
+def decode_into(patches, rows, keep, decoder, offset=0):
+    """Hidden patches replaced by the decoder's guess: returns (reconstruction, hidden mask [B, N])."""
+    out, mask = patches.clone(), torch.zeros(patches.shape[:2], dtype=torch.bool)
+    clip, token = rows["clip"][keep], rows["token"][keep] - offset
+    with torch.no_grad():
+        out[clip, token] = decoder(rows["x"][keep]).to(out.dtype)
+    mask[clip, token] = True
+    return out, mask
+
+
+def reconstruct(args, path, ckpt, data_dir, device):
+    cfg = ckpt["config"]
+    args.mask = args.mask or cfg["masks"][0]
+    if args.mask not in cfg["masks"]:
+        raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg['masks'])} only, not {args.mask!r}")
+    config_id = cfg["masks"].index(args.mask)
+    encoder, predictor, _ = frozen_models(ckpt, args.init, args.seed)
+    jepa = avjepa.JEPA(encoder, predictor).to(device)
+    train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
+    meta = train_data["meta"]
+    check_data(meta, encoder, cfg["audio"])
+    nv, D, bs = encoder.nv, encoder.config["width"], args.batch_size
+    t0 = time.time()
+
+    # 1. One frozen pass over the train clips, fresh masks per batch; every hidden token of every mask
+    #    config is a (token -> patch) example for the decoders.
+    decoders = {"video": Decoder(D, TUBELET * PATCH * PATCH * 3)}
+    if cfg["audio"]:
+        decoders["audio"] = Decoder(D, PATCH * PATCH)
+    train_ids = clip_ids(train_data, args.clips)
+    for i in tqdm(range(0, len(train_ids), bs), desc="fit decoders", dynamic_ncols=True):
+        r = predict(jepa, cfg, train_data, train_ids[i:i + bs], np.random.default_rng([args.seed, 0, i]), device)
+        v = r["token"] < nv
+        decoders["video"].accumulate(r["x"][v], r["pix"][r["clip"][v], r["token"][v]])
+        if cfg["audio"]:
+            decoders["audio"].accumulate(r["x"][~v], r["mel"][r["clip"][~v], r["token"][~v] - nv])
+    for d in decoders.values():
+        d.solve()
+
+    # 2. Val clips, masks of the chosen config only, scored on hidden patches next to the mean-fill answer.
+    scores, examples = {k: [] for k in ("psnr", "psnr_mean_fill", "l1", "l1_mean_fill", "snr", "snr_mean_fill")}, []
+    ids = clip_ids(val_data, args.clips)
+    shown = set(ids[np.linspace(0, len(ids) - 1, min(args.examples, len(ids))).round().astype(int)].tolist())
+    for i in tqdm(range(0, len(ids), bs), desc="val", dynamic_ncols=True):
+        r = predict(jepa, cfg, val_data, ids[i:i + bs], np.random.default_rng([args.seed, 1, i]), device)
+        keep = r["config"] == config_id
+        vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders["video"])
+        vid = vid.clamp(0, 1)
+        scores["psnr"].append(masked_psnr(vid, r["pix"], vmask))
+        scores["psnr_mean_fill"].append(masked_psnr(mean_fill(r["pix"], vmask), r["pix"], vmask))
+        if cfg["audio"]:
+            mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv), decoders["audio"], nv)
+            fill = mean_fill(r["mel"], amask)
+            for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
+                scores[name].append(fn(mel, r["mel"], amask))
+                scores[name + "_mean_fill"].append(fn(fill, r["mel"], amask))
+        for j in [j for j, c in enumerate(ids[i:i + bs]) if c in shown]:   # examples spread over the split
+            examples.append(dict(pix=r["pix"][j], vid=vid[j], vmask=vmask[j], has_audio=bool(val_data["has_audio"][ids[i + j]]),
+                                 **(dict(mel=r["mel"][j], rec=mel[j], amask=amask[j]) if cfg["audio"] else {})))
+
+    res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
+               mask=args.mask, init=args.init, train_clips=len(train_ids), val_clips=len(ids),
+               **{k: torch.cat(v).nanmean().item() for k, v in scores.items() if v})
+    out_dir = path.parent / "reconstruct"
+    out_dir.mkdir(exist_ok=True)
+    for n, ex in enumerate(tqdm(examples, desc="examples", dynamic_ncols=True)):
+        write_example(out_dir / f"{args.mask}_{args.init}_{n}", ex, cfg, meta)
+    res["seconds"] = time.time() - t0
+    write_json(res, path.parent / f"probe_reconstruct_{args.mask}_{args.init}.json")
+    audio_part = (f", audio L1 {res['l1']:.3f} (mean-fill {res['l1_mean_fill']:.3f}), SNR {res['snr']:.1f} dB "
+                  f"({res['snr_mean_fill']:.1f})") if cfg["audio"] else ""
+    print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR {res['psnr']:.1f} dB (mean-fill "
+          f"{res['psnr_mean_fill']:.1f}){audio_part} on {len(ids)} val clips in {res['seconds']:.0f} s; examples in {out_dir}")
+    return res
+
+# -----------------------------------------------------------------------------
+# Pictures and sound of one example
+
+def mel_to_wave(mel, meta, iters=32):
+    """Normalised log-mel [128, Ta] -> 16 kHz waveform, roughly: undo the normalisation and the log, spread
+    the mel energies back over FFT bins by least squares on kaldi's own filterbank (the one prepare.py's
+    fbank used: 25 ms window, 10 ms hop, 512-point FFT, 20 Hz - 8 kHz), guess phases by Griffin-Lim, and
+    undo kaldi's 0.97 pre-emphasis."""
+    import torchaudio
+    from torchaudio.compliance.kaldi import get_mel_banks
+    power = (mel.float() * 2 * meta["audio_std"] + meta["audio_mean"]).exp()
+    with warnings.catch_warnings():   # its own filterbank, replaced below, has empty low bands at 128 mels
+        warnings.simplefilter("ignore")
+        inverse = torchaudio.transforms.InverseMelScale(257, 128, 16000, driver="gelsd")
+    inverse.fb = F.pad(get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)[0], (0, 1)).T  # [257, 128]
+    spec = inverse(power)
+    griffin_lim = torchaudio.transforms.GriffinLim(n_fft=512, win_length=400, hop_length=160, power=2.0, n_iter=iters)
+    torch.manual_seed(0)   # Griffin-Lim starts from random phases
+    return torchaudio.functional.deemphasis(griffin_lim(spec)[None], 0.97)[0].clamp(-1, 1)
+
+
+def colormap(x, lo, hi):
+    """[H, W] values -> uint8 RGB, dark blue (low) -> red -> yellow (high)."""
+    anchors = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]], float)
+    t = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * (len(anchors) - 1)
+    return np.stack([np.interp(t, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+
+def write_example(stem, ex, cfg, meta):
+    """stem.png: original | hidden | reconstruction over the frames, then the three spectrograms;
+    stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav (+ _original.wav)."""
+    from PIL import Image, ImageDraw
+    import av
+    T, S = cfg["frames"], cfg["crop"]
+    def frames(p):   # patches -> uint8 frames [T, S, S, 3]
+        return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
+    grey = torch.full_like(ex["pix"], 0.5)
+    rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], grey, ex["pix"])), frames(ex["vid"])]
+    k = max(1, math.ceil(128 / S))                       # small frames scaled up by nearest
+    shown = np.linspace(0, T - 1, min(T, 8)).round().astype(int)
+    tile, label, gap = S * k, 110, 4
+    specs = []
+    if cfg["audio"]:
+        Ta = ex["mel"].shape[0] // (128 // PATCH) * PATCH
+        lo, hi = ex["mel"].min().item(), ex["mel"].max().item()
+        for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
+            img = colormap(unpatchify_audio(p[None].float(), 128, Ta)[0, 0].flip(0).numpy(), lo, hi)   # low pitch at the bottom
+            specs.append(Image.fromarray(img).resize((Ta * 2, 256), Image.NEAREST))
+    width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in specs))
+    height = 3 * (tile + gap) + (256 + 20 + gap if specs else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, fr) in enumerate(zip(("original", "hidden", "reconstruction"), rows)):
+        draw.text((4, r * (tile + gap) + tile // 2), name, fill="black")
+        for c, t in enumerate(shown):
+            canvas.paste(Image.fromarray(fr[t]).resize((tile, tile), Image.NEAREST), (label + c * (tile + gap), r * (tile + gap)))
+    x = label
+    for name, s in zip(("original", "hidden", "reconstruction"), specs):
+        draw.text((x, 3 * (tile + gap) + 4), f"{name} log-mel", fill="black")
+        canvas.paste(s, (x, 3 * (tile + gap) + 20))
+        x += s.width + gap
+    write_atomic(f"{stem}.png", lambda t: canvas.save(t, format="PNG"))
+
+    sr = meta.get("sample_rate", 16000)
+    if cfg["audio"]:
+        waves = [mel_to_wave(unpatchify_audio(p[None].float(), 128, Ta)[0, 0], meta).numpy() if ex["has_audio"]
+                 else np.zeros(Ta * 160, np.float32) for p in (ex["rec"], ex["mel"])]
+        for w, suffix in zip(waves, ("", "_original")):
+            write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
+    side = [np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1).repeat(k, 0).repeat(k, 1)
+            for a, b in zip(rows[0], rows[2])]
+    def write_mp4(t):
+        with av.open(t, "w", format="mp4") as c:
+            v = c.add_stream("libx264", rate=Fraction(1 / meta["frame_seconds"]).limit_denominator(1000))
+            v.width, v.height, v.pix_fmt = side[0].shape[1] // 2 * 2, side[0].shape[0] // 2 * 2, "yuv420p"
+            if cfg["audio"]:
+                a = c.add_stream("aac", rate=sr, layout="mono")
+            for img in side:
+                c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")))
+            c.mux(v.encode())
+            if cfg["audio"]:
+                f = av.AudioFrame.from_ndarray(waves[0][None].astype(np.float32), format="fltp", layout="mono")
+                f.sample_rate, f.pts, f.time_base = sr, 0, Fraction(1, sr)
+                c.mux(a.encode(f))
+                c.mux(a.encode())
+    write_atomic(f"{stem}.mp4", write_mp4)
+
+
+def write_wav(path, w, sr):
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes((np.clip(w, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path, ckpt, data_dir = open_run(args)
+    return (classify if args.task == "classify" else reconstruct)(args, path, ckpt, data_dir, device)
+
+
+if __name__ == "__main__":
+    main()
