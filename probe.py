@@ -47,13 +47,14 @@ def get_args(argv=None):
     p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
                    help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
     p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
-    p.add_argument("--epochs", type=int, default=20, help="classify: probe training epochs (V-JEPA: 20)")
+    p.add_argument("--epochs", type=int, default=100, help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
+                   "240k clips; 20 over the synthetic set's 720 leave the probe underfit)")
     p.add_argument("--lr", type=float, default=1e-3, help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
     p.add_argument("--wd", type=float, default=0.01, help="classify: weight decay of the probe")
     p.add_argument("--batch-size", type=int, default=32, help="clips per batch through the frozen networks and the probe")
     p.add_argument("--clips", type=int, default=0, help="use at most this many clips of each split (0: all)")
     p.add_argument("--examples", type=int, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
-    p.add_argument("--no-cache", action="store_true", help="classify: recompute features, neither read nor write the cache file")
+    p.add_argument("--no-cache", action="store_true", help="classify: recompute the features; read and write no cache")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed for masks, random init and probe training")
     return p.parse_args(argv)
@@ -187,8 +188,8 @@ class AttentiveProbe(nn.Module):
         return self.head(h[:, 0])
 
 
-def train_probe(train, val, classes, heads, args, device):
-    """AdamW, cosine to 0, no warmup (V-JEPA's probe recipe); returns the val logits."""
+def train_probe(train, classes, heads, args, device):
+    """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe."""
     torch.manual_seed(args.seed)
     probe = AttentiveProbe(train["x"].shape[-1], heads, classes).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -204,9 +205,13 @@ def train_probe(train, val, classes, heads, args, device):
             loss.backward()
             opt.step()
             sched.step()
-    with torch.no_grad():
-        return torch.cat([probe(val["x"][i:i + 256].to(device).float(), val["valid"][i:i + 256].to(device)).cpu()
-                          for i in range(0, len(val["y"]), 256)])
+    return probe
+
+
+@torch.no_grad()
+def predict_classes(probe, feats, device):
+    return torch.cat([probe(feats["x"][i:i + 256].to(device).float(), feats["valid"][i:i + 256].to(device)).cpu()
+                      for i in range(0, len(feats["y"]), 256)])
 
 
 def top_k(logits, labels, k):
@@ -243,16 +248,16 @@ def classify(args, path, ckpt, data_dir, device):
     if feats is not None and feats["key"] == key:
         print(f"features from {cache}")
     else:
-        feats = dict(key=key, train=extract(encoder, train_data, train_ids, args.modalities, device, args.batch_size, "train features"),
-                     val=extract(encoder, val_data, val_ids, args.modalities, device, args.batch_size, "val features"))
+        feats = dict(key=key, **{split: extract(encoder, d, ids, args.modalities, device, args.batch_size, split)
+                                 for split, d, ids in (("train", train_data, train_ids), ("val", val_data, val_ids))})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
-    logits = train_probe(feats["train"], feats["val"], classes, encoder.config["heads"], args, device)
-
-    labels = feats["val"]["y"]
+    probe = train_probe(feats["train"], classes, encoder.config["heads"], args, device)
+    logits, labels = predict_classes(probe, feats["val"], device), feats["val"]["y"]
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
                modalities=args.modalities, init=args.init, epochs=args.epochs, classes=classes,
-               train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1))
+               train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1),
+               train_top1=top_k(predict_classes(probe, feats["train"], device), feats["train"]["y"], 1))  # underfit?
     if classes >= 10:
         res["top5"] = top_k(logits, labels, 5)
     if "class_factors" in meta:
@@ -423,8 +428,10 @@ def reconstruct(args, path, ckpt, data_dir, device):
                 scores[name].append(fn(mel, r["mel"], amask))
                 scores[name + "_mean_fill"].append(fn(fill, r["mel"], amask))
         for j in [j for j, c in enumerate(ids[i:i + bs]) if c in shown]:   # examples spread over the split
-            examples.append(dict(pix=r["pix"][j], vid=vid[j], vmask=vmask[j], has_audio=bool(val_data["has_audio"][ids[i + j]]),
-                                 **(dict(mel=r["mel"][j], rec=mel[j], amask=amask[j]) if cfg["audio"] else {})))
+            examples.append(dict(pix=r["pix"][j], vid=vid[j], vmask=vmask[j],
+                                 has_audio=bool(val_data["has_audio"][ids[i + j]]),
+                                 **(dict(mel=r["mel"][j], rec=mel[j], amask=amask[j], Ta=encoder.audio_grid[1] * PATCH)
+                                    if cfg["audio"] else {})))
 
     res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
                mask=args.mask, init=args.init, train_clips=len(train_ids), val_clips=len(ids),
@@ -438,7 +445,8 @@ def reconstruct(args, path, ckpt, data_dir, device):
     audio_part = (f", audio L1 {res['l1']:.3f} (mean-fill {res['l1_mean_fill']:.3f}), SNR {res['snr']:.1f} dB "
                   f"({res['snr_mean_fill']:.1f})") if cfg["audio"] else ""
     print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR {res['psnr']:.1f} dB (mean-fill "
-          f"{res['psnr_mean_fill']:.1f}){audio_part} on {len(ids)} val clips in {res['seconds']:.0f} s; examples in {out_dir}")
+          f"{res['psnr_mean_fill']:.1f}){audio_part} on {len(ids)} val clips in {res['seconds']:.0f} s; "
+          f"examples in {out_dir}")
     return res
 
 # -----------------------------------------------------------------------------
@@ -469,67 +477,73 @@ def colormap(x, lo, hi):
     return np.stack([np.interp(t, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
 
 
-def write_example(stem, ex, cfg, meta):
-    """stem.png: original | hidden | reconstruction over the frames, then the three spectrograms;
-    stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav (+ _original.wav)."""
+def example_png(rows, ex, cfg, k):
+    """original | hidden | reconstruction over (up to 8 of) the frames, then the three spectrograms."""
     from PIL import Image, ImageDraw
-    import av
     T, S = cfg["frames"], cfg["crop"]
-    def frames(p):   # patches -> uint8 frames [T, S, S, 3]
-        return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
-    grey = torch.full_like(ex["pix"], 0.5)
-    rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], grey, ex["pix"])), frames(ex["vid"])]
-    k = max(1, math.ceil(128 / S))                       # small frames scaled up by nearest
     shown = np.linspace(0, T - 1, min(T, 8)).round().astype(int)
-    tile, label, gap = S * k, 110, 4
+    tile, label, gap, names = S * k, 110, 4, ("original", "hidden", "reconstruction")
     specs = []
     if cfg["audio"]:
-        Ta = ex["mel"].shape[0] // (128 // PATCH) * PATCH
-        lo, hi = ex["mel"].min().item(), ex["mel"].max().item()
+        lo, hi = ex["mel"].min().item(), ex["mel"].max().item()       # one colour scale for all three
         for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
-            img = colormap(unpatchify_audio(p[None].float(), 128, Ta)[0, 0].flip(0).numpy(), lo, hi)   # low pitch at the bottom
-            specs.append(Image.fromarray(img).resize((Ta * 2, 256), Image.NEAREST))
+            mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)   # low pitch at the bottom
+            specs.append(Image.fromarray(colormap(mel.numpy(), lo, hi)).resize((ex["Ta"] * 2, 256), Image.NEAREST))
     width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in specs))
-    height = 3 * (tile + gap) + (256 + 20 + gap if specs else 0)
-    canvas = Image.new("RGB", (width, height), "white")
+    canvas = Image.new("RGB", (width, 3 * (tile + gap) + (256 + 20 + gap if specs else 0)), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (name, fr) in enumerate(zip(("original", "hidden", "reconstruction"), rows)):
+    for r, (name, frames) in enumerate(zip(names, rows)):
         draw.text((4, r * (tile + gap) + tile // 2), name, fill="black")
         for c, t in enumerate(shown):
-            canvas.paste(Image.fromarray(fr[t]).resize((tile, tile), Image.NEAREST), (label + c * (tile + gap), r * (tile + gap)))
+            frame = Image.fromarray(frames[t]).resize((tile, tile), Image.NEAREST)   # small frames: nearest, visible
+            canvas.paste(frame, (label + c * (tile + gap), r * (tile + gap)))
     x = label
-    for name, s in zip(("original", "hidden", "reconstruction"), specs):
+    for name, s in zip(names, specs):
         draw.text((x, 3 * (tile + gap) + 4), f"{name} log-mel", fill="black")
         canvas.paste(s, (x, 3 * (tile + gap) + 20))
         x += s.width + gap
-    write_atomic(f"{stem}.png", lambda t: canvas.save(t, format="PNG"))
+    return canvas
 
-    sr = meta.get("sample_rate", 16000)
+
+def write_mp4(path, frames, fps, wave_, sr):
+    """H.264 (+ AAC when there is a waveform) mp4 from uint8 frames [T, H, W, 3], with PyAV."""
+    import av
+    with av.open(path, "w", format="mp4") as c:
+        v = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"   # even, for 4:2:0
+        a = c.add_stream("aac", rate=sr, layout="mono") if wave_ is not None else None
+        for img in frames:
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")))
+        c.mux(v.encode())
+        if a is not None:
+            f = av.AudioFrame.from_ndarray(wave_[None].astype(np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts, f.time_base = sr, 0, Fraction(1, sr)
+            c.mux(a.encode(f))
+            c.mux(a.encode())
+
+
+def write_example(stem, ex, cfg, meta):
+    """stem.png; stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav and
+    stem_original.wav (the original log-mel through the same resynthesis, to compare like with like)."""
+    T, S = cfg["frames"], cfg["crop"]
+    def frames(p):   # patches -> uint8 frames [T, S, S, 3]
+        return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
+    rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], 0.5, ex["pix"])), frames(ex["vid"])]
+    k = max(1, math.ceil(128 / S))                       # scale-up factor for small frames
+    write_atomic(f"{stem}.png", lambda t: example_png(rows, ex, cfg, k).save(t, format="PNG"))
+    sr, sound = meta.get("sample_rate", 16000), None
     if cfg["audio"]:
-        waves = [mel_to_wave(unpatchify_audio(p[None].float(), 128, Ta)[0, 0], meta).numpy() if ex["has_audio"]
-                 else np.zeros(Ta * 160, np.float32) for p in (ex["rec"], ex["mel"])]
+        waves = [mel_to_wave(unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0], meta).numpy() if ex["has_audio"]
+                 else np.zeros(ex["Ta"] * 160, np.float32) for p in (ex["rec"], ex["mel"])]
         for w, suffix in zip(waves, ("", "_original")):
             write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
-    side = [np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1).repeat(k, 0).repeat(k, 1)
-            for a, b in zip(rows[0], rows[2])]
-    def write_mp4(t):
-        with av.open(t, "w", format="mp4") as c:
-            v = c.add_stream("libx264", rate=Fraction(1 / meta["frame_seconds"]).limit_denominator(1000))
-            v.width, v.height, v.pix_fmt = side[0].shape[1] // 2 * 2, side[0].shape[0] // 2 * 2, "yuv420p"
-            if cfg["audio"]:
-                a = c.add_stream("aac", rate=sr, layout="mono")
-            for img in side:
-                c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")))
-            c.mux(v.encode())
-            if cfg["audio"]:
-                f = av.AudioFrame.from_ndarray(waves[0][None].astype(np.float32), format="fltp", layout="mono")
-                f.sample_rate, f.pts, f.time_base = sr, 0, Fraction(1, sr)
-                c.mux(a.encode(f))
-                c.mux(a.encode())
-    write_atomic(f"{stem}.mp4", write_mp4)
+        sound = waves[0]
+    side = np.stack([np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1) for a, b in zip(rows[0], rows[2])])
+    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"], sound, sr))
 
 
 def write_wav(path, w, sr):
+    """16-bit mono PCM with the standard library's wave module."""
     with wave.open(str(path), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
