@@ -363,21 +363,23 @@ SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips
 
 
 def write_mp4(path, frames, fps, wave, sample_rate):
-    """H.264 + AAC mp4 from frames [T, H, W, 3] uint8 and a mono waveform, with PyAV."""
-    with av.open(str(path), "w") as c:
+    """H.264 (+ AAC when wave is not None) mp4 from frames [T, H, W, 3] uint8 and a mono waveform, with PyAV."""
+    rate = Fraction(fps).limit_denominator(1000)
+    with av.open(str(path), "w", format="mp4") as c:
         # constant quantiser, not crf: this x264's crf mode gives slightly different bytes from run to run
-        v = c.add_stream("libx264", rate=fps, options={"qp": "20", "preset": "veryfast"})
-        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        a = c.add_stream("aac", rate=sample_rate, layout="mono")
+        v = c.add_stream("libx264", rate=rate, options={"qp": "20", "preset": "veryfast"})
+        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"  # even, for 4:2:0
+        a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None  # streams first
         for i, img in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(img, format="rgb24")
-            f.pts, f.time_base = i, Fraction(1, fps)
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")
+            f.pts, f.time_base = i, 1 / rate
             c.mux(v.encode(f))
         c.mux(v.encode())
-        f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
-        f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
-        c.mux(a.encode(f))
-        c.mux(a.encode())
+        if a is not None:
+            f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
+            c.mux(a.encode(f))
+            c.mux(a.encode())
 
 
 def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2):

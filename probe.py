@@ -23,7 +23,6 @@ import os
 import time
 import warnings
 import wave
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -505,23 +504,6 @@ def example_png(rows, ex, cfg, k):
     return canvas
 
 
-def write_mp4(path, frames, fps, wave_, sr):
-    """H.264 (+ AAC when there is a waveform) mp4 from uint8 frames [T, H, W, 3], with PyAV."""
-    import av
-    with av.open(path, "w", format="mp4") as c:
-        v = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"   # even, for 4:2:0
-        a = c.add_stream("aac", rate=sr, layout="mono") if wave_ is not None else None
-        for img in frames:
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")))
-        c.mux(v.encode())
-        if a is not None:
-            f = av.AudioFrame.from_ndarray(wave_[None].astype(np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts, f.time_base = sr, 0, Fraction(1, sr)
-            c.mux(a.encode(f))
-            c.mux(a.encode())
-
-
 def write_example(stem, ex, cfg, meta):
     """stem.png; stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav and
     stem_original.wav (the original log-mel through the same resynthesis, to compare like with like)."""
@@ -539,6 +521,7 @@ def write_example(stem, ex, cfg, meta):
             write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
         sound = waves[0]
     side = np.stack([np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1) for a, b in zip(rows[0], rows[2])])
+    from prepare import write_mp4   # prepare.py holds the PyAV code; importing it here keeps av optional
     write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"], sound, sr))
 
 
