@@ -457,10 +457,15 @@ def build(cfg):
 # -----------------------------------------------------------------------------
 # Checkpoints: ours, and V-JEPA's (.pth.tar: 'target_encoder' / 'encoder', 'module.'/'backbone.' prefixes).
 
-def save_atomic(obj, path):
+def write_atomic(path, write):
+    """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under the real name."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)   # a crash mid-write never leaves a half checkpoint under the real name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_checkpoint(path):
@@ -680,9 +685,9 @@ def train(argv=None):
 
     def save(s):
         if master:
-            save_atomic(dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
-                             target_encoder=target.state_dict(), opt=opt.state_dict(), step=s, config=cfg,
-                             rng=dict(torch=torch.get_rng_state())), ckpt_path)
+            ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(), target_encoder=target.state_dict(),
+                        opt=opt.state_dict(), step=s, config=cfg, rng=dict(torch=torch.get_rng_state()))
+            write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
 
     log = open(run_dir / "log.jsonl", "a") if master else None
     from tqdm import tqdm

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
-from avjepa import PATCH, TUBELET
+from avjepa import PATCH, TUBELET, write_atomic
 
 
 def get_args(argv=None):
@@ -111,17 +111,6 @@ def clip_ids(data, n_max, labelled=False):
 
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def write_atomic(path, write):
-    """write(tmp) then rename: a crash never leaves half a file under the real name."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(obj, path):
