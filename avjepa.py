@@ -579,8 +579,8 @@ def step_flops(encoder, predictor, masks, batch, n_tokens):
 
 def train_step(model, target, opt, video, audio, masks, momentum, args):
     """One JEPA step: predict the EMA target's features of the hidden tokens, update, then move the target.
-    model is the JEPA (maybe DDP-wrapped); returns (loss, video loss, audio loss). A non-finite loss
-    changes nothing, so the caller can stop with the weights of the last good step."""
+    model is the JEPA (maybe DDP-wrapped); returns (loss, video loss, audio loss, target spread). A
+    non-finite loss changes nothing, so the caller can stop with the weights of the last good step."""
     jepa = getattr(model, "module", model)
     encoder = jepa.encoder
     B, N = video.shape[0], encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
@@ -589,10 +589,15 @@ def train_step(model, target, opt, video, audio, masks, momentum, args):
         with torch.no_grad():   # the target: layer-normed EMA-encoder features of the whole clip
             h = F.layer_norm(target(video, audio).float(), (encoder.config["width"],))
             tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])           # [Tt, D]
+            # Collapse monitor, per modality: std of each channel over one clip's tokens, averaged. About 1
+            # when tokens differ as much as channels do; near 0 when every token of a clip says the same
+            # thing - then the targets are easy to predict and the features carry little.
+            spread = torch.stack([h[:, :encoder.nv].std(1).mean(),
+                                  h[:, encoder.nv:].std(1).mean() if audio is not None else h.new_tensor(math.nan)])
         pred = model(video, audio, masks)                                   # [Tt, D]
         loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
     if not torch.isfinite(loss):
-        return loss, loss_v, loss_a
+        return loss, loss_v, loss_a, spread
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
@@ -600,7 +605,7 @@ def train_step(model, target, opt, video, audio, masks, momentum, args):
     opt.step()
     with torch.no_grad():   # target <- momentum * target + (1 - momentum) * encoder
         torch._foreach_lerp_(list(target.parameters()), list(encoder.parameters()), 1 - momentum)
-    return loss, loss_v, loss_a
+    return loss, loss_v, loss_a, spread
 
 
 def train(argv=None):
@@ -700,7 +705,7 @@ def train(argv=None):
             g["weight_decay"] = wd if g is opt.param_groups[0] else 0.0
         video = augment_video(batch["video"], cfg["crop"], rng)
         audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        loss, loss_v, loss_a = train_step(trained, target, opt, video, audio, masks, momentum, args)
+        loss, loss_v, loss_a, spread = train_step(trained, target, opt, video, audio, masks, momentum, args)
         if not torch.isfinite(loss):
             kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
                 if ckpt_path.exists() else "no checkpoint was written yet"
@@ -711,6 +716,7 @@ def train(argv=None):
         if s % args.log_every == 0 or s == args.steps - 1:
             dt = time.time() - t0
             rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
+                       spread_video=spread[0].item(), spread_audio=spread[1].item() if args.audio else None,
                        lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
             if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
                 flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N)

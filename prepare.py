@@ -12,7 +12,8 @@ Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for
     meta.json, report.json (which files were used, which were skipped and why)
 
 The time grid: frame i of a clip is the frame shown at t0 + i * frame_step / 30 seconds, whatever
-the file's fps, and the audio is cut from the same clock: [t0, t0 + frames * frame_step / 30).
+the file's fps, and the audio is cut from the same clock: audio_frames log-mel columns from t0 on
+(10 ms hop, 25 ms windows; the clip's frames * frame_step / 30 seconds rounded to 16 columns, one patch).
 """
 import argparse
 import csv
@@ -164,6 +165,8 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
     """All clips of one file as arrays, or {"error": reason} when the file cannot be used."""
     clip_seconds = frames * frame_step / FPS
     silent = np.full((MEL_BINS, audio_frames(clip_seconds)), SILENCE, np.float32)
+    # the span whose 25 ms windows fill every log-mel column (just past the clip's end), so no column is padding
+    audio_seconds = (silent.shape[1] - 1) * HOP + 0.025
     try:
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             return {"error": "file not found" if not os.path.isfile(path) else "empty file"}
@@ -188,7 +191,7 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
                 mel, ok = silent, False
                 if astream is not None:
                     try:
-                        wave, ok = read_audio(container, astream, t0, clip_seconds)
+                        wave, ok = read_audio(container, astream, t0, audio_seconds)
                         mel = log_mel(wave, silent.shape[1]) if ok else silent
                     except Exception:  # a broken audio track: keep the video, as silent
                         mel, ok = silent, False
@@ -388,7 +391,7 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     Colour is only seen; the rhythm of background ticks is only heard."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
-    r = rng.uniform(6, 10)  # object radius in pixels
+    r = rng.uniform(10, 16)  # object radius in pixels
     lo, span = r + 1, width - 2 * r - 2  # the centre stays inside [lo, lo + span]
     p0, angle = rng.uniform(0, span, 2), rng.uniform(0, 2 * np.pi)
     vel = rng.uniform(40, 90) * np.array([np.cos(angle), np.sin(angle)])  # pixels per second
@@ -406,22 +409,24 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
                    "triangle": phase / np.pi % 2 - 1}[shape]  # sine, square, sawtooth: ~equal loudness
     tb = np.arange(round(0.05 * sr)) / sr
-    burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.exp(-tb / 0.012)
+    burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.minimum(tb / 0.005, 1) * np.exp(-tb / 0.012)  # 5 ms attack: no click
     for i in np.nonzero(np.any(np.diff(k, axis=0) != 0, axis=1))[0] + 1:  # the samples where a wall is hit
         wave[i:i + len(burst)] += burst[:len(wave) - i]
-    # Ticks: short high-passed noise bursts. Their loudness is scaled so that both tempos put the same
-    # energy per second on average: the rhythm is in the timing, not in the average spectrum.
-    rate, n = RHYTHMS[rhythm], round(0.015 * sr)
-    tick = np.diff(rng.normal(0, 1, n), prepend=0) * np.exp(-np.arange(n) / (0.004 * sr))
-    tick *= 0.1 * math.sqrt(2 / rate) * rng.uniform(0.6, 1.4)
+    # Ticks: 30 ms bursts of noise in the 4-6 kHz band (about one row of spectrogram patches), at the
+    # rhythm's tempo from a random phase. Their loudness is scaled so that both tempos put the same energy
+    # per second on average: the rhythm is in the timing, not in the average spectrum.
+    rate, n = RHYTHMS[rhythm], round(0.03 * sr)
+    f = np.fft.rfftfreq(n, 1 / sr)
+    tick = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n)) * ((f > 4000) & (f < 6000)), n) * np.hanning(n)
+    tick *= 0.12 / tick.std() * math.sqrt(2 / rate) * rng.uniform(0.7, 1.3)
     for i in (np.arange(rng.uniform(0, 1 / rate), seconds, 1 / rate) * sr).astype(int):
         wave[i:i + n] += tick[:len(wave) - i]
-    wave += rng.normal(0, 0.003, len(wave))
+    wave += rng.normal(0, 0.01, len(wave))  # a noise bed, as any microphone has
 
     # Picture: a small object on a tinted, blocky-textured background, so that the object's colour
     # cannot be read off the average pixel: a model has to find the object.
-    blocks = np.kron(rng.normal(0, 0.08, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
-    background = rng.uniform(0.25, 0.75) + rng.uniform(-0.1, 0.1, 3) + blocks
+    blocks = np.kron(rng.normal(0, 0.05, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
+    background = rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3) + blocks
     tf = np.arange(round(seconds * fps)) / fps
     c, _ = position(tf)
     yy, xx = np.mgrid[:width, :width] + 0.5

@@ -485,6 +485,15 @@ def test_loss_decreases_on_a_tiny_batch(fake_data, tmp_path):
     assert all(r["loss_audio"] is not None and r["loss_video"] > 0 for r in log)
 
 
+def test_log_records_the_target_spread_per_modality(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2", "--run", "av"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--run", "v"))
+    av, v = [json.loads(open(tmp_path / run / "log.jsonl").readline()) for run in ("av", "v")]
+    # a random-init encoder's tokens differ from each other: far from collapse (0), and LN bounds it near 1
+    assert 0.3 < av["spread_video"] < 1.5 and 0.3 < av["spread_audio"] < 1.5
+    assert 0.3 < v["spread_video"] < 1.5 and v["spread_audio"] is None
+
+
 @pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--run", "r", *flags))
