@@ -591,9 +591,12 @@ def train_step(model, target, opt, video, audio, masks, momentum, args):
             tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])           # [Tt, D]
             # Collapse monitor, per modality: std of each channel over one clip's tokens, averaged. About 1
             # when tokens differ as much as channels do; near 0 when every token of a clip says the same
-            # thing - then the targets are easy to predict and the features carry little.
+            # thing - then the targets are easy to predict and the features carry little. Audio counts the
+            # clips that have audio targets (not silent ones); none at all gives nan, as the loss does.
+            ti = masks["tgt"][0]
+            heard = h[torch.unique(ti[ti % N >= encoder.nv] // N), encoder.nv:]     # [B_audio, Na, D]
             spread = torch.stack([h[:, :encoder.nv].std(1).mean(),
-                                  h[:, encoder.nv:].std(1).mean() if audio is not None else h.new_tensor(math.nan)])
+                                  heard.std(1).mean() if len(heard) else h.new_tensor(math.nan)])
         pred = model(video, audio, masks)                                   # [Tt, D]
         loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
     if not torch.isfinite(loss):

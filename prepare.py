@@ -412,7 +412,7 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.minimum(tb / 0.005, 1) * np.exp(-tb / 0.012)  # 5 ms attack: no click
     for i in np.nonzero(np.any(np.diff(k, axis=0) != 0, axis=1))[0] + 1:  # the samples where a wall is hit
         wave[i:i + len(burst)] += burst[:len(wave) - i]
-    # Ticks: 30 ms bursts of noise in the 4-6 kHz band (about one row of spectrogram patches), at the
+    # Ticks: 30 ms bursts of noise in the 4-6 kHz band (about one patch high on the log-mel), at the
     # rhythm's tempo from a random phase. Their loudness is scaled so that both tempos put the same energy
     # per second on average: the rhythm is in the timing, not in the average spectrum.
     rate, n = RHYTHMS[rhythm], round(0.03 * sr)
@@ -423,8 +423,9 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
         wave[i:i + n] += tick[:len(wave) - i]
     wave += rng.normal(0, 0.01, len(wave))  # a noise bed, as any microphone has
 
-    # Picture: a small object on a tinted, blocky-textured background, so that the object's colour
-    # cannot be read off the average pixel: a model has to find the object.
+    # Picture: an object of one to two tokens' width on a tinted, blocky-textured background. Tint and
+    # texture are faint: they cannot be predicted from the rest of the clip, and a JEPA learns to ignore
+    # what it cannot predict - when they dominated the frame, the features kept little else.
     blocks = np.kron(rng.normal(0, 0.05, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
     background = rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3) + blocks
     tf = np.arange(round(seconds * fps)) / fps
