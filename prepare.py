@@ -361,7 +361,7 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
 
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.8, 0.1)}
 SHAPES = ("circle", "square", "triangle")
-RHYTHMS = {"slow": 2.0, "fast": 6.0}  # background ticks per second
+RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
 
 
@@ -412,13 +412,13 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.minimum(tb / 0.005, 1) * np.exp(-tb / 0.012)  # 5 ms attack: no click
     for i in np.nonzero(np.any(np.diff(k, axis=0) != 0, axis=1))[0] + 1:  # the samples where a wall is hit
         wave[i:i + len(burst)] += burst[:len(wave) - i]
-    # Ticks: 30 ms bursts of noise in the 4-6 kHz band (about one patch high on the log-mel), at the
-    # rhythm's tempo from a random phase. Their loudness is scaled so that both tempos put the same energy
-    # per second on average: the rhythm is in the timing, not in the average spectrum.
+    # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel, above
+    # the tone and the bounces), at the rhythm's tempo from a random phase. Fast ticks come more often than
+    # one per audio patch, so every patch of that band holds one; slow ticks leave most patches quiet.
     rate, n = RHYTHMS[rhythm], round(0.03 * sr)
     f = np.fft.rfftfreq(n, 1 / sr)
-    tick = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n)) * ((f > 4000) & (f < 6000)), n) * np.hanning(n)
-    tick *= 0.12 / tick.std() * math.sqrt(2 / rate) * rng.uniform(0.7, 1.3)
+    tick = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n)) * ((f > 3000) & (f < 7500)), n) * np.hanning(n)
+    tick *= 0.12 / tick.std() * rng.uniform(0.7, 1.3)
     for i in (np.arange(rng.uniform(0, 1 / rate), seconds, 1 / rate) * sr).astype(int):
         wave[i:i + n] += tick[:len(wave) - i]
     wave += rng.normal(0, 0.01, len(wave))  # a noise bed, as any microphone has

@@ -5,8 +5,8 @@ Probes of a trained avjepa checkpoint: what did the frozen networks learn?
     python probe.py --task reconstruct    # a decoder on the predictor: pixels and sound under the mask
 
 classify is V-JEPA's frozen evaluation. The EMA target encoder turns every clip into tokens once
-(cached); a small attentive probe (one learned query, one cross-attention block, a linear layer) is
-trained on them. --init random runs the identical probe on an untrained encoder of the same size:
+(cached); each channel is standardised with train-split statistics, per modality, and a small attentive
+probe (one learned query, one cross-attention block, a linear layer) is trained on them. --init random runs the identical probe on an untrained encoder of the same size:
 the gap is what pretraining bought. On the synthetic set it also scores each factor of the label
 (colour is only seen, rhythm only heard), which shows what the sound adds.
 
@@ -152,6 +152,23 @@ def extract(encoder, data, ids, modalities, device, batch_size, desc):
     return dict(x=torch.cat(xs), valid=torch.cat(valids), y=torch.from_numpy(np.asarray(data["label"])[ids]))
 
 
+def standardize(train, val, nv):
+    """Scale every channel of the frozen tokens to zero mean and unit variance over the train split, video
+    tokens (the first nv) and audio tokens each with their own statistics (MAE's BatchNorm without affine
+    before its linear probe, per modality). A pretrained JEPA's tokens share a large common part, and what
+    tells clips apart can sit in channels of small variance, on which the probe's LayerNorm alone left the
+    probe underfit; the two modalities' tokens differ in both."""
+    for f in (train, val):
+        f["x"] = f["x"].float()                                                  # [n, N, D]
+    for part in (slice(0, nv), slice(nv, None)):
+        x = train["x"][:, part][train["valid"][:, part]]                         # [tokens, D]
+        if len(x) < 2:
+            continue
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        for f in (train, val):
+            f["x"][:, part] = (f["x"][:, part] - mean) / std
+
+
 class AttentiveProbe(nn.Module):
     """V-JEPA's attentive classifier: one learned query cross-attends to the frozen tokens (keys and values
     layer-normed), a residual MLP refines it, a linear layer gives the class logits."""
@@ -240,6 +257,7 @@ def classify(args, path, ckpt, data_dir, device):
                                  for split, d, ids in (("train", train_data, train_ids), ("val", val_data, val_ids))})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
+    standardize(feats["train"], feats["val"], {"both": encoder.nv, "video": encoder.nv, "audio": 0}[args.modalities])
     probe = train_probe(feats["train"], classes, encoder.config["heads"], args, device)
     logits, labels = predict_classes(probe, feats["val"], device), feats["val"]["y"]
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),

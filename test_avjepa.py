@@ -905,6 +905,24 @@ def test_classify_reuses_cached_features(probe_run, capsys):
     assert "features from" in capsys.readouterr().out and second["top1"] == first["top1"]
 
 
+def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
+    g = torch.Generator().manual_seed(0)
+    def split(n):   # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
+        x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g), -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
+        valid = torch.ones(n, 5, dtype=torch.bool)
+        valid[0, 3:] = False                   # a silent clip: its audio slots hold junk that must not count
+        x[0, 3:] = 1e4
+        return dict(x=x.half(), valid=valid)
+    train, val = split(50), split(20)
+    audio = train["x"][1:, 3:].float().reshape(-1, 4)                       # the valid train audio tokens
+    expected_val_audio = (val["x"][1:, 3:].float() - audio.mean(0)) / audio.std(0)
+    probe.standardize(train, val, nv=3)
+    for part in (slice(0, 3), slice(3, 5)):
+        x = train["x"][:, part][train["valid"][:, part]]
+        assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
+    assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)   # val: the train split's statistics
+
+
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
     encoder = probe.frozen_models(avjepa.read_checkpoint(probe_run["ckpt"]), "pretrained", 0)[2]
     data = avjepa.load_split(probe_run["data"], "val")
