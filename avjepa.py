@@ -726,7 +726,9 @@ def train(argv=None):
                 rec["mfu"] = flops * (clips / (B * world)) / dt / peak
             bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
             if master:
-                log.write(json.dumps(rec) + "\n")
+                # a modality with no targets this step has no loss (nan): written as null, so the file stays JSON
+                log.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                      for k, v in rec.items()}) + "\n")
                 log.flush()
             last, t0, clips = rec, time.time(), 0
         if (s + 1) % args.save_every == 0 and s + 1 < args.steps:

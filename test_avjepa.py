@@ -485,6 +485,17 @@ def test_loss_decreases_on_a_tiny_batch(fake_data, tmp_path):
     assert all(r["loss_audio"] is not None and r["loss_video"] > 0 for r in log)
 
 
+def test_log_is_strict_json_when_a_step_has_no_audio_targets(tmp_path):
+    data = write_fake_dataset(tmp_path / "data")
+    np.zeros(16, np.uint8).tofile(f"{data}/train_has_audio.bin")          # every train clip is silent
+    avjepa.train(micro_args(data, tmp_path / "out", "--audio", "--steps", "2"))
+    def no_nan(name):
+        raise AssertionError(f"log.jsonl holds {name}, which is not JSON")
+    lines = (tmp_path / "out" / "vit_micro-av" / "log.jsonl").read_text().splitlines()
+    recs = [json.loads(line, parse_constant=no_nan) for line in lines]
+    assert len(recs) == 2 and all(r["loss_audio"] is None and r["spread_audio"] is None for r in recs)
+
+
 def test_log_records_the_target_spread_per_modality(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2", "--run", "av"))
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--run", "v"))
