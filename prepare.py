@@ -17,6 +17,7 @@ the file's fps, and the audio is cut from the same clock: audio_frames log-mel c
 """
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -289,6 +290,16 @@ def assign_splits(items, val_fraction, seed):
 # -----------------------------------------------------------------------------
 # Writing a dataset
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True       # it exists, under another user
+    return True
+
+
 def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, val_fraction=0.1,
             workers=None, seed=0, extra_meta=None):
     t_begin, source, out = time.time(), Path(source), Path(out)
@@ -304,6 +315,11 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     workers = workers or os.cpu_count()
     # Everything goes to a temporary folder that is renamed at the very end: an interrupted run
     # never leaves something that looks like a finished dataset, and an old one is replaced only then.
+    # A run killed outright (kill -9, power loss) never reaches `finally`: its folder is removed here.
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:

@@ -179,6 +179,17 @@ def test_video_without_audio_is_kept_silent_and_counted(tmp_path, capsys):
     assert "1 without audio" in capsys.readouterr().out
 
 
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    make_video(tmp_path / "src" / "a.mp4")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                          # a pid that no longer runs
+    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"   # the parent lives on
+    for d in (stale, live):
+        (d / "half_written").mkdir(parents=True)
+    run(tmp_path, tmp_path / "src", val_fraction=0)
+    assert not stale.exists() and live.exists()                          # only a dead process's folder goes
+
+
 def test_corrupt_files_are_skipped_with_a_reason(tmp_path):
     good = make_video(tmp_path / "src" / "good.mp4", audio=tone(1, 16000))
     (tmp_path / "src" / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
