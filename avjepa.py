@@ -611,6 +611,21 @@ def train_step(model, target, opt, video, audio, masks, momentum, args):
     return loss, loss_v, loss_a, spread
 
 
+def run_config(args, meta):
+    """Everything build() needs, and a checkpoint records: the flags and the dataset's clip geometry."""
+    return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
+                crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
+                tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
+                pred_width=args.pred_width, pred_depth=args.pred_depth, data=str(args.data))
+
+
+def make_optimizer(model, lr):
+    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
+    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
 def train(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ
@@ -632,10 +647,7 @@ def train(argv=None):
     meta = data["meta"]
     if data["n"] == 0:
         raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
-    cfg = dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
-               crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
-               tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
-               pred_width=args.pred_width, pred_depth=args.pred_depth, data=str(args.data))
+    cfg = run_config(args, meta)
     if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
         raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
     run_dir = Path(args.out) / args.run
@@ -643,9 +655,7 @@ def train(argv=None):
 
     encoder, predictor, target = build(cfg)
     model = JEPA(encoder, predictor)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+    opt = make_optimizer(model, args.lr)
 
     step = 0
     if args.resume:

@@ -339,16 +339,13 @@ def bench_gather(args):
 def time_steps(args, model_name, audio, truncate, path):
     B, dev = args.batch_size, args.dev
     targs = avjepa.get_args(["--model", model_name, "--masks", ",".join(CONFIGS)] + ["--audio"] * audio + ["--truncate"] * truncate)
-    cfg = dict(model=model_name, audio=audio, masks=targs.masks, frames=args.frames, crop=args.crop,
-               audio_frames=args.audio_frames, tubelet_seconds=avjepa.TUBELET * FRAME_SECONDS,
-               audio_patch_seconds=avjepa.PATCH * HOP_SECONDS, pred_width=0, pred_depth=0)
+    meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],   # a dataset of this shape
+                frame_seconds=FRAME_SECONDS, audio_hop_seconds=HOP_SECONDS)
     torch.manual_seed(0)
-    encoder, predictor, target = avjepa.build(cfg)
+    encoder, predictor, target = avjepa.build(avjepa.run_config(targs, meta))
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target.to(dev)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]   # as avjepa.train builds it
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=targs.lr, betas=(0.9, 0.999))
+    opt = avjepa.make_optimizer(model, targs.lr)
     N = encoder.nv + (math.prod(encoder.audio_grid) if audio else 0)
     video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
