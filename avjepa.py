@@ -592,11 +592,13 @@ def train_step(model, target, opt, video, audio, masks, momentum, args):
             # Collapse monitor, per modality: std of each channel over one clip's tokens, averaged. About 1
             # when tokens differ as much as channels do; near 0 when every token of a clip says the same
             # thing - then the targets are easy to predict and the features carry little. Audio counts the
-            # clips that have audio targets (not silent ones); none at all gives nan, as the loss does.
-            ti = masks["tgt"][0]
-            heard = h[torch.unique(ti[ti % N >= encoder.nv] // N), encoder.nv:]     # [B_audio, Na, D]
-            spread = torch.stack([h[:, :encoder.nv].std(1).mean(),
-                                  heard.std(1).mean() if len(heard) else h.new_tensor(math.nan)])
+            # clips that have audio targets (not silent ones); none at all gives nan (0/0), as the loss does.
+            # Masks and weights, not indexing by them: no data-dependent shape, so no host sync on a GPU.
+            spread_audio = h.new_tensor(math.nan)
+            if audio is not None:
+                heard = h.new_zeros(B * N).index_fill_(0, masks["tgt"][0], 1).view(B, N)[:, encoder.nv:].amax(1)  # [B]
+                spread_audio = (h[:, encoder.nv:].std(1).mean(1) * heard).sum() / heard.sum()
+            spread = torch.stack([h[:, :encoder.nv].std(1).mean(), spread_audio])
         pred = model(video, audio, masks)                                   # [Tt, D]
         loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
     if not torch.isfinite(loss):

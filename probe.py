@@ -5,9 +5,10 @@ Probes of a trained avjepa checkpoint: what did the frozen networks learn?
     python probe.py --task reconstruct    # a decoder on the predictor: pixels and sound under the mask
 
 classify is V-JEPA's frozen evaluation. The EMA target encoder turns every clip into tokens once
-(cached); each channel is standardised with train-split statistics, per modality, and a small attentive
-probe (one learned query, one cross-attention block, a linear layer) is trained on them. --init random runs the identical probe on an untrained encoder of the same size:
-the gap is what pretraining bought. On the synthetic set it also scores each factor of the label
+(cached); each channel is standardised with train-split statistics, per modality, and a small
+attentive probe (one learned query, one cross-attention block, a linear layer) is trained on them.
+--init random runs the identical probe on an untrained encoder of the same size: the gap is what
+pretraining bought. On the synthetic set it also scores each factor of the label
 (colour is only seen, rhythm only heard), which shows what the sound adds.
 
 reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
@@ -257,7 +258,7 @@ def classify(args, path, ckpt, data_dir, device):
                                  for split, d, ids in (("train", train_data, train_ids), ("val", val_data, val_ids))})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
-    standardize(feats["train"], feats["val"], {"both": encoder.nv, "video": encoder.nv, "audio": 0}[args.modalities])
+    standardize(feats["train"], feats["val"], 0 if args.modalities == "audio" else encoder.nv)
     probe = train_probe(feats["train"], classes, encoder.config["heads"], args, device)
     logits, labels = predict_classes(probe, feats["val"], device), feats["val"]["y"]
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
