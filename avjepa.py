@@ -57,36 +57,74 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
-def get_args(argv=None):
+def number(kind, low=-math.inf, high=math.inf, above=None):
+    """An argparse type: a `kind` (int or float) in [low, high], or greater than `above`. A value out of
+    range is an argparse error that names the flag and the range (exit 2), never a traceback later on."""
+    rule = f"> {above}" if above is not None else f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (x > above if above is not None else low <= x <= high):   # NaN fails both
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {rule}")
+        return x
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, NONNEG_INT, POSITIVE, NONNEG, FRACTION = number(int, 1), number(int, 0), number(float, above=0.0), \
+    number(float, 0.0), number(float, 0.0, 1.0)
+
+
+def make_parser():
     p = argparse.ArgumentParser(description="Pretrain AV-JEPA (or V-JEPA without --audio) on prepare.py's arrays.")
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
     p.add_argument("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
     p.add_argument("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
     p.add_argument("--masks", default="short,long", help=f"comma list of mask configs used every step, from {list(MASKS)}")
-    p.add_argument("--truncate", action="store_true", help="cut every mask to the batch minimum, as V-JEPA and the seed do (for comparison)")
-    p.add_argument("--audio-weight", type=float, default=1.0, help="weight of the audio loss; the video loss has weight 1")
-    p.add_argument("--pred-width", type=int, default=0, help="predictor width (0: half the encoder's, at most 384)")
-    p.add_argument("--pred-depth", type=int, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
-    p.add_argument("--crop", type=int, default=0, help="training crop size in pixels (0: the dataset's size)")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per step per process")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
-    p.add_argument("--lr", type=float, default=6.25e-4, help="peak learning rate")
-    p.add_argument("--start-lr", type=float, default=2e-4, help="learning rate at the start of warmup")
-    p.add_argument("--final-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup", type=float, default=40 / 300, help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
-    p.add_argument("--wd", type=float, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from the first to the second value")
-    p.add_argument("--ema", type=float, nargs=2, default=(0.998, 1.0), help="EMA momentum of the target encoder, linear from/to")
-    p.add_argument("--schedule-scale", type=float, default=1.25, help="schedules span steps x this and training stops at steps, as V-JEPA")
-    p.add_argument("--clip-grad", type=float, default=10.0, help="gradient norm clipping (0: off)")
+    p.add_argument("--truncate", action="store_true", help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
+    p.add_argument("--audio-weight", type=NONNEG, default=1.0, help="weight of the audio loss; the video loss has weight 1")
+    p.add_argument("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's, at most 384)")
+    p.add_argument("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
+    p.add_argument("--crop", type=NONNEG_INT, default=0, help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="clips per step per process")
+    p.add_argument("--steps", type=COUNT, default=600, help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
+    p.add_argument("--context-pass", choices=["joint", "separate"], default="joint",
+                   help="encode the context of each modality in one attention pass per clip (joint) or one per modality")
+    p.add_argument("--target-pass", choices=["joint", "separate"], default="joint",
+                   help="EMA target features from one pass over the whole clip (joint) or one pass per modality")
+    p.add_argument("--reg", choices=["none", "sigreg"], default="none",
+                   help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards a Gaussian")
+    p.add_argument("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg next to the prediction loss")
+    p.add_argument("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
+                   help="vjepa1: warmup, cosine lr, EMA rising linearly; vjepa2: warmup, constant lr and EMA "
+                        "(the first --ema value), then a linear cool-down")
+    p.add_argument("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of the steps spent cooling down")
+    p.add_argument("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
+    p.add_argument("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
+    p.add_argument("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end of the cosine or cool-down")
+    p.add_argument("--warmup", type=FRACTION, default=40 / 300, help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
+    p.add_argument("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from the first to the second value")
+    p.add_argument("--ema", type=FRACTION, nargs=2, default=(0.998, 1.0), help="EMA momentum of the target encoder, linear from/to")
+    p.add_argument("--schedule-scale", type=number(float, 1.0), default=1.25,
+                   help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
+    p.add_argument("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
     p.add_argument("--init", default="", help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
     p.add_argument("--out", default="out", help="folder for runs")
-    p.add_argument("--run", default="", help="run name (default: <model>-av or <model>-v)")
+    # not --run: torchrun's parser would take it for an abbreviation of its own --run-path
+    p.add_argument("--name", default="", help="run name, the folder under --out (default: <model>-av or <model>-v)")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every this many steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=10, help="write a log.jsonl line every this many steps")
-    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save-every", type=COUNT, default=200, help="checkpoint every this many steps (and at the end)")
+    p.add_argument("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
+    p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder and predictor")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, masks and augmentation")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
+    return p
+
+
+def get_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.model not in MODELS:
         p.error(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
@@ -96,8 +134,26 @@ def get_args(argv=None):
             p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
         if MASKS[m] is None and not args.audio:
             p.error(f"mask config {m!r} is cross-modal and needs --audio")
-    args.run = args.run or f"{args.model}-{'av' if args.audio else 'v'}"
+    heads = MODELS[args.model][2]
+    if args.pred_width % heads:
+        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
+    if args.crop % PATCH:
+        p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
+    check_device(p, args.device)
+    args.name = args.name or f"{args.model}-{'av' if args.audio else 'v'}"
     return args
+
+
+def check_device(p, device):
+    """--device names a device this machine has, or argparse says which it has."""
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        p.error(f"argument --device: {device!r} is not a device: use cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"argument --device: {device!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        p.error(f"argument --device: {device} is not available here ({torch.cuda.device_count()} CUDA devices): use cpu")
 
 # -----------------------------------------------------------------------------
 # Data: prepare.py's flat memmaps. Video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta].
@@ -150,11 +206,16 @@ def prefetch(make, steps, depth=2):
     """Yield make(step) for each step, built one ahead in a background thread (reads overlap compute)."""
     q = queue.Queue(depth)
     def worker():
-        for s in steps:
-            q.put(make(s))
-        q.put(None)
+        try:
+            for s in steps:
+                q.put(make(s))
+            q.put(None)
+        except BaseException as e:   # handed to the main thread, which would otherwise wait forever
+            q.put(e)
     threading.Thread(target=worker, daemon=True).start()
     while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
         yield item
 
 
@@ -229,9 +290,28 @@ def pack(lists, n_tokens, batch):
     return torch.from_numpy(index), torch.from_numpy(cu), max(lengths)
 
 
-def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False):
+def split_modalities(lists, nv):
+    """cu_seqlens and max length that cut every sorted token list where its audio starts (video comes
+    first): the same packed rows, attended as one segment per modality. Empty pieces are dropped."""
+    lengths = [n for x in lists for n in (int(np.sum(x < nv)), int(np.sum(x >= nv))) if n]
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), max(lengths)
+
+
+def whole_clips(batch, nv, n_tokens, device, separate):
+    """Every token of every clip, packed: one attention segment per clip, or (separate) one per clip and
+    modality, so that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
+    index = torch.arange(batch * n_tokens, device=device)
+    if not separate or nv == n_tokens:
+        return index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens
+    i = torch.arange(2 * batch + 1, device=device)
+    cu = (i // 2 * n_tokens + i % 2 * nv).int()   # arithmetic on the device: no copy, no sync
+    return index, cu, max(nv, n_tokens - nv)
+
+
+def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False, separate=False):
     """Context and target tokens of every (config, clip) pair, packed: segment s = config s // B, clip s % B.
-    Returns dict(ctx=(index, cu, max), tgt=(index, cu, max)); index rows point into [B * N] tokens."""
+    Returns dict(ctx=(index, cu, max), tgt=(index, cu, max), enc=...); index rows point into [B * N] tokens.
+    enc is how the encoder attends over the context rows: as ctx, or (separate) one segment per modality."""
     N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
     Nv = math.prod(video_grid)
     ctx, tgt = [], []
@@ -253,7 +333,9 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
                 seg = lists[c * batch:(c + 1) * batch]
                 keep = min(len(x) for x in seg)
                 lists[c * batch:(c + 1) * batch] = [x[:keep] for x in seg]
-    return dict(ctx=pack(ctx, N, batch), tgt=pack(tgt, N, batch))
+    masks = dict(ctx=pack(ctx, N, batch), tgt=pack(tgt, N, batch))
+    masks["enc"] = (masks["ctx"][0], *split_modalities(ctx, Nv)) if separate and audio_grid else masks["ctx"]
+    return masks
 
 # -----------------------------------------------------------------------------
 # Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
@@ -367,6 +449,10 @@ class Encoder(nn.Module):
         if audio_frames:
             nn.init.trunc_normal_(self.modality_embed, std=0.02)
 
+    def n_tokens(self, audio=True):
+        """Tokens per clip: video, plus audio when it is given."""
+        return self.nv + (math.prod(self.audio_grid) if audio and self.audio_grid else 0)
+
     def embed(self, video=None, audio=None):
         """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them."""
         tokens, pos = [], []
@@ -413,19 +499,21 @@ class Predictor(nn.Module):
 
     def forward(self, context, masks, batch):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
-        (ci, ccu, _), (ti, tcu, _) = masks["ctx"], masks["tgt"]
+        (ci, ccu, cmax), (ti, tcu, tmax) = masks["ctx"], masks["tgt"]
         N = self.pos_embed.shape[0]
         ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ci % N)
-        seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=ti.device), tcu[1:] - tcu[:-1])  # target row -> segment
+        seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=ti.device), tcu[1:] - tcu[:-1],
+                                      output_size=len(ti))                 # target row -> segment
         kind = (ti % N >= self.nv).long()                                    # 0 video, 1 audio
         tgt = self.mask_tokens[seg // batch, kind] + kernels.gather(self.pos_embed, ti % N)
         # Segment s becomes [its context ; its targets]: find each row's slot in that packed sequence.
-        cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1, device=ci.device), ccu[1:] - ccu[:-1])
+        cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1, device=ci.device), ccu[1:] - ccu[:-1],
+                                       output_size=len(ci))
         ctx_slot = torch.arange(len(ci), device=ci.device) + tcu[cseg]
         tgt_slot = torch.arange(len(ti), device=ti.device) + ccu[seg + 1]
         cu = ccu + tcu
         x = kernels.scatter(torch.cat([ctx, tgt]), torch.cat([ctx_slot, tgt_slot]), len(ci) + len(ti))
-        max_len = int((cu[1:] - cu[:-1]).max())
+        max_len = cmax + tmax   # at least the longest segment, known without asking the device
         for block in self.blocks:
             x = block(x, cu, max_len)
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))
@@ -438,8 +526,8 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
-        context = self.encoder(video, audio, keep=masks["ctx"])            # [Tc, D]
-        return self.predictor(context, masks, video.shape[0])             # [Tt, D]
+        context = self.encoder(video, audio, keep=masks["enc"])            # [Tc, D]
+        return self.predictor(context, masks, video.shape[0]), context    # [Tt, D], [Tc, D]
 
 
 def build(cfg):
@@ -534,21 +622,51 @@ def jepa_loss(pred, target, masks, n_configs, batch, nv, n_tokens, audio_weight)
     Returns (loss, video_loss, audio_loss); a modality with no targets this step gives nan."""
     ti, tcu, _ = masks["tgt"]
     err = (pred.float() - target.float()).abs().mean(-1)                     # [Tt]
-    seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=err.device), tcu[1:] - tcu[:-1])
+    seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=err.device), tcu[1:] - tcu[:-1], output_size=len(ti))
     group = (seg // batch) * 2 + (ti % n_tokens >= nv).long()               # (config, modality)
     total = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, err)
     count = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, torch.ones_like(err))
     mean = (total / count.clamp(min=1)).view(n_configs, 2)                  # [configs, (video, audio)]
     present = (count.view(n_configs, 2) > 0).float()
-    weight = present * torch.tensor([1.0, audio_weight], device=err.device)
+    scale = torch.ones(2, device=err.device)
+    scale[1] = audio_weight                                                 # a fill, not a host-to-device copy
+    weight = present * scale
     loss = ((mean * weight).sum(1) / weight.sum(1).clamp(min=1e-8)).mean()
     per_mod = (mean * present).sum(0) / present.sum(0)                       # nan if never present
     return loss, per_mod[0], per_mod[1]
 
 
+def sigreg(x, directions=256, knots=17):
+    """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is projected
+    on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley statistic
+    n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic function with
+    the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w. Collapsed features (all
+    rows alike, or a few directions only) are far from it, so this term keeps the features spread out."""
+    x = x.float()
+    a = torch.randn(x.shape[1], directions, device=x.device)
+    proj = x @ (a / a.norm(dim=0))                                        # [n, M]
+    t = torch.linspace(0, 3, knots, device=x.device)
+    xt = proj[..., None] * t                                              # [n, M, K]
+    gauss = torch.exp(-t ** 2 / 2)
+    err = (xt.cos().mean(0) - gauss) ** 2 + xt.sin().mean(0) ** 2          # [M, K]
+    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of how many tokens a batch has
+    return torch.trapezoid(err * gauss, t, dim=-1).mean()
+
+
 def schedules(step, args):
-    """lr (warmup then cosine), weight decay (cosine up), EMA momentum (linear up) at `step`.
-    They span steps * schedule_scale; training stops at `steps` (V-JEPA's 1.25 stretch, stop at 80%)."""
+    """lr, weight decay and EMA momentum at `step`.
+    vjepa1: warmup then cosine lr, cosine weight decay up, linear EMA up, over steps * schedule_scale
+    (V-JEPA stretches by 1.25 and stops at 80%). vjepa2: warmup, then a constant lr, weight decay and
+    EMA (V-JEPA 2), and a linear cool-down of the lr over the last --cooldown of the steps."""
+    if args.schedule == "vjepa2":
+        warm, cool = args.warmup * args.steps, (1 - args.cooldown) * args.steps
+        if step < warm:
+            lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+        elif step < cool:
+            lr = args.lr
+        else:
+            lr = args.lr + (args.final_lr - args.lr) * (step - cool) / max(args.steps - cool, 1)
+        return lr, args.wd[0], args.ema[0]
     total = args.steps * args.schedule_scale
     warm = args.warmup * total
     if step < warm:
@@ -558,6 +676,27 @@ def schedules(step, args):
     wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
     ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
     return lr, wd, ema
+
+
+@torch.no_grad()
+def rankme(x):
+    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
+    how many directions the features really use: up to min(n, D) when healthy, falling towards 1 as they
+    collapse. Costs an SVD and a host sync, so it runs on log steps only."""
+    if len(x) < 2:
+        return math.nan
+    s = torch.linalg.svdvals(x.float())
+    p = s / s.sum() + 1e-7
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapse_monitor(target_feats, nv, heard):
+    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
+    the clips that have sound (heard [B] bool). nan for a modality that is absent."""
+    D = target_feats.shape[-1]
+    video = rankme(target_feats[:, :nv].reshape(-1, D))
+    audio = rankme(target_feats[heard, nv:].reshape(-1, D)) if target_feats.shape[1] > nv else math.nan
+    return video, audio
 
 
 def step_flops(encoder, predictor, masks, batch, n_tokens):
@@ -577,40 +716,31 @@ def step_flops(encoder, predictor, masks, batch, n_tokens):
 # -----------------------------------------------------------------------------
 # Training loop
 
-def train_step(model, target, opt, video, audio, masks, momentum, args):
-    """One JEPA step: predict the EMA target's features of the hidden tokens, update, then move the target.
-    model is the JEPA (maybe DDP-wrapped); returns (loss, video loss, audio loss, target spread). A
-    non-finite loss changes nothing, so the caller can stop with the weights of the last good step."""
+def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
+    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped).
+    Returns (loss, video loss, audio loss, target features [B, N, D]). Nothing here waits for the device:
+    whether the loss stayed finite is checked by the loop on log and checkpoint steps."""
     jepa = getattr(model, "module", model)
     encoder = jepa.encoder
-    B, N = video.shape[0], encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
+    B, N, D = video.shape[0], encoder.n_tokens(audio is not None), encoder.config["width"]
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda)
     with amp:
-        with torch.no_grad():   # the target: layer-normed EMA-encoder features of the whole clip
-            h = F.layer_norm(target(video, audio).float(), (encoder.config["width"],))
-            tgt = kernels.gather(h.flatten(0, 1), masks["tgt"][0])           # [Tt, D]
-            # Collapse monitor, per modality: std of each channel over one clip's tokens, averaged. About 1
-            # when tokens differ as much as channels do; near 0 when every token of a clip says the same
-            # thing - then the targets are easy to predict and the features carry little. Audio counts the
-            # clips that have audio targets (not silent ones); none at all gives nan (0/0), as the loss does.
-            # Masks and weights, not indexing by them: no data-dependent shape, so no host sync on a GPU.
-            spread_audio = h.new_tensor(math.nan)
-            if audio is not None:
-                heard = h.new_zeros(B * N).index_fill_(0, masks["tgt"][0], 1).view(B, N)[:, encoder.nv:].amax(1)  # [B]
-                spread_audio = (h[:, encoder.nv:].std(1).mean(1) * heard).sum() / heard.sum()
-            spread = torch.stack([h[:, :encoder.nv].std(1).mean(), spread_audio])
-        pred = model(video, audio, masks)                                   # [Tt, D]
+        with torch.no_grad():   # the targets: layer-normed EMA-encoder features of the whole clip
+            whole = whole_clips(B, encoder.nv, N, video.device, args.target_pass == "separate")
+            target_feats = F.layer_norm(target_encoder(video, audio, keep=whole).float(), (D,)).view(B, N, D)
+            tgt = kernels.gather(target_feats.flatten(0, 1), masks["tgt"][0])       # [Tt, D]
+        pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
         loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
-    if not torch.isfinite(loss):
-        return loss, loss_v, loss_a, spread
+        if args.reg == "sigreg":
+            loss = loss + args.reg_weight * sigreg(context)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
         torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
     opt.step()
-    with torch.no_grad():   # target <- momentum * target + (1 - momentum) * encoder
-        torch._foreach_lerp_(list(target.parameters()), list(encoder.parameters()), 1 - momentum)
-    return loss, loss_v, loss_a, spread
+    with torch.no_grad():   # target_encoder <- momentum * target_encoder + (1 - momentum) * encoder
+        torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
+    return loss, loss_v, loss_a, target_feats
 
 
 def run_config(args, meta):
@@ -618,7 +748,8 @@ def run_config(args, meta):
     return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
                 crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
                 tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
-                pred_width=args.pred_width, pred_depth=args.pred_depth, data=str(args.data))
+                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass,
+                target_pass=args.target_pass, data=str(args.data))
 
 
 def make_optimizer(model, lr):
@@ -626,6 +757,36 @@ def make_optimizer(model, lr):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
+def plot_log(log_path, png_path, size=(360, 240)):
+    """Loss and RankMe against steps, one panel each, video in blue and audio in orange: a PNG next to the
+    log, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank falling)."""
+    from PIL import Image, ImageDraw
+    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    panels = [("loss", "loss_video", "loss_audio"), ("RankMe of the targets", "rank_video", "rank_audio")]
+    W, H = size
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in recs]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    for i, (title, *keys) in enumerate(panels):
+        left, top, right, bottom = i * W + 40, 20, i * W + W - 10, H - 25
+        values = [r[k] for r in recs for k in keys if r.get(k) is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 4), title, fill="black")
+        draw.text((i * W + 2, top), f"{hi:.3g}", fill="black")
+        draw.text((i * W + 2, bottom - 10), f"{lo:.3g}", fill="black")
+        draw.text((left, bottom + 5), f"step {x0}", fill="black")
+        draw.text((right - 60, bottom + 5), f"step {x1}", fill="black")
+        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e")):
+            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left), bottom - (r[key] - lo) / (hi - lo) * (bottom - top))
+                   for r in recs if r.get(key) is not None]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def train(argv=None):
@@ -652,7 +813,7 @@ def train(argv=None):
     cfg = run_config(args, meta)
     if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
         raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
-    run_dir = Path(args.out) / args.run
+    run_dir = Path(args.out) / args.name
     ckpt_path = run_dir / "ckpt.pt"
 
     encoder, predictor, target = build(cfg)
@@ -666,7 +827,7 @@ def train(argv=None):
         if saved != {k: v for k, v in cfg.items() if k != "data"}:
             diff = [k for k in cfg if k != "data" and saved.get(k) != cfg[k]]
             raise SystemExit(f"{ckpt_path} was trained with different settings ({', '.join(diff)}): "
-                             f"resume with the same flags, or start a new --run")
+                             f"resume with the same flags, or start a new --name")
         encoder.load_state_dict(ck["encoder"])
         predictor.load_state_dict(ck["predictor"])
         target.load_state_dict(ck["target_encoder"])
@@ -674,7 +835,7 @@ def train(argv=None):
         torch.set_rng_state(ck["rng"]["torch"])
         step = ck["step"]
     elif ckpt_path.exists():
-        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --run")
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
     elif args.init:
         init_from(encoder, args.init)
         target.load_state_dict(encoder.state_dict())
@@ -699,7 +860,8 @@ def train(argv=None):
         rng = np.random.default_rng([args.seed, s, rank])
         batch = get_batch(data, batch_indices(data["n"], B, s, args.seed, rank, world), device)
         has_audio = batch["has_audio"].cpu().numpy() if args.audio else np.zeros(B, bool)
-        masks = sample_masks(rng, args.masks, B, video_grid, audio_grid, has_audio, args.truncate)
+        masks = sample_masks(rng, args.masks, B, video_grid, audio_grid, has_audio, args.truncate,
+                             args.context_pass == "separate")
         masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
         return batch, masks, rng
 
@@ -711,8 +873,9 @@ def train(argv=None):
 
     log = open(run_dir / "log.jsonl", "a") if master else None
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.run, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
     t0, clips, last = time.time(), 0, None
+    first_bad = torch.tensor(-1, device=device)
     for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
         lr, wd, momentum = schedules(s, args)
         for g in opt.param_groups:
@@ -720,19 +883,22 @@ def train(argv=None):
             g["weight_decay"] = wd if g is opt.param_groups[0] else 0.0
         video = augment_video(batch["video"], cfg["crop"], rng)
         audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        loss, loss_v, loss_a, spread = train_step(trained, target, opt, video, audio, masks, momentum, args)
-        if not torch.isfinite(loss):
-            kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
-                if ckpt_path.exists() else "no checkpoint was written yet"
-            raise SystemExit(f"loss became {loss.item()} at step {s}; stopping, {kept}. "
-                             f"Try a lower --lr or a higher --ema start.")
+        loss, loss_v, loss_a, target_feats = train_step(trained, target, opt, video, audio, masks, momentum, args)
+        # the first step whose loss was not finite, kept on the device; read (a sync) only before logging or saving
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
         clips += B * world
         bar.update(1)
-        if s % args.log_every == 0 or s == args.steps - 1:
+        log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
+        if (log_step or save_step) and first_bad.item() >= 0:
+            kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
+                if ckpt_path.exists() else "no checkpoint was written yet"
+            raise SystemExit(f"loss became non-finite at step {first_bad.item()}; stopping, {kept}. "
+                             f"Try a lower --lr or a higher --ema start.")
+        if log_step:
             dt = time.time() - t0
             rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
-                       spread_video=spread[0].item(), spread_audio=spread[1].item() if args.audio else None,
                        lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
+            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
             if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
                 flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N)
                 rec["mfu"] = flops * (clips / (B * world)) / dt / peak
@@ -743,14 +909,17 @@ def train(argv=None):
                                       for k, v in rec.items()}) + "\n")
                 log.flush()
             last, t0, clips = rec, time.time(), 0
-        if (s + 1) % args.save_every == 0 and s + 1 < args.steps:
+        if save_step and s + 1 < args.steps:
             save(s + 1)
     bar.close()
     save(args.steps)
     if master and last:
+        plot_log(run_dir / "log.jsonl", run_dir / "training.png")
         audio_part = f", audio {last['loss_audio']:.4f}" if args.audio else ""
-        print(f"trained {args.run} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
-              f"{audio_part}), {last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}")
+        rank_part = f", audio {last['rank_audio']:.0f}" if args.audio else ""
+        print(f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
+              f"{audio_part}), RankMe video {last['rank_video']:.0f}{rank_part} of {encoder.config['width']}, "
+              f"{last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}, curves {run_dir / 'training.png'}")
     if ddp:
         torch.distributed.destroy_process_group()
     return encoder, predictor, target

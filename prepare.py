@@ -38,6 +38,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
+AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}
 FPS = 30             # frame_step counts frames at this nominal rate (V-JEPA's assumption)
 SAMPLE_RATE = 16000  # every file is resampled to this
 MEL_BINS = 128
@@ -75,13 +76,21 @@ def frames_from(container, stream, t):
             return
 
 
-def to_rgb(frame, size):
-    """Resize the short side to `size`, centre-crop: any pixel format or shape -> [size, size, 3] uint8."""
+def upright_turns(frame, stream):
+    """Counter-clockwise quarter turns that show a frame upright: phones store portrait video sideways and
+    say so in a display matrix (frame.rotation, counter-clockwise) or, in older files, a 'rotate' tag
+    (clockwise degrees)."""
+    degrees = frame.rotation or -float(stream.metadata.get("rotate", 0) or 0)
+    return round(degrees / 90) % 4
+
+
+def to_rgb(frame, size, turns=0):
+    """Resize the short side to `size`, turn upright, centre-crop: any pixel format or shape -> [size, size, 3] uint8."""
     scale = size / min(frame.width, frame.height)
     w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
-    img = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
-    y, x = (h - size) // 2, (w - size) // 2
-    return img[y:y + size, x:x + size]
+    img = np.rot90(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA"), turns)
+    y, x = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
+    return np.ascontiguousarray(img[y:y + size, x:x + size])
 
 
 def read_frames(container, stream, times, end, size):
@@ -101,7 +110,8 @@ def read_frames(container, stream, times, end, size):
         raise ValueError("no decodable video frame")
     padded = len(picked) < len(times) and end > last_t + frame_dur + EPS  # the clip outlasts the video
     picked += [last] * (len(times) - len(picked))  # past the end: repeat the last frame
-    rgb = {id(f): to_rgb(f, size) for f in picked}  # each source frame is converted once
+    turns = upright_turns(picked[0], stream)
+    rgb = {id(f): to_rgb(f, size, turns) for f in picked}  # each source frame is converted once
     return np.stack([rgb[id(f)] for f in picked]), padded
 
 
@@ -209,19 +219,34 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
 # -----------------------------------------------------------------------------
 # Finding the videos: a folder, a V-JEPA list or a Kinetics CSV -> [(path, label, split or None)]
 
+def not_a_video(path):
+    """Why a file a user put among their videos is not read, so that it can be named in the report."""
+    ext = path.suffix.lower()
+    if ext in AUDIO_EXTS:
+        return f"audio only ({ext}): a clip needs pictures; put the sound in a video file"
+    return f"not a video file ({ext or 'no extension'}): videos end in {', '.join(sorted(VIDEO_EXTS))}"
+
+
 def from_folder(root):
-    """Class subfolders give labels, train/ and val/ subfolders give splits, a flat folder is unlabeled."""
-    def scan(folder, split):  # a video's class is the first folder below `folder` (None if directly in it)
-        return [(p, p.relative_to(folder).parts[0] if p.parent != folder else None, split)
-                for p in sorted(folder.rglob("*")) if p.suffix.lower() in VIDEO_EXTS and p.is_file()]
-    if (root / "train").is_dir():
-        found = scan(root / "train", "train") + (scan(root / "val", "val") if (root / "val").is_dir() else [])
-    else:
-        found = scan(root, None)
+    """Class subfolders give labels, train/ and val/ subfolders give splits, a flat folder is unlabeled.
+    Every other file (not hidden ones) is named in the report, with the reason it was left out."""
+    files = [p for p in sorted(root.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    split_dirs = ("train", "val") if (root / "train").is_dir() else ()
+    found, skipped = [], []
+    for p in files:
+        parts = p.relative_to(root).parts
+        if split_dirs and parts[0] not in split_dirs:
+            skipped.append({"path": str(p), "reason": "outside train/ and val/"})
+        elif p.suffix.lower() not in VIDEO_EXTS:
+            skipped.append({"path": str(p), "reason": not_a_video(p)})
+        else:
+            split, parts = (parts[0], parts[1:]) if split_dirs else (None, parts)
+            found.append((p, parts[0] if len(parts) > 1 else None, split))  # class: the first folder below
     classes = sorted({c for _, c, _ in found if c is not None})
     index = {c: i for i, c in enumerate(classes)}
     items = [(p, index[c] if classes else -1, s) for p, c, s in found if c is not None or not classes]
-    skipped = [{"path": str(p), "reason": "outside the class folders"} for p, c, _ in found if classes and c is None]
+    skipped += [{"path": str(p), "reason": "outside the class folders"} for p, c, _ in found if classes and c is None]
     return items, classes, skipped
 
 
@@ -269,14 +294,46 @@ def from_kinetics_csv(path):
     return items, classes, skipped
 
 
+def from_vggsound_csv(path):
+    """youtube_id,start_sec,label,split with no header -> <id>_<start:06d>.<ext> anywhere below; split
+    'train' is train, 'test' is val. VGGSound is the audio-visual benchmark CAV-MAE and MAViL report on."""
+    with open(path, newline="", errors="replace") as f:
+        rows = [r for r in csv.reader(f) if r]
+    files = {p.stem: p for p in path.parent.rglob("*") if p.suffix.lower() in VIDEO_EXTS}
+    classes = sorted({r[2] for r in rows if len(r) == 4})
+    index = {c: i for i, c in enumerate(classes)}
+    items, skipped = [], []
+    for n, r in enumerate(rows, 1):
+        try:
+            youtube_id, start, label, split = r
+            stem = f"{youtube_id}_{int(float(start)):06d}"
+        except ValueError:
+            skipped.append({"path": str(path), "reason": f"line {n}: expected youtube_id,start_sec,label,split"})
+            continue
+        if stem not in files:
+            skipped.append({"path": str(path.parent / f"{stem}.mp4"), "reason": "file not found"})
+            continue
+        items.append((files[stem], index[label], "train" if split.strip().lower() == "train" else "val"))
+    return items, classes, skipped
+
+
+def is_vggsound(first_line):
+    row = next(csv.reader([first_line]), [])
+    return len(row) == 4 and row[1].strip().replace(".", "", 1).isdigit() and row[3].strip().lower() in ("train", "test")
+
+
 def find_videos(source):
     if source.is_dir():
         return from_folder(source)
     if source.suffix.lower() in VIDEO_EXTS:
         return [(source, -1, None)], [], []
+    if source.suffix.lower() in AUDIO_EXTS:
+        return [], [], [{"path": str(source), "reason": not_a_video(source)}]
     with open(source, errors="replace") as f:
         header = f.readline()
-    return from_kinetics_csv(source) if "youtube_id" in header else from_vjepa_list(source)
+    if "youtube_id" in header:
+        return from_kinetics_csv(source)
+    return from_vggsound_csv(source) if is_vggsound(header) else from_vjepa_list(source)
 
 
 def assign_splits(items, val_fraction, seed):
@@ -378,6 +435,7 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.8, 0.1)}
 SHAPES = ("circle", "square", "triangle")
 RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
+DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the horizontal motion
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
 
 
@@ -401,16 +459,19 @@ def write_mp4(path, frames, fps, wave, sample_rate):
             c.mux(a.encode())
 
 
-def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2):
+def synth_clip(path, colour, shape, rhythm, direction, seed, width=80, fps=30, seconds=1.2):
     """A coloured shape bouncing on a textured background, and a soundtrack tied to what is seen:
-    pitch follows height, a tone burst marks each wall bounce, the waveform is set by the shape.
-    Colour is only seen; the rhythm of background ticks is only heard."""
+    pitch follows height, a tone burst marks each bounce off the floor or ceiling, the waveform is set
+    by the shape. Colour is only seen; the rhythm of background ticks is only heard; the direction of
+    the horizontal motion (it never bounces sideways within the clip) is seen only across frames."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     r = rng.uniform(10, 16)  # object radius in pixels
     lo, span = r + 1, width - 2 * r - 2  # the centre stays inside [lo, lo + span]
-    p0, angle = rng.uniform(0, span, 2), rng.uniform(0, 2 * np.pi)
-    vel = rng.uniform(40, 90) * np.array([np.cos(angle), np.sin(angle)])  # pixels per second
+    vx, vy = rng.uniform(15, 35), rng.uniform(30, 90) * rng.choice([-1, 1])  # pixels per second
+    x0 = rng.uniform(0, span - vx * seconds)  # far enough from the wall it moves towards
+    p0 = np.array([x0 if DIRECTIONS[direction] > 0 else span - x0, rng.uniform(0, span)])
+    vel = np.array([DIRECTIONS[direction] * vx, vy])
 
     def position(t):  # straight-line motion folded into the box = bouncing; k counts the walls hit
         u = p0 + vel * t[:, None]
@@ -444,7 +505,9 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     # what it cannot predict - when they dominated the frame, the features kept little else.
     blocks = np.kron(rng.normal(0, 0.05, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
     background = rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3) + blocks
-    tf = np.arange(round(seconds * fps)) / fps
+    # The object holds still for 8 frames, then jumps: with 2 frames 4 apart per tubelet, it moves only between
+    # tubelets, never inside one. So no single token shows which way it goes: the direction is a relation across time.
+    tf = np.floor(np.arange(round(seconds * fps)) / 8) * 8 / fps
     c, _ = position(tf)
     yy, xx = np.mgrid[:width, :width] + 0.5
     dx, dy = xx - c[:, 0, None, None], yy - c[:, 1, None, None]
@@ -455,12 +518,12 @@ def synth_clip(path, colour, shape, rhythm, seed, width=80, fps=30, seconds=1.2)
     write_mp4(path, (np.clip(img, 0, 1) * 255).astype(np.uint8), fps, wave, sr)
 
 
-def make_synthetic(out="data/synthetic", workers=None, per_class=(30, 10)):
+def make_synthetic(out="data/synthetic", workers=None, per_class=(20, 8)):
     """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/ and ingest them like user videos."""
     t_begin, out = time.time(), Path(out)
     videos = out.parent / f"{out.name}_videos"
     shutil.rmtree(videos, ignore_errors=True)
-    classes = [f"{c}-{s}-{r}" for c in COLOURS for s in SHAPES for r in RHYTHMS]  # sorted below, like ingest
+    classes = [f"{c}-{s}-{r}-{d}" for c in COLOURS for s in SHAPES for r in RHYTHMS for d in DIRECTIONS]
     jobs = [(videos / split / name / f"{j:03d}.mp4", *name.split("-"))
             for split, n in zip(SPLITS, per_class) for name in classes for j in range(n)]
     jobs = [job + (seed,) for seed, job in enumerate(jobs)]
@@ -470,7 +533,8 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(30, 10)):
     classes = sorted(classes)
     factors = {"colour": {"values": list(COLOURS), "modality": "video"},
                "shape": {"values": list(SHAPES), "modality": "both"},
-               "rhythm": {"values": list(RHYTHMS), "modality": "audio"}}
+               "rhythm": {"values": list(RHYTHMS), "modality": "audio"},
+               "direction": {"values": list(DIRECTIONS), "modality": "video over time"}}
     class_factors = [[factors[f]["values"].index(v) for f, v in zip(factors, name.split("-"))] for name in classes]
     return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors})
 
@@ -491,10 +555,16 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="decoding processes")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the train/val split")
     args = p.parse_args()
-    if min(args.frames, args.frame_step, args.size, args.clips_per_video, args.workers) < 1:
-        p.error("--frames, --frame-step, --size, --clips-per-video and --workers must be at least 1")
+    for flag in ("frames", "frame_step", "size", "clips_per_video", "workers"):
+        if getattr(args, flag) < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is out of range: it must be >= 1")
+    if args.frames % 2 or args.size % 16:   # the model cuts clips into tubelets of 2 frames x 16 x 16 pixels
+        p.error(f"argument --{'frames' if args.frames % 2 else 'size'}: must be a multiple of {2 if args.frames % 2 else 16} "
+                f"(tubelets are 2 frames x 16 x 16 pixels)")
     if not 0 <= args.val_fraction < 1:
-        p.error("--val-fraction must be in [0, 1)")
+        p.error(f"argument --val-fraction: {args.val_fraction} is out of range: it must be in [0, 1)")
+    if args.seed < 0:
+        p.error(f"argument --seed: {args.seed} is out of range: it must be >= 0")
     try:
         if args.videos is None:
             make_synthetic(args.out or "data/synthetic", args.workers)

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
-from avjepa import PATCH, TUBELET, write_atomic
+from avjepa import COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, write_atomic
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive classification or masked reconstruction.")
-    p.add_argument("--task", choices=["classify", "reconstruct"], required=True, help="which probe to run")
+    p.add_argument("--task", choices=["classify", "reconstruct", "retrieve"], required=True, help="which probe to run")
     p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest <runs>/*/ckpt.pt)")
     p.add_argument("--runs", default="out", help="folder searched for the newest run when --ckpt is not given")
     p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint was trained on)")
@@ -46,18 +46,23 @@ def get_args(argv=None):
                    help="random: the same probe on a freshly initialised model of the same config (the baseline)")
     p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
                    help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
+    p.add_argument("--read", choices=["separate", "joint", "both"], default="separate",
+                   help="classify: encode video and audio in one pass each (separate), in one pass together (joint), "
+                        "or both sets of tokens side by side")
     p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
-    p.add_argument("--epochs", type=int, default=100, help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
+    p.add_argument("--epochs", type=COUNT, default=100, help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
                    "240k clips; 20 over the synthetic set's 720 leave the probe underfit)")
-    p.add_argument("--lr", type=float, default=1e-3, help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
-    p.add_argument("--wd", type=float, default=0.01, help="classify: weight decay of the probe")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per batch through the frozen networks and the probe")
-    p.add_argument("--clips", type=int, default=0, help="use at most this many clips of each split (0: all)")
-    p.add_argument("--examples", type=int, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
+    p.add_argument("--wd", type=NONNEG, default=0.01, help="classify: weight decay of the probe")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="clips per batch through the frozen networks and the probe")
+    p.add_argument("--clips", type=NONNEG_INT, default=0, help="use at most this many clips of each split (0: all)")
+    p.add_argument("--examples", type=NONNEG_INT, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
     p.add_argument("--no-cache", action="store_true", help="classify: recompute the features; read and write no cache")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed for masks, random init and probe training")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for masks, random init and probe training")
+    args = p.parse_args(argv)
+    avjepa.check_device(p, args.device)
+    return args
 
 # -----------------------------------------------------------------------------
 # The run: which checkpoint, which data, which networks
@@ -120,48 +125,51 @@ def write_json(obj, path):
 # -----------------------------------------------------------------------------
 # Classification: frozen tokens, once, then V-JEPA's attentive probe on them
 
-def encode(encoder, video, audio, has_audio):
+def encode(encoder, video, audio, has_audio, separate=False):
     """Tokens [B, N, D] of whole clips and which of them exist [B, N]. As in training, a silent clip has no
-    audio tokens (its spectrogram is padding) - unless audio is all the probe sees, then it is the input."""
+    audio tokens (its spectrogram is padding) - unless audio is all the probe sees, then it is the input.
+    separate: video and audio attend only within their own modality (one packed segment each)."""
     B = len(has_audio)
     nv = encoder.nv if video is not None else 0
     N = nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
     valid = torch.ones(B, N, dtype=torch.bool, device=has_audio.device)
     if video is not None and audio is not None:
         valid[~has_audio, nv:] = False
-    if valid.all():
-        return encoder(video, audio), valid
-    keep = avjepa.pack([r.nonzero()[:, 0].cpu().numpy() for r in valid], N, B)
-    keep = (keep[0].to(valid.device), keep[1].to(valid.device), keep[2])
-    out = encoder(video, audio, keep=keep)
-    return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep[0], out).view(B, N, -1), valid
+    lists = [r.nonzero()[:, 0].cpu().numpy() for r in valid]
+    index, cu, max_len = avjepa.pack(lists, N, B)
+    if separate:
+        cu, max_len = avjepa.split_modalities(lists, nv)
+    out = encoder(video, audio, keep=(index.to(valid.device), cu.to(valid.device), max_len))
+    return out.new_zeros(B * N, out.shape[-1]).index_copy(0, index.to(out.device), out).view(B, N, -1), valid
 
 
 @torch.no_grad()
-def extract(encoder, data, ids, modalities, device, batch_size, desc):
+def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
     """Frozen tokens of clips `ids`: x fp16 [n, N, D], valid [n, N], y labels [n]. No augmentation: the
-    probe sees each clip as it is, so one pass suffices and every probe epoch after it is cheap."""
+    probe sees each clip as it is, so one pass suffices and every probe epoch after it is cheap.
+    read=both puts the separate-pass tokens and the joint-pass tokens side by side: [n, 2N, D]."""
     xs, valids = [], []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
         b = avjepa.get_batch(data, ids[i:i + batch_size], device)
         video = avjepa.augment_video(b["video"], encoder.config["size"]) if modalities != "audio" else None
         audio = avjepa.normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
         with autocast(device):
-            x, valid = encode(encoder, video, audio, b["has_audio"])
-        xs.append(x.half().cpu())
-        valids.append(valid.cpu())
+            parts = [encode(encoder, video, audio, b["has_audio"], separate=r == "separate")
+                     for r in (["separate", "joint"] if read == "both" else [read])]
+        xs.append(torch.cat([x for x, _ in parts], 1).half().cpu())
+        valids.append(torch.cat([v for _, v in parts], 1).cpu())
     return dict(x=torch.cat(xs), valid=torch.cat(valids), y=torch.from_numpy(np.asarray(data["label"])[ids]))
 
 
-def standardize(train, val, nv):
+def standardize(train, val, bounds):
     """Scale every channel of the frozen tokens to zero mean and unit variance over the train split, video
-    tokens (the first nv) and audio tokens each with their own statistics (MAE's BatchNorm without affine
+    tokens and audio tokens (the ranges between `bounds`) each with their own statistics (MAE's BatchNorm without affine
     before its linear probe, per modality). A pretrained JEPA's tokens share a large common part, and what
     tells clips apart can sit in channels of small variance, on which the probe's LayerNorm alone left the
     probe underfit; the two modalities' tokens differ in both."""
     for f in (train, val):
         f["x"] = f["x"].float()                                                  # [n, N, D]
-    for part in (slice(0, nv), slice(nv, None)):
+    for part in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])):   # token ranges with one modality each
         x = train["x"][:, part][train["valid"][:, part]]                         # [tokens, D]
         if len(x) < 2:
             continue
@@ -247,22 +255,26 @@ def classify(args, path, ckpt, data_dir, device):
     check_data(meta, encoder, args.modalities != "video")
 
     t0 = time.time()
-    cache = path.parent / f"probe_features_{args.modalities}_{args.init}.pt"
+    read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
+    name = f"{args.modalities}_{read}_{args.init}" if args.modalities == "both" else f"{args.modalities}_{args.init}"
+    cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_mtime=path.stat().st_mtime_ns, data=str(data_dir.resolve()),
                data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed, clips=args.clips)
     feats = torch.load(cache, weights_only=True) if cache.exists() and not args.no_cache else None
     if feats is not None and feats["key"] == key:
         print(f"features from {cache}")
     else:
-        feats = dict(key=key, **{split: extract(encoder, d, ids, args.modalities, device, args.batch_size, split)
+        feats = dict(key=key, **{split: extract(encoder, d, ids, args.modalities, read, device, args.batch_size, split)
                                  for split, d, ids in (("train", train_data, train_ids), ("val", val_data, val_ids))})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
-    standardize(feats["train"], feats["val"], 0 if args.modalities == "audio" else encoder.nv)
+    nv = 0 if args.modalities == "audio" else encoder.nv
+    N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
+    standardize(feats["train"], feats["val"], [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3])
     probe = train_probe(feats["train"], classes, encoder.config["heads"], args, device)
     logits, labels = predict_classes(probe, feats["val"], device), feats["val"]["y"]
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               modalities=args.modalities, init=args.init, epochs=args.epochs, classes=classes,
+               modalities=args.modalities, read=read, init=args.init, epochs=args.epochs, classes=classes,
                train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1),
                train_top1=top_k(predict_classes(probe, feats["train"], device), feats["train"]["y"], 1))  # underfit?
     if classes >= 10:
@@ -270,11 +282,88 @@ def classify(args, path, ckpt, data_dir, device):
     if "class_factors" in meta:
         res["factors"] = factor_accuracy(logits.argmax(-1), labels, meta)
     res["seconds"] = time.time() - t0
-    write_json(res, path.parent / f"probe_classify_{args.modalities}_{args.init}.json")
+    write_json(res, path.parent / f"probe_classify_{name}.json")
     line = f"top-1 {100 * res['top1']:.1f}%" + (f", top-5 {100 * res['top5']:.1f}%" if "top5" in res else "")
     factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in res.get("factors", {}).items())
-    print(f"classify {res['run']} [{args.modalities}, {args.init}]: {line} on {len(labels)} val clips"
+    print(f"classify {res['run']} [{args.modalities}{f', {read} passes' if args.modalities == 'both' else ''}, "
+          f"{args.init}]: {line} on {len(labels)} val clips"
           f"{f' ({factors})' if factors else ''} in {res['seconds']:.0f} s")
+    return res
+
+# -----------------------------------------------------------------------------
+# Cross-modal retrieval through the predictor: the JEPA way to ask "which sound goes with this picture?"
+
+@torch.no_grad()
+def cross_predict(jepa, video, audio, config, to_audio):
+    """Hide one whole modality of every clip and predict it from the other with the predictor's mask token
+    of `config`: [B, N_hidden, D] predicted target features of the hidden modality."""
+    encoder = jepa.encoder
+    B, nv, N = video.shape[0], encoder.nv, encoder.n_tokens()
+    shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N), np.arange(nv))
+    masks = dict(ctx=avjepa.pack([shown] * B, N, B), tgt=avjepa.pack([hidden] * B, N, B))
+    masks = {k: (i.to(video.device), cu.to(video.device), m) for k, (i, cu, m) in masks.items()}
+    masks["enc"] = masks["ctx"]   # one modality only: a joint and a separate context pass are the same
+    predictor = jepa.predictor
+    tokens = predictor.mask_tokens
+    predictor.mask_tokens = nn.Parameter(tokens[config:config + 1], requires_grad=False)  # every segment: config's
+    try:
+        pred = jepa.predictor(encoder(video, audio, keep=masks["enc"]), masks, B)
+    finally:
+        predictor.mask_tokens = tokens
+    return pred.view(B, len(hidden), -1)
+
+
+def ranks(query, gallery):
+    """Rank (1 = first) of each query's own clip among all gallery clips, by Euclidean distance over all
+    tokens: query, gallery [n, T, D] -> [n]."""
+    d = torch.cdist(query.flatten(1).float(), gallery.flatten(1).float())       # [n, n]
+    return 1 + (d < d.diag()[:, None]).sum(1)
+
+
+def retrieve(args, path, ckpt, data_dir, device):
+    """Video -> audio: each val clip's predicted audio features, from its video alone, against the target
+    features of every val clip's audio alone (and the reverse). The gallery is encoded without the other
+    modality, so a match can only come from what the predictor inferred across the senses."""
+    cfg = ckpt["config"]
+    if not cfg["audio"]:
+        raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
+    # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
+    configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
+    encoder, predictor, target_encoder = frozen_models(ckpt, args.init, args.seed)
+    jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
+    val = avjepa.load_split(data_dir, "val")
+    check_data(val["meta"], encoder, True)
+    ids = clip_ids(val, args.clips)
+    ids = ids[np.asarray(val["has_audio"])[ids].astype(bool)]   # a silent clip has no sound to find
+    if len(ids) < 2:
+        raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
+    t0, D = time.time(), encoder.config["width"]
+    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video")}
+    for i in tqdm(range(0, len(ids), args.batch_size), desc="retrieve", dynamic_ncols=True):
+        b = avjepa.get_batch(val, ids[i:i + args.batch_size], device)
+        video, audio = avjepa.augment_video(b["video"], cfg["crop"]), avjepa.normalize_audio(b["audio"], val["meta"])
+        with autocast(device), torch.no_grad():
+            for direction, name in (("v2a", "audio"), ("a2v", "video")):
+                c = cfg["masks"].index(configs[direction])
+                out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
+                alone = target_encoder(None, audio) if name == "audio" else target_encoder(video, None)
+                out[name].append(F.layer_norm(alone.float(), (D,)).cpu())
+    out = {k: torch.cat(v) for k, v in out.items()}
+    n = len(ids)
+    res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
+               init=args.init, mask_tokens=configs, val_clips=n, chance_r1=1 / n, chance_r5=min(5 / n, 1.0),
+               chance_median_rank=(n + 1) / 2)
+    for direction, name in (("v2a", "audio"), ("a2v", "video")):
+        r = ranks(out["pred_" + name], out[name]).float()
+        res[direction] = dict(r1=(r <= 1).float().mean().item(), r5=(r <= 5).float().mean().item(),
+                              median_rank=r.median().item())
+    res["seconds"] = time.time() - t0
+    write_json(res, path.parent / f"probe_retrieve_{args.init}.json")
+    def part(d):
+        x = res[d]
+        return f"R@1 {100 * x['r1']:.1f}%, R@5 {100 * x['r5']:.1f}%, median rank {x['median_rank']:.0f}"
+    print(f"retrieve {res['run']} [{args.init}]: video->audio {part('v2a')}; audio->video {part('a2v')} among {n} val "
+          f"clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}) in {res['seconds']:.0f} s")
     return res
 
 # -----------------------------------------------------------------------------
@@ -365,10 +454,11 @@ def predict(jepa, cfg, data, ids, rng, device):
     video = avjepa.augment_video(b["video"], cfg["crop"])
     audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
     has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
-    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio)
+    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio,
+                                separate=cfg.get("context_pass") == "separate")
     masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
     with autocast(device):
-        pred = jepa(video, audio, masks)
+        pred, _ = jepa(video, audio, masks)
     index, cu, _ = masks["tgt"]
     N = encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
     seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])
@@ -546,7 +636,8 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path, ckpt, data_dir = open_run(args)
-    return (classify if args.task == "classify" else reconstruct)(args, path, ckpt, data_dir, device)
+    task = dict(classify=classify, reconstruct=reconstruct, retrieve=retrieve)[args.task]
+    return task(args, path, ckpt, data_dir, device)
 
 
 if __name__ == "__main__":

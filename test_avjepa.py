@@ -2,11 +2,15 @@
 The specification of avjepa, as tests. Tiny shapes, CPU, fast.  Run: python -m pytest -q test_avjepa.py
 
 On a machine without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set
-below before triton is imported). On a GPU, `TRITON_INTERPRET=0 python -m pytest test_avjepa.py` runs
-them compiled, with bf16 and longer clips added.
+below before triton is imported). On a GPU the same command runs them compiled, with bf16, longer clips
+and the GPU-only tests (real sizes, a whole training step, no host sync) added.
 """
 import os
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and so triton) is imported
+
+import torch
+
+# before kernels (and so triton) is imported: compiled kernels on a GPU, the interpreter elsewhere
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import json
 import math
@@ -171,6 +175,53 @@ def test_labels_from_kinetics_csv(tmp_path):
     assert report["skipped"][0]["reason"] == "file not found"
 
 
+def test_labels_from_vggsound_csv(tmp_path):
+    make_video(tmp_path / "clips" / "abc_000030.mp4", n=10)
+    make_video(tmp_path / "clips" / "de-f_000000.mp4", n=10)
+    make_video(tmp_path / "clips" / "ghi_000012.mp4", n=10)
+    (tmp_path / "vggsound.csv").write_text('abc,30,"dog barking",train\nde-f,0,"playing drums",train\n'
+                                           'ghi,12,"dog barking",test\nmissing,5,"dog barking",train\n')
+    train, val, report = run(tmp_path, tmp_path / "vggsound.csv")
+    assert train["meta"]["classes"] == ["dog barking", "playing drums"]
+    assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
+    assert [(Path(s["path"]).name, s["reason"]) for s in report["skipped"]] == [("missing_000005.mp4", "file not found")]
+
+
+def test_every_file_left_out_of_a_folder_is_named_with_its_reason(tmp_path, capsys):
+    make_video(tmp_path / "src" / "clip.mp4", audio=tone(1, 16000))
+    (tmp_path / "src" / "song.m4a").write_bytes(b"\0" * 100)
+    (tmp_path / "src" / "notes.txt").write_text("my videos")
+    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0")                  # hidden: the system's, not the user's
+    _, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"song.m4a", "notes.txt"} and len(report["ingested"]) == 1
+    assert reasons["song.m4a"].startswith("audio only") and reasons["notes.txt"].startswith("not a video file")
+    assert "(2 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("turn", [90, 270])
+def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
+    def left_half_white(i):
+        img = np.zeros((32, 64, 3), np.uint8)   # stored sideways: 64 wide, 32 high
+        img[:, :32] = 255   # its left half
+        return img
+    path = tmp_path / "src" / "phone.mp4"
+    path.parent.mkdir()
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 32, "yuv420p"
+        v.set_display_rotation(turn)   # the display matrix a phone writes: shown turned counter-clockwise
+        for i in range(10):
+            f = av.VideoFrame.from_ndarray(left_half_white(i), format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    train, _, _ = run(tmp_path, tmp_path / "src", val_fraction=0, size=32)
+    rows = train["video"][0, 0].astype(float).mean((1, 2))                 # brightness of each displayed row
+    bright, dark = (rows[-8:], rows[:8]) if turn == 90 else (rows[:8], rows[-8:])   # left goes down, or up
+    assert bright.min() > 200 and dark.max() < 60
+
+
 def test_video_without_audio_is_kept_silent_and_counted(tmp_path, capsys):
     make_video(tmp_path / "src" / "silent.mp4")
     train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
@@ -284,13 +335,13 @@ def test_odd_files_all_ingest(tmp_path):
 
 def test_synthetic_set_records_its_factors(tmp_path):
     meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
-    assert len(meta["classes"]) == 24 and meta["splits"] == {"train": 24, "val": 24}
+    assert len(meta["classes"]) == 48 and meta["splits"] == {"train": 48, "val": 48}
     modality = {f: v["modality"] for f, v in meta["factors"].items()}
-    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio"}
+    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time"}
     for name, idx in zip(meta["classes"], meta["class_factors"]):
         assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
     train = avjepa.load_split(tmp_path / "synthetic", "train")
-    assert train["video"].shape == (24, 8, 64, 64, 3) and train["has_audio"].all()
+    assert train["video"].shape == (48, 8, 64, 64, 3) and train["has_audio"].all()
 
 
 def cli(*args):
@@ -407,6 +458,24 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
+    torch.manual_seed(0)
+    enc = avjepa.Encoder(32, 2, 2, frames=4, size=32, audio_frames=32).eval()
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
+    n = enc.n_tokens()
+    whole = enc(video, audio, keep=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
+    torch.testing.assert_close(whole[:, :enc.nv], enc(video, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole[:, enc.nv:], enc(None, audio), atol=1e-5, rtol=1e-5)
+    # a context with both modalities, split at its first audio token, gives the same as each part alone
+    keep = [np.array([0, 3, enc.nv + 1, enc.nv + 5]), np.array([1, 2])]
+    index, _, _ = avjepa.pack(keep, n, 2)
+    cu, max_len = avjepa.split_modalities(keep, enc.nv)
+    assert cu.tolist() == [0, 2, 4, 6] and max_len == 2
+    out = enc(video, audio, keep=(index, cu, max_len))
+    torch.testing.assert_close(out[:2], enc(video[:1], None, keep=avjepa.pack([keep[0][:2]], enc.nv, 1)))
+    torch.testing.assert_close(out[2:4], enc(None, audio[:1], keep=avjepa.pack([keep[0][2:] - enc.nv], 16, 1)))
+
+
 class RefViT(nn.Module):
     """V-JEPA's VisionTransformer (video, no masks), written plainly with its module names."""
     def __init__(self, dim, depth, heads, frames, size):
@@ -504,21 +573,38 @@ def test_log_is_strict_json_when_a_step_has_no_audio_targets(tmp_path):
         raise AssertionError(f"log.jsonl holds {name}, which is not JSON")
     lines = (tmp_path / "out" / "vit_micro-av" / "log.jsonl").read_text().splitlines()
     recs = [json.loads(line, parse_constant=no_nan) for line in lines]
-    assert len(recs) == 2 and all(r["loss_audio"] is None and r["spread_audio"] is None for r in recs)
+    assert len(recs) == 2 and all(r["loss_audio"] is None and r["rank_audio"] is None for r in recs)
 
 
-def test_log_records_the_target_spread_per_modality(fake_data, tmp_path):
-    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2", "--run", "av"))
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--run", "v"))
+def test_log_records_the_target_rank_per_modality_and_plots_it(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2", "--name", "av"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "v"))
     av, v = [json.loads(open(tmp_path / run / "log.jsonl").readline()) for run in ("av", "v")]
-    # a random-init encoder's tokens differ from each other: far from collapse (0), and LN bounds it near 1
-    assert 0.3 < av["spread_video"] < 1.5 and 0.3 < av["spread_audio"] < 1.5
-    assert 0.3 < v["spread_video"] < 1.5 and v["spread_audio"] is None
+    # a random-init encoder's tokens use many directions: far from collapse (1), at most the width (32)
+    assert 4 < av["rank_video"] <= 32 and 4 < av["rank_audio"] <= 32
+    assert 4 < v["rank_video"] <= 32 and v["rank_audio"] is None
+    from PIL import Image
+    assert Image.open(tmp_path / "av" / "training.png").size == (720, 240)
+
+
+def test_rankme_counts_the_directions_features_use():
+    g = torch.Generator().manual_seed(0)
+    assert avjepa.rankme(torch.ones(100, 16)) < 1.01                                   # collapsed: one direction
+    assert 3.9 < avjepa.rankme(torch.randn(400, 4, generator=g) @ torch.eye(4, 16)) <= 4   # four directions
+    assert avjepa.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
+
+
+def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
+    torch.manual_seed(0)
+    assert avjepa.sigreg(torch.randn(2000, 16)) < 0.005                                # isotropic Gaussian
+    assert avjepa.sigreg(torch.randn(2000, 2) @ torch.eye(2, 16)) > 0.05               # two directions only
+    assert avjepa.sigreg(0.2 * torch.randn(2000, 16)) > 0.05                           # shrunk towards one point
+    assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15                                 # every row alike
 
 
 @pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--run", "r", *flags))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert {"encoder", "predictor", "target_encoder", "opt", "step", "config", "rng"} <= set(ck) and ck["step"] == 2
 
@@ -596,6 +682,46 @@ def test_unknown_model_is_named(capsys):
     assert "unknown model 'vit_gigantic'" in capsys.readouterr().err
 
 
+BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
+    (avjepa.get_args, "--batch-size", "0", ">= 1"), (avjepa.get_args, "--steps", "-5", ">= 1"),
+    (avjepa.get_args, "--lr", "0", "> 0"), (avjepa.get_args, "--lr", "nan", "> 0"),
+    (avjepa.get_args, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_args, "--warmup", "2", "in [0.0, 1.0]"),
+    (avjepa.get_args, "--wd", "-1 0.4", ">= 0"), (avjepa.get_args, "--save-every", "0", ">= 1"),
+    (avjepa.get_args, "--log-every", "0", ">= 1"), (avjepa.get_args, "--seed", "-1", ">= 0"),
+    (avjepa.get_args, "--crop", "100", "multiple of 16"), (avjepa.get_args, "--pred-width", "100", "multiple of"),
+    (avjepa.get_args, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_args, "--cooldown", "1.5", "in [0.0, 1.0]"),
+    (avjepa.get_args, "--device", "tpu", "use cpu, cuda"), (avjepa.get_args, "--steps", "ten", "not an integer"),
+    (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
+    (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
+    (bench.get_args, "--repeats", "-1", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("get_args, flag, value, says", BAD_FLAGS)
+def test_a_bad_flag_value_is_named_with_its_range(get_args, flag, value, says, capsys):
+    extra = ["--task", "classify"] if get_args is probe.get_args else []
+    with pytest.raises(SystemExit) as exit:
+        get_args(extra + [flag, *value.split()])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and flag in err and says in err, err
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--size", "100"]),
+    ("prepare.py", ["--val-fraction", "1.5"]), ("probe.py", ["--task", "classify", "--epochs", "0"])])
+def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(script, argv):
+    r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and argv[-2] in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_no_flag_of_avjepa_is_a_prefix_of_a_torchrun_option():
+    from torch.distributed.run import get_args_parser
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    ours = [o for a in avjepa.make_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    clashes = [(o, t) for o in ours for t in theirs if t.startswith(o)]
+    assert not clashes, f"torchrun would read these as its own options: {clashes}"
+
+
 def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path):
     other = avjepa.Encoder(64, 2, 2, frames=4, size=32)
     torch.save({"target_encoder": other.state_dict()}, tmp_path / "other.pt")
@@ -612,7 +738,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
 def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
     loss = avjepa.jepa_loss
     monkeypatch.setattr(avjepa, "jepa_loss", lambda *a: tuple(x * float("nan") for x in loss(*a)))
-    with pytest.raises(SystemExit, match="loss became nan at step 0"):
+    with pytest.raises(SystemExit, match="loss became non-finite at step 0"):
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3"))
 
 
@@ -850,13 +976,72 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
     def loss_and_grads(backend):
         monkeypatch.setattr(kernels, "BACKEND", backend)
         model.zero_grad()
-        loss = avjepa.jepa_loss(model(video, audio, masks), target_tokens, masks, 2, 2, encoder.nv, 24, 1.0)[0]
+        loss = avjepa.jepa_loss(model(video, audio, masks)[0], target_tokens, masks, 2, 2, encoder.nv, 24, 1.0)[0]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     (loss_t, grads_t), (loss_r, grads_r) = loss_and_grads("triton"), loss_and_grads("torch")
     torch.testing.assert_close(loss_t, loss_r, atol=1e-5, rtol=1e-4)
     for gt, gr in zip(grads_t, grads_r, strict=True):
         torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-3)
+
+# -----------------------------------------------------------------------------
+# On a GPU only: the compiled kernels at real sizes, and the training step they serve.
+
+needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a GPU (compiled Triton)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [6, 12])   # vit_small's and vit_base's, head dim 64
+def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradient(triton_path, dtype, heads):
+    lengths = [1568, 1, 300, 777]   # a whole 16 x 224^2 clip, a single token, and lengths off the tile grid
+    q, k, v = packed_qkv(lengths, heads, 64, dtype)
+    cu = cu_seqlens(lengths)
+    out, grads = _grads(lambda: kernels.attention(q, k, v, cu, max(lengths)), [q, k, v])
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, ref_grads = _grads(lambda: kernels.attention_torch(*leaves, cu, max(lengths)), leaves, dtype)
+    assert_close(out, ref, dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, dtype)
+
+
+def gpu_training_setup(seed=0):
+    args = avjepa.get_args(["--model", "vit_tiny", "--audio", "--masks", "short,long,v2a"])
+    meta = dict(frames=8, size=64, audio_shape=[128, 112], frame_seconds=4 / 30, audio_hop_seconds=0.01)
+    torch.manual_seed(seed)
+    encoder, predictor, target = avjepa.build(avjepa.run_config(args, meta))
+    model, target = avjepa.JEPA(encoder, predictor).cuda(), target.cuda()
+    g = torch.Generator().manual_seed(seed)
+    video, audio = torch.randn(4, 3, 8, 64, 64, generator=g).cuda(), torch.randn(4, 1, 128, 112, generator=g).cuda()
+    masks = avjepa.sample_masks(np.random.default_rng(seed), args.masks, 4, encoder.video_grid, encoder.audio_grid,
+                                np.array([1, 1, 0, 1]))
+    masks = {k: (i.cuda(), cu.cuda(), m) for k, (i, cu, m) in masks.items()}
+    return args, model, target, avjepa.make_optimizer(model, args.lr), video, audio, masks
+
+
+@needs_gpu
+def test_gpu_train_step_on_the_triton_path_equals_the_torch_path(monkeypatch):
+    results = []
+    for path in ("torch", "triton"):
+        monkeypatch.setattr(kernels, "BACKEND", path)
+        args, model, target, opt, video, audio, masks = gpu_training_setup()
+        loss = avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)[0]
+        results.append((loss.item(), torch.cat([p.detach().flatten() for p in target.parameters()])))
+    (loss_torch, w_torch), (loss_triton, w_triton) = results
+    assert abs(loss_triton - loss_torch) <= 2e-2 * abs(loss_torch)   # bf16 autocast on both paths
+    assert (w_triton - w_torch).abs().max().item() <= 1e-3           # one lr-sized step, then the EMA
+
+
+@needs_gpu
+def test_gpu_train_step_never_waits_for_the_device():
+    args, model, target, opt, video, audio, masks = gpu_training_setup()
+    avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)   # first call: compile and allocate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 # -----------------------------------------------------------------------------
 # bench.py runs end to end at --quick sizes on the CPU: every reference row has a number, the Triton
@@ -881,8 +1066,9 @@ def test_kernels_quick():
     res = bench.main(["--quick", "--only", "attention", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["attention"]
     ref = [r for r in rows if r["kind"] == "ref"]
-    assert len(ref) == 6 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)
+    assert len(ref) == 13 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)   # 13 cases
     assert all(r["note"] == bench.SKIP for r in rows if r["kind"] == "ours")
+    assert all(r["note"] == bench.SKIP_CUDA for r in rows if r["kind"] in ("varlen", "flex"))   # torch's: CUDA only
     res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["gather"]
     assert all(r["err"] == 0 and r["gbs"] > 0 for r in rows if "[triton]" not in r["row"])
@@ -913,10 +1099,26 @@ def reconstructed(probe_run):
 def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, init):
     res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--epochs", "2",
                       "--modalities", modalities, "--init", init])
-    saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{modalities}_{init}.json").read_text())
+    name = f"{modalities}_separate_{init}" if modalities == "both" else f"{modalities}_{init}"
+    saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
     assert saved["top1"] == res["top1"] and 0 <= res["top1"] <= 1 and res["val_clips"] == 8
     assert set(res["factors"]) == {"side"} and "top5" not in res   # 2 classes: no top-5
-    assert (probe_run["ckpt"].parent / f"probe_features_{modalities}_{init}.pt").exists()
+    assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
+
+
+def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
+    res = probe.main(["--task", "retrieve", "--runs", probe_run["runs"]])
+    n = int(np.sum(np.fromfile(Path(probe_run["data"]) / "val_has_audio.bin", np.uint8)))
+    assert res["val_clips"] == n and res["chance_r1"] == 1 / n
+    for d in ("v2a", "a2v"):
+        assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1
+    assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
+
+
+def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
+    gallery = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])
+    query = torch.tensor([[[0.1]], [[1.9]], [[1.8]]])   # clip 1's prediction is nearer clip 2's sound
+    assert probe.ranks(query, gallery).tolist() == [1, 2, 1]
 
 
 def test_classify_reuses_cached_features(probe_run, capsys):
@@ -938,7 +1140,7 @@ def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
     train, val = split(50), split(20)
     audio = train["x"][1:, 3:].float().reshape(-1, 4)                       # the valid train audio tokens
     expected_val_audio = (val["x"][1:, 3:].float() - audio.mean(0)) / audio.std(0)
-    probe.standardize(train, val, nv=3)
+    probe.standardize(train, val, [0, 3, 5])
     for part in (slice(0, 3), slice(3, 5)):
         x = train["x"][:, part][train["valid"][:, part]]
         assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
@@ -948,7 +1150,7 @@ def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
     encoder = probe.frozen_models(avjepa.read_checkpoint(probe_run["ckpt"]), "pretrained", 0)[2]
     data = avjepa.load_split(probe_run["data"], "val")
-    feats = probe.extract(encoder, data, np.arange(8), "both", torch.device("cpu"), 8, "test")
+    feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
     silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
     assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
 
