@@ -13,10 +13,12 @@ Read top to bottom: config -> data -> masks -> model -> loss -> loop.
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
 """
 import argparse
+import glob
 import json
 import math
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -119,6 +121,9 @@ def make_parser():
     p.add_argument("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
     p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder and predictor")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
+                        "bit-identical weights (vit_tiny on a 2-core CPU: DETERMINISTIC_COST slower)")
     p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
     return p
 
@@ -545,8 +550,28 @@ def build(cfg):
 # -----------------------------------------------------------------------------
 # Checkpoints: ours, and V-JEPA's (.pth.tar: 'target_encoder' / 'encoder', 'module.'/'backbone.' prefixes).
 
+def remove_stale(pattern):
+    """Remove the temporaries '<anything>.tmp-<pid>' matching a glob pattern whose process is gone: a process
+    killed outright (kill -9, power loss) never reaches its cleanup. Those of live processes stay."""
+    for stale in glob.glob(pattern):
+        pid = stale.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True       # it exists, under another user
+    return True
+
+
 def write_atomic(path, write):
     """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under the real name."""
+    remove_stale(f"{glob.escape(str(path))}.tmp-*")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -805,6 +830,9 @@ def train(argv=None):
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     master = rank == 0
     torch.manual_seed(args.seed)
+    if args.deterministic:   # cuBLAS needs a fixed workspace to be deterministic; set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
     data = load_split(args.data, "train")
     meta = data["meta"]

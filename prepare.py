@@ -37,6 +37,8 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
+from avjepa import remove_stale
+
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}
 FPS = 30             # frame_step counts frames at this nominal rate (V-JEPA's assumption)
@@ -347,16 +349,6 @@ def assign_splits(items, val_fraction, seed):
 # -----------------------------------------------------------------------------
 # Writing a dataset
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True       # it exists, under another user
-    return True
-
-
 def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, val_fraction=0.1,
             workers=None, seed=0, extra_meta=None):
     t_begin, source, out = time.time(), Path(source), Path(out)
@@ -373,10 +365,7 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     # Everything goes to a temporary folder that is renamed at the very end: an interrupted run
     # never leaves something that looks like a finished dataset, and an old one is replaced only then.
     # A run killed outright (kill -9, power loss) never reaches `finally`: its folder is removed here.
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(str(out.parent / f".{glob.escape(out.name)}.tmp-*"))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:

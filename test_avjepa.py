@@ -661,6 +661,36 @@ def test_ddp_two_gloo_processes_keep_identical_weights(fake_data, tmp_path):
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
+def test_the_readme_torchrun_line_with_a_run_name_trains_on_the_cpu(fake_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "avjepa.py"),
+           "--data", fake_data, "--out", str(tmp_path), "--model", "vit_tiny", "--audio", "--name", "ddp",
+           "--batch-size", "2", "--steps", "2", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_deterministic_runs_with_one_seed_give_bit_identical_weights(fake_data, tmp_path):
+    try:
+        runs = [avjepa.train(micro_args(fake_data, tmp_path / str(i), "--audio", "--steps", "3", "--deterministic"))
+                for i in range(2)]
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    (a, _, _), (b, _, _) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_write_atomic_sweeps_the_temporaries_of_killed_processes(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                      # a pid that no longer runs
+    path = tmp_path / "ckpt.pt"
+    stale, live = Path(f"{path}.tmp-{dead.pid}"), Path(f"{path}.tmp-{os.getppid()}")   # the parent lives on
+    for p in (stale, live):
+        p.write_bytes(b"half a checkpoint")
+    avjepa.write_atomic(path, lambda tmp: Path(tmp).write_text("done"))
+    assert path.read_text() == "done" and not stale.exists() and live.exists()
+
 # -----------------------------------------------------------------------------
 # Clear messages for bad input
 
