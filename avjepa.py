@@ -92,12 +92,14 @@ def make_parser():
     p.add_argument("--crop", type=NONNEG_INT, default=0, help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
     p.add_argument("--batch-size", type=COUNT, default=16, help="clips per step per process")
     p.add_argument("--steps", type=COUNT, default=600, help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
-    p.add_argument("--context-pass", choices=["joint", "separate"], default="joint",
-                   help="encode the context of each modality in one attention pass per clip (joint) or one per modality")
-    p.add_argument("--target-pass", choices=["joint", "separate"], default="joint",
-                   help="EMA target features from one pass over the whole clip (joint) or one pass per modality")
-    p.add_argument("--reg", choices=["none", "sigreg"], default="none",
-                   help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards a Gaussian")
+    p.add_argument("--context-pass", choices=["joint", "separate"], default="separate",
+                   help="encode each clip's context in one attention pass per modality (separate: the senses meet "
+                        "in the predictor only) or in one pass over both (joint)")
+    p.add_argument("--target-pass", choices=["joint", "separate"], default="separate",
+                   help="EMA target features from one pass per modality (separate) or one over the whole clip (joint)")
+    p.add_argument("--reg", choices=["none", "sigreg"], default="sigreg",
+                   help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards an "
+                        "isotropic Gaussian (none: V-JEPA's loss alone, which collapses at small scale, see README)")
     p.add_argument("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg next to the prediction loss")
     p.add_argument("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
                    help="vjepa1: warmup, cosine lr, EMA rising linearly; vjepa2: warmup, constant lr and EMA "
@@ -724,9 +726,10 @@ def collapse_monitor(target_feats, nv, heard):
     return video, audio
 
 
-def step_flops(encoder, predictor, masks, batch, n_tokens):
+def step_flops(encoder, predictor, masks, batch, n_tokens, separate_targets=True):
     """Matmul FLOPs of one training step: 6 per weight per trained token (fwd + bwd), 2 per target
-    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained)."""
+    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained),
+    over the segments each pass really attends within."""
     def lin(m):   # weights applied per token
         return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
     def attn(m, cu):
@@ -734,8 +737,8 @@ def step_flops(encoder, predictor, masks, batch, n_tokens):
         return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
     ccu, tcu = masks["ctx"][1], masks["tgt"][1]
     tc, tt = int(ccu[-1]), int(tcu[-1])
-    full_cu = torch.arange(batch + 1) * n_tokens
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, ccu) + 6 * lin(predictor) * (tc + tt)
+    full_cu = whole_clips(batch, encoder.nv, n_tokens, "cpu", separate_targets)[1]
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks["enc"][1]) + 6 * lin(predictor) * (tc + tt)
             + 3 * attn(predictor, ccu + tcu) + 2 * lin(encoder) * batch * n_tokens + attn(encoder, full_cu))
 
 # -----------------------------------------------------------------------------
@@ -801,7 +804,7 @@ def plot_log(log_path, png_path, size=(360, 240)):
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
         hi = hi if hi > lo else lo + 1
         draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, 4), title, fill="black")
+        draw.text((left, 4), f"{title}: video blue, audio orange", fill="black")
         draw.text((i * W + 2, top), f"{hi:.3g}", fill="black")
         draw.text((i * W + 2, bottom - 10), f"{lo:.3g}", fill="black")
         draw.text((left, bottom + 5), f"step {x0}", fill="black")
@@ -928,7 +931,8 @@ def train(argv=None):
                        lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
             rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
             if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
-                flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N)
+                flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N,
+                                   args.target_pass == "separate")
                 rec["mfu"] = flops * (clips / (B * world)) / dt / peak
             bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
             if master:

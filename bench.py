@@ -148,10 +148,11 @@ def verdict(value, need, fmt):
 
 
 def sample_masks(args, batch, audio=True, truncate=False, seed=0):
-    """The real mask generator's output for a batch of clips with sound (or video only)."""
+    """The real mask generator's output for a batch of clips with sound (or video only), the context
+    encoded one modality at a time as training does by default."""
     rng = np.random.default_rng(seed)
     return avjepa.sample_masks(rng, CONFIGS, batch, args.video_grid, args.audio_grid if audio else None,
-                               np.full(batch, audio), truncate)
+                               np.full(batch, audio), truncate, separate=True)
 
 # -----------------------------------------------------------------------------
 # 1. Attention. FLOPs count useful work only: 4 * sum(L_i^2) * H * hd forward (QK^T and PV, non-causal),
@@ -170,8 +171,8 @@ def attention_cases(args):
         for audio in (True, False):
             for config in CONFIGS:
                 masks = avjepa.sample_masks(np.random.default_rng(0), [config], B, args.video_grid,
-                                            args.audio_grid if audio else None, np.full(B, audio))
-                lengths = np.diff(masks["ctx"][1].numpy()).tolist()
+                                            args.audio_grid if audio else None, np.full(B, audio), separate=True)
+                lengths = np.diff(masks["enc"][1].numpy()).tolist()   # the segments the encoder attends within
                 cases.append((f"JEPA {config} context, {'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
     masks = sample_masks(args, B)
     ctx, tgt = (np.diff(masks[k][1].numpy()).tolist() for k in ("ctx", "tgt"))
@@ -402,7 +403,7 @@ def time_steps(args, model_name, audio, truncate, path):
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
     masks = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
     timed = masks[args.warmup_steps:]
-    flops = sum(avjepa.step_flops(encoder, predictor, m, B, N) for m in timed)
+    flops = sum(avjepa.step_flops(encoder, predictor, m, B, N, targs.target_pass == "separate") for m in timed)
     masks = [{k: (i.to(dev), cu.to(dev), L) for k, (i, cu, L) in m.items()} for m in masks]   # training prefetches these
     losses = []
     with backend(path):

@@ -3,13 +3,19 @@ Probes of a trained avjepa checkpoint: what did the frozen networks learn?
 
     python probe.py --task classify       # attentive probe on the frozen encoder: top-1 on val
     python probe.py --task reconstruct    # a decoder on the predictor: pixels and sound under the mask
+    python probe.py --task retrieve       # cross-modal retrieval through the predictor
 
 classify is V-JEPA's frozen evaluation. The EMA target encoder turns every clip into tokens once
-(cached); each channel is standardised with train-split statistics, per modality, and a small
-attentive probe (one learned query, one cross-attention block, a linear layer) is trained on them.
---init random runs the identical probe on an untrained encoder of the same size: the gap is what
-pretraining bought. On the synthetic set it also scores each factor of the label
-(colour is only seen, rhythm only heard), which shows what the sound adds.
+(cached), video and audio each in a pass of its own by default (--read); each channel is standardised
+with train-split statistics, per modality, and a small attentive probe (a learned query, one
+cross-attention block, a linear layer) is trained on them. --init random runs the identical probe on an
+untrained encoder of the same size, read the same way: the gap is what pretraining bought. On the
+synthetic set the label is a product of factors (colour is only seen, rhythm only heard, the direction
+of motion only seen across frames); the probe gives each factor its own query and head and scores each.
+
+retrieve asks the predictor, the JEPA way, which sound goes with a picture: hide all of a val clip's
+audio, predict its audio features from its video, and rank every val clip's audio (encoded alone) by
+distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance.
 
 reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
 predictor frozen we fit a linear decoder from one token to its patch: the predictor's output at
@@ -181,42 +187,56 @@ def standardize(train, val, bounds):
 
 
 class AttentiveProbe(nn.Module):
-    """V-JEPA's attentive classifier: one learned query cross-attends to the frozen tokens (keys and values
-    layer-normed), a residual MLP refines it, a linear layer gives the class logits."""
-    def __init__(self, dim, heads, classes):
+    """V-JEPA's attentive classifier: a learned query cross-attends to the frozen tokens (keys and values
+    layer-normed), a residual MLP refines it, a linear layer gives the class logits. With a label made of
+    several factors (the synthetic set), each factor gets its own query and linear head over the same keys
+    and values, so each is learned from every clip instead of from the few clips of each combination."""
+    def __init__(self, dim, heads, outputs):
         super().__init__()
         self.heads = heads
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.query = nn.Parameter(torch.zeros(1, len(outputs), dim))                  # one query per head
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = avjepa.MLP(dim)
-        self.head = nn.Linear(dim, classes)
+        self.out = nn.ModuleList(nn.Linear(dim, n) for n in outputs)
         avjepa.init_weights(self, [])
         nn.init.trunc_normal_(self.query, std=0.02)
 
     def forward(self, x, valid):
+        """x [B, N, D], valid [B, N] -> logits of every head, [B, n_i] each."""
         B, N, D = x.shape
-        q = self.q(self.query).view(1, self.heads, 1, -1).expand(B, -1, -1, -1)        # [B, H, 1, hd]
+        Q = self.query.shape[1]
+        q = self.q(self.query).view(1, Q, self.heads, -1).transpose(1, 2).expand(B, -1, -1, -1)   # [B, H, Q, hd]
         k, v = self.kv(self.norm1(x)).view(B, N, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # missing tokens ignored
-        h = self.query + self.proj(y.transpose(1, 2).reshape(B, 1, D))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])    # missing tokens ignored
+        h = self.query + self.proj(y.transpose(1, 2).reshape(B, Q, D))
         h = h + self.mlp(self.norm2(h))
-        return self.head(h[:, 0])
+        return [head(h[:, i]) for i, head in enumerate(self.out)]
 
 
-def train_probe(train, classes, heads, args, device):
-    """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe."""
+def label_heads(classes, meta):
+    """What the probe predicts: the class, or each factor of it when the classes are products of factors.
+    Returns (sizes of the heads, [classes, heads] value of each head for each class)."""
+    if "class_factors" in meta:
+        cf = torch.tensor(meta["class_factors"])
+        return [len(f["values"]) for f in meta["factors"].values()], cf
+    return [classes], torch.arange(classes)[:, None]
+
+
+def train_probe(train, outputs, targets, heads, args, device):
+    """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe. targets [classes, heads] maps labels to heads."""
     torch.manual_seed(args.seed)
-    probe = AttentiveProbe(train["x"].shape[-1], heads, classes).to(device)
+    probe = AttentiveProbe(train["x"].shape[-1], heads, outputs).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.wd)
     per_epoch = math.ceil(len(train["y"]) / args.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * per_epoch)
-    x, valid, y = train["x"].to(device), train["valid"].to(device), train["y"].to(device)
+    x, valid, y = train["x"].to(device), train["valid"].to(device), targets[train["y"]].to(device)   # y [n, heads]
     for epoch in tqdm(range(args.epochs), desc="probe", dynamic_ncols=True):
         perm = torch.randperm(len(y), device=device)
         for i in range(per_epoch):
             j = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            loss = F.cross_entropy(probe(x[j].float(), valid[j]), y[j])
+            logits = probe(x[j].float(), valid[j])
+            loss = sum(F.cross_entropy(l, y[j, h]) for h, l in enumerate(logits))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -225,9 +245,15 @@ def train_probe(train, classes, heads, args, device):
 
 
 @torch.no_grad()
-def predict_classes(probe, feats, device):
-    return torch.cat([probe(feats["x"][i:i + 256].to(device).float(), feats["valid"][i:i + 256].to(device)).cpu()
-                      for i in range(0, len(feats["y"]), 256)])
+def predict_classes(probe, feats, targets, device):
+    """Class scores [n, classes]: the log-probability each head gives the class's value, summed over heads
+    (for one head, its log-softmax), so a full ranking of the classes comes out either way."""
+    scores = []
+    for i in range(0, len(feats["y"]), 256):
+        logits = probe(feats["x"][i:i + 256].to(device).float(), feats["valid"][i:i + 256].to(device))
+        logp = [F.log_softmax(l, -1).cpu() for l in logits]
+        scores.append(sum(lp[:, targets[:, h]] for h, lp in enumerate(logp)))
+    return torch.cat(scores)
 
 
 def top_k(logits, labels, k):
@@ -273,12 +299,13 @@ def classify(args, path, ckpt, data_dir, device):
     nv = 0 if args.modalities == "audio" else encoder.nv
     N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
     standardize(feats["train"], feats["val"], [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3])
-    probe = train_probe(feats["train"], classes, encoder.config["heads"], args, device)
-    logits, labels = predict_classes(probe, feats["val"], device), feats["val"]["y"]
+    outputs, targets = label_heads(classes, meta)
+    probe = train_probe(feats["train"], outputs, targets, encoder.config["heads"], args, device)
+    logits, labels = predict_classes(probe, feats["val"], targets, device), feats["val"]["y"]
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
                modalities=args.modalities, read=read, init=args.init, epochs=args.epochs, classes=classes,
                train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1),
-               train_top1=top_k(predict_classes(probe, feats["train"], device), feats["train"]["y"], 1))  # underfit?
+               train_top1=top_k(predict_classes(probe, feats["train"], targets, device), feats["train"]["y"], 1))
     if classes >= 10:
         res["top5"] = top_k(logits, labels, 5)
     if "class_factors" in meta:

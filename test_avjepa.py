@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import avjepa
 import bench
@@ -1175,6 +1176,19 @@ def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
         x = train["x"][:, part][train["valid"][:, part]]
         assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
     assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)   # val: the train split's statistics
+
+
+def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
+    meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
+                class_factors=[[c, s] for c in range(2) for s in range(3)])      # 6 classes: (colour, size)
+    outputs, targets = probe.label_heads(6, meta)
+    assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
+    colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])   # sure of red, and of large
+    feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool), y=torch.tensor([2]))
+    scores = probe.predict_classes(lambda x, valid: [colour, size], feats, targets, "cpu")
+    expected = [F.log_softmax(colour, -1)[0, c] + F.log_softmax(size, -1)[0, s] for c, s in meta["class_factors"]]
+    torch.testing.assert_close(scores[0], torch.stack(expected))
+    assert scores.argmax().item() == 2                                             # class (red, l)
 
 
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
