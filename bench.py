@@ -470,8 +470,10 @@ def tune_attention(args):
         torch.manual_seed(0)
         qkv = [torch.randn(sum(lengths), heads, hd, device=args.dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
         grad = torch.randn_like(qkv[0])
-        ref = kernels.attention_torch(*(t.detach().float().requires_grad_() for t in qkv), cu, max(lengths))
-        inputs.append((case, qkv, cu, max(lengths), grad))
+        leaves = [t.detach().float().requires_grad_() for t in qkv]   # the fp32 reference, once per case
+        ref = kernels.attention_torch(*leaves, cu, max(lengths))
+        refs = dict(fwd=[ref.detach()], bwd=list(torch.autograd.grad(ref, leaves, grad.float())))
+        inputs.append((case, qkv, cu, max(lengths), grad, refs))
     print(f"\n== tune attention: head dim 64, {str(args.dtype)[6:]} (table row {row}); cases: {', '.join(c[0] for c in cases)}")
     results = []
     for kernel in ("fwd", "dkdv", "dq"):
@@ -479,17 +481,14 @@ def tune_attention(args):
         for bm, bn, warps, stages in [(m, n, w, st) for m in tiles for n in tiles for w, st in launch]:
             kernels.TILE_OVERRIDE[kernel, row] = (bm, bn, warps, stages)
             r = dict(kernel=kernel, row=row, config=(bm, bn, warps, stages), ms=0.0, best="", note="")
-            for case, qkv, cu, L, grad in inputs:
+            for case, qkv, cu, L, grad, refs in inputs:
                 def call():
                     with backend("triton"):
                         out = kernels.attention(*qkv, cu, L)
-                        return out if kernel == "fwd" else torch.autograd.grad(out, qkv, grad)
+                        return [out] if kernel == "fwd" else torch.autograd.grad(out, qkv, grad)
                 out, why = attempt(call, args)
                 if why is None:
-                    leaves = [t.detach().float().requires_grad_() for t in qkv]
-                    ref = kernels.attention_torch(*leaves, cu, L)
-                    ref = ref if kernel == "fwd" else torch.autograd.grad(ref, leaves, grad.float())
-                    pairs = [(out, ref)] if kernel == "fwd" else list(zip(out, ref))
+                    pairs = list(zip(out, refs["fwd" if kernel == "fwd" else "bwd"]))
                     tol = 5e-2 if args.dtype == torch.bfloat16 else 1e-3
                     if any((o.float() - f).abs().max().item() > tol * max(1.0, f.abs().max().item()) for o, f in pairs):
                         why = "MISMATCH"
