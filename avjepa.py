@@ -477,10 +477,7 @@ class Encoder(nn.Module):
         the flattened [B*N] tokens, packed per segment, returns [total, D]."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
-        if keep is None:
-            index, cu, max_len = torch.arange(B * N, device=x.device), torch.arange(B + 1, device=x.device, dtype=torch.int32) * N, N
-        else:
-            index, cu, max_len = keep
+        index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))    # kept tokens + their positions
         for block in self.blocks:
             x = block(x, cu, max_len)

@@ -37,7 +37,7 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from avjepa import remove_stale
+from avjepa import COUNT, NONNEG_INT, PATCH, TUBELET, remove_stale
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}
@@ -532,28 +532,23 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Turn videos into avjepa memmaps. Without --videos: build the synthetic "
                                 "set in data/synthetic (8 frames, step 4, 64 px; the clip flags are ignored).")
     p.add_argument("--videos", metavar="PATH", help="a folder of videos (class subfolders = labels, train/ and val/ "
-                   "= splits), a list of '<path> <int label>' lines, or a Kinetics CSV")
+                   "= splits), a list of '<path> <int label>' lines, a Kinetics CSV or a VGGSound CSV")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<name of --videos>)")
-    p.add_argument("--frames", type=int, default=16, metavar="N", help="frames per clip")
-    p.add_argument("--frame-step", type=int, default=4, metavar="N",
+    p.add_argument("--frames", type=COUNT, default=16, metavar="N", help="frames per clip")
+    p.add_argument("--frame-step", type=COUNT, default=4, metavar="N",
                    help="frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps")
-    p.add_argument("--size", type=int, default=224, metavar="N", help="frame side after short-side resize and centre crop")
-    p.add_argument("--clips-per-video", type=int, default=1, metavar="N", help="clips per video, spread evenly over it")
+    p.add_argument("--size", type=COUNT, default=224, metavar="N", help="frame side after short-side resize and centre crop")
+    p.add_argument("--clips-per-video", type=COUNT, default=1, metavar="N", help="clips per video, spread evenly over it")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of the videos held out for val, when the source has no split of its own")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="decoding processes")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the train/val split")
+    p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N", help="decoding processes")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, metavar="N", help="seed of the train/val split")
     args = p.parse_args()
-    for flag in ("frames", "frame_step", "size", "clips_per_video", "workers"):
-        if getattr(args, flag) < 1:
-            p.error(f"argument --{flag.replace('_', '-')}: {getattr(args, flag)} is out of range: it must be >= 1")
-    if args.frames % 2 or args.size % 16:   # the model cuts clips into tubelets of 2 frames x 16 x 16 pixels
-        p.error(f"argument --{'frames' if args.frames % 2 else 'size'}: must be a multiple of {2 if args.frames % 2 else 16} "
-                f"(tubelets are 2 frames x 16 x 16 pixels)")
+    for flag, unit in (("frames", TUBELET), ("size", PATCH)):   # the model cuts clips into 2 x 16 x 16 tubelets
+        if getattr(args, flag) % unit:
+            p.error(f"argument --{flag}: must be a multiple of {unit} (tubelets are {TUBELET} frames x {PATCH} x {PATCH} pixels)")
     if not 0 <= args.val_fraction < 1:
         p.error(f"argument --val-fraction: {args.val_fraction} is out of range: it must be in [0, 1)")
-    if args.seed < 0:
-        p.error(f"argument --seed: {args.seed} is out of range: it must be >= 0")
     try:
         if args.videos is None:
             make_synthetic(args.out or "data/synthetic", args.workers)
