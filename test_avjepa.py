@@ -610,6 +610,39 @@ def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     assert {"encoder", "predictor", "target_encoder", "opt", "step", "config", "rng"} <= set(ck) and ck["step"] == 2
 
 
+# The golden run: three steps at a fixed seed on the torch path, per recipe. A refactor that changes no
+# behaviour keeps these numbers (sum, sum of |w|, and a fixed random projection of every weight, in float64).
+GOLDEN = {
+    "av-cross": (["--audio", "--masks", "short,long,v2a,a2v"], dict(
+        encoder=(283.36318386110275, 1533.9349482905884, 15.372999224580603),
+        predictor=(207.09402973108823, 448.8226912254713, 18.140196756467848),
+        target_encoder=(280.58906022612985, 1529.1810543232327, 14.970980272553863))),
+    "av-vjepa": (["--audio", "--context-pass", "joint", "--target-pass", "joint", "--reg", "none"], dict(
+        encoder=(281.91355998120594, 1530.295123615604, 14.772505841220726),
+        predictor=(207.08930749773754, 448.87578444241274, 24.98771214237295),
+        target_encoder=(280.58602307062847, 1529.1736683321737, 14.969337317254537))),
+    "v": ([], dict(
+        encoder=(280.64540030129194, 1398.7811491577718, 9.8771415383822),
+        predictor=(211.0029511023069, 450.3021388256998, 22.00255324942184),
+        target_encoder=(278.84884333236045, 1395.639671529751, 9.872491394356656))),
+}
+
+
+def fingerprint(module):
+    flat = torch.cat([v.double().flatten() for _, v in sorted(module.state_dict().items())])
+    w = torch.randn(len(flat), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return flat.sum().item(), flat.abs().sum().item(), (flat * w).sum().item()
+
+
+@pytest.mark.parametrize("recipe", GOLDEN)
+def test_three_steps_at_a_fixed_seed_give_the_golden_weights(fake_data, tmp_path, monkeypatch, recipe):
+    monkeypatch.setattr(kernels, "BACKEND", "torch")
+    flags, want = GOLDEN[recipe]
+    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", "--device", "cpu", *flags))
+    for name, module in zip(want, models):
+        assert fingerprint(module) == pytest.approx(want[name], rel=1e-5), name
+
+
 def test_resume_after_interruption_gives_the_same_weights(fake_data, tmp_path, monkeypatch):
     flags = ["--audio", "--steps", "8", "--save-every", "4"]
     avjepa.train(micro_args(fake_data, tmp_path / "a", *flags))
