@@ -22,7 +22,9 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,8 +46,8 @@ MODELS = {
 }
 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
-# vit_large up, as V-JEPA). The seed's 384x12 predictor was 4x ViT-Tiny's encoder: a predictor that
-# strong can solve the task by itself, and the encoder, the part we keep, learns less.
+# vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that strong
+# can solve the task by itself, and the encoder, the part we keep, learns less.
 def predictor_size(width, depth):
     return min(width // 2, 384), (12 if depth >= 24 else 6)
 
@@ -289,60 +291,102 @@ def sample_targets(rng, config, video_grid, audio_grid):
     return np.concatenate([v, a])
 
 
-def pack(lists, n_tokens, batch):
-    """Token lists of segments (config, clip) -> (rows of the flattened [B * N] tokens, cu_seqlens, max_len)."""
-    lengths = [len(x) for x in lists]
-    index = np.concatenate([np.asarray(x, np.int64) + (i % batch) * n_tokens for i, x in enumerate(lists)])
+class Packed(NamedTuple):
+    """Rows of several segments in one flat sequence, the way variable-length attention takes them: segments
+    of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded, nothing is cut."""
+    index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment after segment
+    cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
+    max_len: int          # the longest segment, a Python int: nobody has to ask the device
+
+    def to(self, device):
+        return Packed(self.index.to(device), self.cu.to(device), self.max_len)
+
+    def segment_ids(self):
+        """[total]: the segment of each row."""
+        return kernels.segment_ids(self.cu, len(self.index))
+
+
+def pack(lists, n_tokens, batch, split_at=None):
+    """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) -> Packed
+    rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list where its audio
+    starts: the same rows, attended as one segment per modality (empty pieces are dropped)."""
+    index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens for s, x in enumerate(lists)])
+    if split_at is None:
+        lengths = [len(x) for x in lists]
+    else:
+        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at))) if n]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return torch.from_numpy(index), torch.from_numpy(cu), max(lengths)
-
-
-def split_modalities(lists, nv):
-    """cu_seqlens and max length that cut every sorted token list where its audio starts (video comes
-    first): the same packed rows, attended as one segment per modality. Empty pieces are dropped."""
-    lengths = [n for x in lists for n in (int(np.sum(x < nv)), int(np.sum(x >= nv))) if n]
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)), max(lengths)
+    return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths))
 
 
 def whole_clips(batch, nv, n_tokens, device, separate):
-    """Every token of every clip, packed: one attention segment per clip, or (separate) one per clip and
-    modality, so that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
+    """Every token of every clip, packed: one segment per clip, or (separate) one per clip and modality, so
+    that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
-        return index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens
+        return Packed(index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens)
     i = torch.arange(2 * batch + 1, device=device)
     cu = (i // 2 * n_tokens + i % 2 * nv).int()   # arithmetic on the device: no copy, no sync
-    return index, cu, max(nv, n_tokens - nv)
+    return Packed(index, cu, max(nv, n_tokens - nv))
 
 
-def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False, separate=False):
-    """Context and target tokens of every (config, clip) pair, packed: segment s = config s // B, clip s % B.
-    Returns dict(ctx=(index, cu, max), tgt=(index, cu, max), enc=...); index rows point into [B * N] tokens.
-    enc is how the encoder attends over the context rows: as ctx, or (separate) one segment per modality."""
-    N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
-    Nv = math.prod(video_grid)
+@dataclass
+class Masks:
+    """One step's masks, packed. Segment s of ctx and tgt is (mask config s // B, clip s % B)."""
+    ctx: Packed                 # the context: the tokens the encoder sees
+    enc: Packed                 # the same rows, cut where the encoder's attention stops (per modality if separate)
+    tgt: Packed                 # the targets: the tokens the predictor fills in
+    tgt_config: torch.Tensor    # [Tt] each target's mask config: it picks the predictor's mask token
+    tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
+    tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
+
+    def to(self, device):
+        return Masks(**{name: x.to(device) for name, x in vars(self).items()})
+
+
+def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
+    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights: every mask
+    config counts the same, and within a config, video and audio (times audio_weight) each count the same
+    whatever their token counts, so that the few audio tokens are not drowned by the many video ones."""
+    n_configs = len(tgt) // batch
+    config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
+    modality = (np.concatenate([np.asarray(x, np.int64) for x in tgt]) >= nv).astype(np.int64)
+    group = config * 2 + modality                                                        # (config, modality)
+    count = np.bincount(group, minlength=2 * n_configs)                                  # targets per group
+    scale = np.array([1.0, audio_weight])
+    per_config = (count.reshape(n_configs, 2) > 0) @ scale                               # what each config shares
+    weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
+    return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
+                 tgt=pack(tgt, n_tokens, batch), tgt_config=torch.from_numpy(config),
+                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)))
+
+
+def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False, separate=False,
+                 audio_weight=1.0):
+    """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks).
+    separate: the encoder attends over each clip's context one modality at a time."""
+    nv = math.prod(video_grid)
+    N = nv + (math.prod(audio_grid) if audio_grid else 0)
     ctx, tgt = [], []
     for config in configs:
         for b in range(batch):
             exists = np.ones(N, bool)
-            exists[Nv:] = bool(has_audio[b])      # silent clips drop their audio tokens entirely
+            exists[nv:] = bool(has_audio[b])      # silent clips drop their audio tokens entirely
             for _ in range(20):                   # resample until the context is not empty
-                target = sample_targets(rng, config, video_grid, audio_grid) & exists
-                if (exists & ~target).any():
+                is_target = sample_targets(rng, config, video_grid, audio_grid) & exists
+                if (exists & ~is_target).any():
                     break
             else:                                 # only a2v on a silent clip: keep one video token visible
-                target[rng.choice(np.flatnonzero(target))] = False
-            ctx.append(np.flatnonzero(exists & ~target))
-            tgt.append(np.flatnonzero(target))
-    if truncate:   # the seed's and V-JEPA's collation: every list cut to its config's batch minimum
+                is_target[rng.choice(np.flatnonzero(is_target))] = False
+            ctx.append(np.flatnonzero(exists & ~is_target))
+            tgt.append(np.flatnonzero(is_target))
+    if truncate:   # V-JEPA's collation, for comparison: every list cut to its config's batch minimum
         for lists in (ctx, tgt):
             for c in range(len(configs)):
                 seg = lists[c * batch:(c + 1) * batch]
                 keep = min(len(x) for x in seg)
                 lists[c * batch:(c + 1) * batch] = [x[:keep] for x in seg]
-    masks = dict(ctx=pack(ctx, N, batch), tgt=pack(tgt, N, batch))
-    masks["enc"] = (masks["ctx"][0], *split_modalities(ctx, Nv)) if separate and audio_grid else masks["ctx"]
-    return masks
+    return pack_masks(ctx, tgt, batch, nv, N, separate and bool(audio_grid), audio_weight)
 
 # -----------------------------------------------------------------------------
 # Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
@@ -473,12 +517,12 @@ class Encoder(nn.Module):
 
     def forward(self, video=None, audio=None, keep=None):
         """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
-        keep=None: all tokens, returns [B, N, D]. keep=(index, cu_seqlens, max_len): only those rows of
-        the flattened [B*N] tokens, packed per segment, returns [total, D]."""
+        keep=None: all tokens, returns [B, N, D]. keep=Packed: only those rows of the flattened [B * N]
+        tokens, each segment attending within itself, returns [total, D]."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
-        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))    # kept tokens + their positions
+        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N], fused
         for block in self.blocks:
             x = block(x, cu, max_len)
         x = self.norm(x)
@@ -501,26 +545,34 @@ class Predictor(nn.Module):
         self.predictor_proj = nn.Linear(width, enc_width)
         init_weights(self, self.blocks)
 
-    def forward(self, context, masks, batch):
+    def forward(self, context, masks):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
-        (ci, ccu, cmax), (ti, tcu, tmax) = masks["ctx"], masks["tgt"]
         N = self.pos_embed.shape[0]
-        ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ci % N)
-        seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=ti.device), tcu[1:] - tcu[:-1],
-                                      output_size=len(ti))                 # target row -> segment
-        kind = (ti % N >= self.nv).long()                                    # 0 video, 1 audio
-        tgt = self.mask_tokens[seg // batch, kind] + kernels.gather(self.pos_embed, ti % N)
-        # Segment s becomes [its context ; its targets]: find each row's slot in that packed sequence.
-        cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1, device=ci.device), ccu[1:] - ccu[:-1],
-                                       output_size=len(ci))
-        ctx_slot = torch.arange(len(ci), device=ci.device) + tcu[cseg]
-        tgt_slot = torch.arange(len(ti), device=ti.device) + ccu[seg + 1]
-        cu = ccu + tcu
-        x = kernels.scatter(torch.cat([ctx, tgt]), torch.cat([ctx_slot, tgt_slot]), len(ci) + len(ti))
-        max_len = cmax + tmax   # at least the longest segment, known without asking the device
+        ctx, tgt = masks.ctx, masks.tgt
+        # kernels.gather(x, rows) is x[rows], fused: the context with its positions, and a mask token (of the
+        # target's config and modality) with its position in place of each target
+        x_ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ctx.index % N)   # [Tc, Dp]
+        x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + kernels.gather(self.pos_embed, tgt.index % N)
+        ctx_slot, tgt_slot = predictor_slots(ctx, tgt)
+        x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]), len(ctx_slot) + len(tgt_slot))
+        cu, max_len = ctx.cu + tgt.cu, ctx.max_len + tgt.max_len   # max_len: at least the longest, known on the host
         for block in self.blocks:
             x = block(x, cu, max_len)
-        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))
+        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))                   # [Tt, D]
+
+
+def predictor_slots(ctx, tgt):
+    """Where each context and target row goes when every segment becomes [its context ; its targets].
+    A row's slot is its place among its own kind plus the rows of the other kind that come before it: for
+    a context row of segment s, every target of the segments before s (tgt.cu[s]); for a target row, every
+    context row up to and including its own segment (ctx.cu[s + 1]). Two segments, contexts of 3 and 2
+    rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
+        packed sequence  c0 c1 c2 t0 | c3 c4 t1 t2    cu = ctx.cu + tgt.cu = [0, 4, 8]
+        ctx_slot = [0, 1, 2, 3, 4] + [0, 0, 0, 1, 1] = [0, 1, 2, 4, 5]
+        tgt_slot = [0, 1, 2] + [3, 5, 5]             = [3, 6, 7]"""
+    ctx_slot = torch.arange(len(ctx.index), device=ctx.index.device) + tgt.cu[ctx.segment_ids()]
+    tgt_slot = torch.arange(len(tgt.index), device=tgt.index.device) + ctx.cu[tgt.segment_ids() + 1]
+    return ctx_slot, tgt_slot
 
 
 class JEPA(nn.Module):
@@ -530,8 +582,8 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
-        context = self.encoder(video, audio, keep=masks["enc"])            # [Tc, D]
-        return self.predictor(context, masks, video.shape[0]), context    # [Tt, D], [Tc, D]
+        context = self.encoder(video, audio, keep=masks.enc)    # [Tc, D]
+        return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
 
 
 def build(cfg):
@@ -541,10 +593,329 @@ def build(cfg):
                       cfg["tubelet_seconds"], cfg["audio_patch_seconds"])
     pw, pd = predictor_size(width, depth)
     predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
-    target = Encoder(**encoder.config)
-    target.load_state_dict(encoder.state_dict())
-    target.requires_grad_(False)
-    return encoder, predictor, target
+    target_encoder = Encoder(**encoder.config)
+    target_encoder.load_state_dict(encoder.state_dict())
+    target_encoder.requires_grad_(False)
+    return encoder, predictor, target_encoder
+
+# -----------------------------------------------------------------------------
+# Loss and schedules
+
+def jepa_loss(pred, targets, masks):
+    """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the target
+    tokens (masks.tgt_weight: each config, and each modality within it, counts the same). Returns it and, for
+    the log, the plain mean per modality (video, audio), nan for a modality that has no targets this step."""
+    err = (pred.float() - targets.float()).abs().mean(-1)                    # [Tt] L1 of each target token
+    audio = masks.tgt_modality.float()
+    video = 1 - audio
+    return (masks.tgt_weight * err).sum(), (err * video).sum() / video.sum(), (err * audio).sum() / audio.sum()
+
+
+def sigreg(x, directions=256, knots=17):
+    """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is projected
+    on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley statistic
+    n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic function with
+    the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w. Collapsed features (all
+    rows alike, or a few directions only) are far from it, so this term keeps the features spread out."""
+    x = x.float()
+    a = torch.randn(x.shape[1], directions, device=x.device)
+    proj = x @ (a / a.norm(dim=0))                                        # [n, M]
+    t = torch.linspace(0, 3, knots, device=x.device)
+    xt = proj[..., None] * t                                              # [n, M, K]
+    gauss = torch.exp(-t ** 2 / 2)
+    err = (xt.cos().mean(0) - gauss) ** 2 + xt.sin().mean(0) ** 2          # [M, K]
+    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of how many tokens a batch has
+    return torch.trapezoid(err * gauss, t, dim=-1).mean()
+
+
+def schedules(step, args):
+    """lr, weight decay and EMA momentum at `step`.
+    vjepa1: warmup then cosine lr, cosine weight decay up, linear EMA up, over steps * schedule_scale
+    (V-JEPA stretches by 1.25 and stops at 80%). vjepa2: warmup, then a constant lr, weight decay and
+    EMA (V-JEPA 2), and a linear cool-down of the lr over the last --cooldown of the steps."""
+    if args.schedule == "vjepa2":
+        warm, cool = args.warmup * args.steps, (1 - args.cooldown) * args.steps
+        if step < warm:
+            lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+        elif step < cool:
+            lr = args.lr
+        else:
+            lr = args.lr + (args.final_lr - args.lr) * (step - cool) / max(args.steps - cool, 1)
+        return lr, args.wd[0], args.ema[0]
+    total = args.steps * args.schedule_scale
+    warm = args.warmup * total
+    if step < warm:
+        lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+    else:
+        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+    wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
+    ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
+    return lr, wd, ema
+
+
+@torch.no_grad()
+def rankme(x):
+    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
+    how many directions the features really use: up to min(n, D) when healthy, falling towards 1 as they
+    collapse. Costs an SVD and a host sync, so it runs on log steps only."""
+    if len(x) < 2:
+        return math.nan
+    s = torch.linalg.svdvals(x.float())
+    p = s / s.sum() + 1e-7
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapse_monitor(target_feats, nv, heard):
+    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
+    the clips that have sound (heard [B] bool). nan for a modality that is absent."""
+    D = target_feats.shape[-1]
+    video = rankme(target_feats[:, :nv].reshape(-1, D))
+    audio = rankme(target_feats[heard, nv:].reshape(-1, D)) if target_feats.shape[1] > nv else math.nan
+    return video, audio
+
+
+def step_flops(encoder, predictor, masks, batch, separate_targets=True):
+    """Matmul FLOPs of one training step: 6 per weight per trained token (fwd + bwd), 2 per target
+    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained),
+    over the segments each pass really attends within. masks on the CPU."""
+    def lin(m):   # weights applied per token
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
+    def attn(m, cu):
+        L = (cu[1:] - cu[:-1]).double()
+        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
+    N, ctx_cu, tgt_cu = encoder.n_tokens(), masks.ctx.cu, masks.tgt.cu
+    tc, tt = int(ctx_cu[-1]), int(tgt_cu[-1])
+    whole_cu = whole_clips(batch, encoder.nv, N, "cpu", separate_targets).cu
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
+            + 3 * attn(predictor, ctx_cu + tgt_cu) + 2 * lin(encoder) * batch * N + attn(encoder, whole_cu))
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+@torch.no_grad()
+def target_features(target_encoder, video, audio, separate):
+    """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
+    modality in an attention pass of its own (separate) or both in one."""
+    B, N, D = video.shape[0], target_encoder.n_tokens(audio is not None), target_encoder.config["width"]
+    whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
+    return F.layer_norm(target_encoder(video, audio, keep=whole).float(), (D,)).view(B, N, D)
+
+
+@torch.no_grad()
+def ema_update(target_encoder, encoder, momentum):
+    """target_encoder <- momentum * target_encoder + (1 - momentum) * encoder, all weights in one call."""
+    torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
+
+
+def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
+    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped).
+    Returns (loss, video loss, audio loss, target features [B, N, D]). Nothing here waits for the device:
+    whether the loss stayed finite is checked by the loop on log and checkpoint steps."""
+    jepa = getattr(model, "module", model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
+        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate")
+        pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)        # [Tt, D]
+        loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
+        if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
+            loss = loss + args.reg_weight * sigreg(context)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad:
+        torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
+    opt.step()
+    ema_update(target_encoder, jepa.encoder, momentum)
+    return loss, loss_v, loss_a, target_feats
+
+
+def run_config(args, meta):
+    """Everything build() needs, and a checkpoint records: the flags and the dataset's clip geometry."""
+    return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
+                crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
+                tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
+                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass,
+                target_pass=args.target_pass, data=str(args.data))
+
+
+def make_optimizer(model, lr):
+    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is False)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
+    return torch.optim.AdamW([{"params": decay, "decay": True},
+                              {"params": no_decay, "decay": False, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
+def setup_process(args):
+    """(device, rank, world size): one process, or under torchrun one per GPU (gloo when on CPUs)."""
+    if "RANK" not in os.environ:
+        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
+    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG; else 0,
+    after --init's encoder weights if given. Never overwrites a run by accident."""
+    if args.resume:
+        ck = read_checkpoint(ckpt_path)
+        diff = [k for k in cfg if k != "data" and ck["config"].get(k) != cfg[k]]
+        if diff:
+            raise SystemExit(f"{ckpt_path} was trained with different settings ({', '.join(diff)}): "
+                             f"resume with the same flags, or start a new --name")
+        jepa.encoder.load_state_dict(ck["encoder"])
+        jepa.predictor.load_state_dict(ck["predictor"])
+        target_encoder.load_state_dict(ck["target_encoder"])
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        return ck["step"]
+    if ckpt_path.exists():
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
+    if args.init:
+        init_from(jepa.encoder, args.init)
+        target_encoder.load_state_dict(jepa.encoder.state_dict())
+    return 0
+
+
+def write_log_line(log, rec):
+    """One JSON line; a modality with no targets this step has no loss (nan): written as null, so it stays JSON."""
+    log.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}) + "\n")
+    log.flush()
+
+
+def plot_log(log_path, png_path, size=(360, 240)):
+    """Loss and RankMe against steps, one panel each, video in blue and audio in orange: a PNG next to the
+    log, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank falling)."""
+    from PIL import Image, ImageDraw
+    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    panels = [("loss", "loss_video", "loss_audio"), ("RankMe of the targets", "rank_video", "rank_audio")]
+    W, H = size
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    draw = ImageDraw.Draw(img)
+    steps = [r["step"] for r in recs]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    for i, (title, *keys) in enumerate(panels):
+        left, top, right, bottom = i * W + 40, 20, i * W + W - 10, H - 25
+        values = [r[k] for r in recs for k in keys if r.get(k) is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle([left, top, right, bottom], outline="black")
+        draw.text((left, 4), f"{title}: video blue, audio orange", fill="black")
+        draw.text((i * W + 2, top), f"{hi:.3g}", fill="black")
+        draw.text((i * W + 2, bottom - 10), f"{lo:.3g}", fill="black")
+        draw.text((left, bottom + 5), f"step {x0}", fill="black")
+        draw.text((right - 60, bottom + 5), f"step {x1}", fill="black")
+        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e")):
+            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left), bottom - (r[key] - lo) / (hi - lo) * (bottom - top))
+                   for r in recs if r.get(key) is not None]
+            if len(pts) > 1:
+                draw.line(pts, fill=colour, width=2)
+    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def train(argv=None):
+    args = get_args(argv)
+    device, rank, world = setup_process(args)
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    if args.deterministic:   # cuBLAS needs a fixed workspace to be deterministic; set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+    data = load_split(args.data, "train")
+    meta = data["meta"]
+    if data["n"] == 0:
+        raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
+    cfg = run_config(args, meta)
+    if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
+        raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
+    run_dir = Path(args.out) / args.name
+    ckpt_path = run_dir / "ckpt.pt"
+
+    encoder, predictor, target_encoder = build(cfg)
+    model = JEPA(encoder, predictor)
+    opt = make_optimizer(model, args.lr)
+    step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
+    model.to(device)
+    target_encoder.to(device)
+    trained = model
+    if torch.distributed.is_initialized():
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        trained = torch.compile(trained, dynamic=True)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    B = args.batch_size
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+
+    def make_batch(s):
+        """Everything random about step s comes from (seed, step, rank): resume replays it exactly."""
+        rng = np.random.default_rng([args.seed, s, rank])
+        batch = get_batch(data, batch_indices(data["n"], B, s, args.seed, rank, world), device)
+        has_audio = batch["has_audio"].cpu().numpy() if args.audio else np.zeros(B, bool)
+        masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio, args.truncate,
+                             args.context_pass == "separate", args.audio_weight)
+        return batch, masks.to(device), rng
+
+    def save(s):
+        if master:
+            ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
+                        target_encoder=target_encoder.state_dict(), opt=opt.state_dict(), step=s, config=cfg,
+                        rng=dict(torch=torch.get_rng_state()))
+            write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+
+    log = open(run_dir / "log.jsonl", "a") if master else None
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
+    t0, clips, last = time.time(), 0, None
+    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, kept on the device
+    for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
+        lr, wd, momentum = schedules(s, args)
+        for g in opt.param_groups:
+            g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
+        video = augment_video(batch["video"], cfg["crop"], rng)
+        audio = normalize_audio(batch["audio"], meta) if args.audio else None
+        loss, loss_v, loss_a, target_feats = train_step(trained, target_encoder, opt, video, audio, masks, momentum, args)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
+        clips += B * world
+        bar.update(1)
+        log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
+        if (log_step or save_step) and first_bad.item() >= 0:   # .item(): the only sync, and only on these steps
+            kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
+                if ckpt_path.exists() else "no checkpoint was written yet"
+            raise SystemExit(f"loss became non-finite at step {first_bad.item()}; stopping, {kept}. "
+                             f"Try a lower --lr or a higher --ema start.")
+        if log_step:
+            dt = time.time() - t0
+            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
+                       lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
+            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
+            if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
+                flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
+                rec["mfu"] = flops * (clips / (B * world)) / dt / peak
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
+            if master:
+                write_log_line(log, rec)
+            last, t0, clips = rec, time.time(), 0
+        if save_step and s + 1 < args.steps:
+            save(s + 1)
+    bar.close()
+    save(args.steps)
+    if master and last:
+        plot_log(run_dir / "log.jsonl", run_dir / "training.png")
+        audio_part = f", audio {last['loss_audio']:.4f}" if args.audio else ""
+        rank_part = f", audio {last['rank_audio']:.0f}" if args.audio else ""
+        print(f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
+              f"{audio_part}), RankMe video {last['rank_video']:.0f}{rank_part} of {encoder.config['width']}, "
+              f"{last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}, curves {run_dir / 'training.png'}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return encoder, predictor, target_encoder
+
 
 # -----------------------------------------------------------------------------
 # Checkpoints: ours, and V-JEPA's (.pth.tar: 'target_encoder' / 'encoder', 'module.'/'backbone.' prefixes).
@@ -636,322 +1007,6 @@ def init_from(encoder, path):
         raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
                          f"it was trained with a different --model")
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-
-# -----------------------------------------------------------------------------
-# Loss and schedules
-
-def jepa_loss(pred, target, masks, n_configs, batch, nv, n_tokens, audio_weight):
-    """L1 between predicted and target embeddings, averaged per (config, modality), so the few audio
-    tokens are not drowned by the many video ones (the seed's audio was 2-7% of its loss).
-    Returns (loss, video_loss, audio_loss); a modality with no targets this step gives nan."""
-    ti, tcu, _ = masks["tgt"]
-    err = (pred.float() - target.float()).abs().mean(-1)                     # [Tt]
-    seg = torch.repeat_interleave(torch.arange(len(tcu) - 1, device=err.device), tcu[1:] - tcu[:-1], output_size=len(ti))
-    group = (seg // batch) * 2 + (ti % n_tokens >= nv).long()               # (config, modality)
-    total = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, err)
-    count = torch.zeros(n_configs * 2, device=err.device).index_add(0, group, torch.ones_like(err))
-    mean = (total / count.clamp(min=1)).view(n_configs, 2)                  # [configs, (video, audio)]
-    present = (count.view(n_configs, 2) > 0).float()
-    scale = torch.ones(2, device=err.device)
-    scale[1] = audio_weight                                                 # a fill, not a host-to-device copy
-    weight = present * scale
-    loss = ((mean * weight).sum(1) / weight.sum(1).clamp(min=1e-8)).mean()
-    per_mod = (mean * present).sum(0) / present.sum(0)                       # nan if never present
-    return loss, per_mod[0], per_mod[1]
-
-
-def sigreg(x, directions=256, knots=17):
-    """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is projected
-    on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley statistic
-    n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic function with
-    the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w. Collapsed features (all
-    rows alike, or a few directions only) are far from it, so this term keeps the features spread out."""
-    x = x.float()
-    a = torch.randn(x.shape[1], directions, device=x.device)
-    proj = x @ (a / a.norm(dim=0))                                        # [n, M]
-    t = torch.linspace(0, 3, knots, device=x.device)
-    xt = proj[..., None] * t                                              # [n, M, K]
-    gauss = torch.exp(-t ** 2 / 2)
-    err = (xt.cos().mean(0) - gauss) ** 2 + xt.sin().mean(0) ** 2          # [M, K]
-    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of how many tokens a batch has
-    return torch.trapezoid(err * gauss, t, dim=-1).mean()
-
-
-def schedules(step, args):
-    """lr, weight decay and EMA momentum at `step`.
-    vjepa1: warmup then cosine lr, cosine weight decay up, linear EMA up, over steps * schedule_scale
-    (V-JEPA stretches by 1.25 and stops at 80%). vjepa2: warmup, then a constant lr, weight decay and
-    EMA (V-JEPA 2), and a linear cool-down of the lr over the last --cooldown of the steps."""
-    if args.schedule == "vjepa2":
-        warm, cool = args.warmup * args.steps, (1 - args.cooldown) * args.steps
-        if step < warm:
-            lr = args.start_lr + (args.lr - args.start_lr) * step / warm
-        elif step < cool:
-            lr = args.lr
-        else:
-            lr = args.lr + (args.final_lr - args.lr) * (step - cool) / max(args.steps - cool, 1)
-        return lr, args.wd[0], args.ema[0]
-    total = args.steps * args.schedule_scale
-    warm = args.warmup * total
-    if step < warm:
-        lr = args.start_lr + (args.lr - args.start_lr) * step / warm
-    else:
-        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
-    wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
-    ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
-    return lr, wd, ema
-
-
-@torch.no_grad()
-def rankme(x):
-    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
-    how many directions the features really use: up to min(n, D) when healthy, falling towards 1 as they
-    collapse. Costs an SVD and a host sync, so it runs on log steps only."""
-    if len(x) < 2:
-        return math.nan
-    s = torch.linalg.svdvals(x.float())
-    p = s / s.sum() + 1e-7
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def collapse_monitor(target_feats, nv, heard):
-    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
-    the clips that have sound (heard [B] bool). nan for a modality that is absent."""
-    D = target_feats.shape[-1]
-    video = rankme(target_feats[:, :nv].reshape(-1, D))
-    audio = rankme(target_feats[heard, nv:].reshape(-1, D)) if target_feats.shape[1] > nv else math.nan
-    return video, audio
-
-
-def step_flops(encoder, predictor, masks, batch, n_tokens, separate_targets=True):
-    """Matmul FLOPs of one training step: 6 per weight per trained token (fwd + bwd), 2 per target
-    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained),
-    over the segments each pass really attends within."""
-    def lin(m):   # weights applied per token
-        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
-    def attn(m, cu):
-        L = (cu[1:] - cu[:-1]).double()
-        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    ccu, tcu = masks["ctx"][1], masks["tgt"][1]
-    tc, tt = int(ccu[-1]), int(tcu[-1])
-    full_cu = whole_clips(batch, encoder.nv, n_tokens, "cpu", separate_targets)[1]
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks["enc"][1]) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, ccu + tcu) + 2 * lin(encoder) * batch * n_tokens + attn(encoder, full_cu))
-
-# -----------------------------------------------------------------------------
-# Training loop
-
-def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
-    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped).
-    Returns (loss, video loss, audio loss, target features [B, N, D]). Nothing here waits for the device:
-    whether the loss stayed finite is checked by the loop on log and checkpoint steps."""
-    jepa = getattr(model, "module", model)
-    encoder = jepa.encoder
-    B, N, D = video.shape[0], encoder.n_tokens(audio is not None), encoder.config["width"]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda)
-    with amp:
-        with torch.no_grad():   # the targets: layer-normed EMA-encoder features of the whole clip
-            whole = whole_clips(B, encoder.nv, N, video.device, args.target_pass == "separate")
-            target_feats = F.layer_norm(target_encoder(video, audio, keep=whole).float(), (D,)).view(B, N, D)
-            tgt = kernels.gather(target_feats.flatten(0, 1), masks["tgt"][0])       # [Tt, D]
-        pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
-        loss, loss_v, loss_a = jepa_loss(pred, tgt, masks, len(args.masks), B, encoder.nv, N, args.audio_weight)
-        if args.reg == "sigreg":
-            loss = loss + args.reg_weight * sigreg(context)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if args.clip_grad:
-        torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
-    opt.step()
-    with torch.no_grad():   # target_encoder <- momentum * target_encoder + (1 - momentum) * encoder
-        torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
-    return loss, loss_v, loss_a, target_feats
-
-
-def run_config(args, meta):
-    """Everything build() needs, and a checkpoint records: the flags and the dataset's clip geometry."""
-    return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
-                crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
-                tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
-                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass,
-                target_pass=args.target_pass, data=str(args.data))
-
-
-def make_optimizer(model, lr):
-    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
-    return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
-
-
-def plot_log(log_path, png_path, size=(360, 240)):
-    """Loss and RankMe against steps, one panel each, video in blue and audio in orange: a PNG next to the
-    log, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank falling)."""
-    from PIL import Image, ImageDraw
-    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    panels = [("loss", "loss_video", "loss_audio"), ("RankMe of the targets", "rank_video", "rank_audio")]
-    W, H = size
-    img = Image.new("RGB", (W * len(panels), H), "white")
-    draw = ImageDraw.Draw(img)
-    steps = [r["step"] for r in recs]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    for i, (title, *keys) in enumerate(panels):
-        left, top, right, bottom = i * W + 40, 20, i * W + W - 10, H - 25
-        values = [r[k] for r in recs for k in keys if r.get(k) is not None]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, 4), f"{title}: video blue, audio orange", fill="black")
-        draw.text((i * W + 2, top), f"{hi:.3g}", fill="black")
-        draw.text((i * W + 2, bottom - 10), f"{lo:.3g}", fill="black")
-        draw.text((left, bottom + 5), f"step {x0}", fill="black")
-        draw.text((right - 60, bottom + 5), f"step {x1}", fill="black")
-        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e")):
-            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left), bottom - (r[key] - lo) / (hi - lo) * (bottom - top))
-                   for r in recs if r.get(key) is not None]
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def train(argv=None):
-    args = get_args(argv)
-    ddp = "RANK" in os.environ
-    if ddp:   # launched by torchrun: one process per GPU (or per CPU worker with gloo)
-        import torch.distributed as dist
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    master = rank == 0
-    torch.manual_seed(args.seed)
-    if args.deterministic:   # cuBLAS needs a fixed workspace to be deterministic; set before its first use
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-
-    data = load_split(args.data, "train")
-    meta = data["meta"]
-    if data["n"] == 0:
-        raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
-    cfg = run_config(args, meta)
-    if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
-        raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
-    run_dir = Path(args.out) / args.name
-    ckpt_path = run_dir / "ckpt.pt"
-
-    encoder, predictor, target = build(cfg)
-    model = JEPA(encoder, predictor)
-    opt = make_optimizer(model, args.lr)
-
-    step = 0
-    if args.resume:
-        ck = read_checkpoint(ckpt_path)
-        saved = {k: v for k, v in ck["config"].items() if k != "data"}
-        if saved != {k: v for k, v in cfg.items() if k != "data"}:
-            diff = [k for k in cfg if k != "data" and saved.get(k) != cfg[k]]
-            raise SystemExit(f"{ckpt_path} was trained with different settings ({', '.join(diff)}): "
-                             f"resume with the same flags, or start a new --name")
-        encoder.load_state_dict(ck["encoder"])
-        predictor.load_state_dict(ck["predictor"])
-        target.load_state_dict(ck["target_encoder"])
-        opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        step = ck["step"]
-    elif ckpt_path.exists():
-        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
-    elif args.init:
-        init_from(encoder, args.init)
-        target.load_state_dict(encoder.state_dict())
-
-    model.to(device)
-    target.to(device)
-    trained = model
-    if ddp:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        trained = torch.compile(trained, dynamic=True)
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    video_grid, audio_grid = encoder.video_grid, encoder.audio_grid
-    N = math.prod(video_grid) + (math.prod(audio_grid) if audio_grid else 0)
-    B = args.batch_size
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
-
-    def make_batch(s):
-        """Everything random about step s comes from (seed, step, rank): resume replays it exactly."""
-        rng = np.random.default_rng([args.seed, s, rank])
-        batch = get_batch(data, batch_indices(data["n"], B, s, args.seed, rank, world), device)
-        has_audio = batch["has_audio"].cpu().numpy() if args.audio else np.zeros(B, bool)
-        masks = sample_masks(rng, args.masks, B, video_grid, audio_grid, has_audio, args.truncate,
-                             args.context_pass == "separate")
-        masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
-        return batch, masks, rng
-
-    def save(s):
-        if master:
-            ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(), target_encoder=target.state_dict(),
-                        opt=opt.state_dict(), step=s, config=cfg, rng=dict(torch=torch.get_rng_state()))
-            write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
-
-    log = open(run_dir / "log.jsonl", "a") if master else None
-    from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
-    t0, clips, last = time.time(), 0, None
-    first_bad = torch.tensor(-1, device=device)
-    for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
-        lr, wd, momentum = schedules(s, args)
-        for g in opt.param_groups:
-            g["lr"] = lr
-            g["weight_decay"] = wd if g is opt.param_groups[0] else 0.0
-        video = augment_video(batch["video"], cfg["crop"], rng)
-        audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        loss, loss_v, loss_a, target_feats = train_step(trained, target, opt, video, audio, masks, momentum, args)
-        # the first step whose loss was not finite, kept on the device; read (a sync) only before logging or saving
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
-        clips += B * world
-        bar.update(1)
-        log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
-        if (log_step or save_step) and first_bad.item() >= 0:
-            kept = f"the last good checkpoint is {ckpt_path} (step {torch.load(ckpt_path, weights_only=True)['step']})" \
-                if ckpt_path.exists() else "no checkpoint was written yet"
-            raise SystemExit(f"loss became non-finite at step {first_bad.item()}; stopping, {kept}. "
-                             f"Try a lower --lr or a higher --ema start.")
-        if log_step:
-            dt = time.time() - t0
-            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
-                       lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
-            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
-            if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
-                flops = step_flops(encoder, predictor, {k: (i.cpu(), cu.cpu(), m) for k, (i, cu, m) in masks.items()}, B, N,
-                                   args.target_pass == "separate")
-                rec["mfu"] = flops * (clips / (B * world)) / dt / peak
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
-            if master:
-                # a modality with no targets this step has no loss (nan): written as null, so the file stays JSON
-                log.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                      for k, v in rec.items()}) + "\n")
-                log.flush()
-            last, t0, clips = rec, time.time(), 0
-        if save_step and s + 1 < args.steps:
-            save(s + 1)
-    bar.close()
-    save(args.steps)
-    if master and last:
-        plot_log(run_dir / "log.jsonl", run_dir / "training.png")
-        audio_part = f", audio {last['loss_audio']:.4f}" if args.audio else ""
-        rank_part = f", audio {last['rank_audio']:.0f}" if args.audio else ""
-        print(f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
-              f"{audio_part}), RankMe video {last['rank_video']:.0f}{rank_part} of {encoder.config['width']}, "
-              f"{last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}, curves {run_dir / 'training.png'}")
-    if ddp:
-        torch.distributed.destroy_process_group()
-    return encoder, predictor, target
 
 
 if __name__ == "__main__":

@@ -172,10 +172,10 @@ def attention_cases(args):
             for config in CONFIGS:
                 masks = avjepa.sample_masks(np.random.default_rng(0), [config], B, args.video_grid,
                                             args.audio_grid if audio else None, np.full(B, audio), separate=True)
-                lengths = np.diff(masks["enc"][1].numpy()).tolist()   # the segments the encoder attends within
+                lengths = np.diff(masks.enc.cu.numpy()).tolist()   # the segments the encoder attends within
                 cases.append((f"JEPA {config} context, {'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
     masks = sample_masks(args, B)
-    ctx, tgt = (np.diff(masks[k][1].numpy()).tolist() for k in ("ctx", "tgt"))
+    ctx, tgt = (np.diff(p.cu.numpy()).tolist() for p in (masks.ctx, masks.tgt))
     cases.append(("JEPA predictor (vit_base), AV", 12, 32, [c + t for c, t in zip(ctx, tgt)]))
     return cases
 
@@ -210,7 +210,7 @@ def bench_attention(args):
         flops = 4 * sum(n * n for n in lengths) * heads * hd
         torch.manual_seed(0)
         q, k, v = packed = [torch.randn(total, heads, hd, device=dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
-        clip = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lens)   # packed row -> (clip, offset)
+        clip = kernels.segment_ids(cu, total)                                          # packed row -> (clip, offset)
         offset = torch.arange(total, device=dev) - cu[:-1].long()[clip]
         def pad(x):   # [total, H, hd] -> [B, H, L, hd], zeros after each clip's end: what a padded batch holds
             out = x.new_zeros(len(lengths), L, heads, hd)
@@ -326,11 +326,8 @@ def bench_gather(args):
         print(f"   ({SKIP})")
     N = math.prod(args.video_grid) + math.prod(args.audio_grid)
     masks = sample_masks(args, B)
-    index = masks["ctx"][0].to(dev)                         # the packed JEPA context of the batch
-    (_, ccu, _), (_, tcu, _) = masks["ctx"], masks["tgt"]   # the predictor's slots, as Predictor.forward finds them
-    cseg = torch.repeat_interleave(torch.arange(len(ccu) - 1), ccu[1:] - ccu[:-1])
-    tseg = torch.repeat_interleave(torch.arange(len(tcu) - 1), tcu[1:] - tcu[:-1])
-    slot = torch.cat([torch.arange(int(ccu[-1])) + tcu[cseg], torch.arange(int(tcu[-1])) + ccu[tseg + 1]]).to(dev)
+    index = masks.ctx.index.to(dev)                                     # the packed JEPA context of the batch
+    slot = torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(dev)   # where the predictor scatters its rows
     K, n, e = len(index), len(slot), torch.finfo(args.dtype).bits // 8
     print(f"context of {B} clips x {N} tokens x {len(CONFIGS)} mask configs: {K} rows gathered "
           f"({K / (len(CONFIGS) * B * N):.0%} kept); predictor scatter: {n} rows")
@@ -394,33 +391,32 @@ def time_steps(args, model_name, audio, truncate, path):
     meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],   # a dataset of this shape
                 frame_seconds=FRAME_SECONDS, audio_hop_seconds=HOP_SECONDS)
     torch.manual_seed(0)
-    encoder, predictor, target = avjepa.build(avjepa.run_config(targs, meta))
+    encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(targs, meta))
     model = avjepa.JEPA(encoder, predictor).to(dev)
-    target.to(dev)
+    target_encoder.to(dev)
     opt = avjepa.make_optimizer(model, targs.lr)
-    N = encoder.nv + (math.prod(encoder.audio_grid) if audio else 0)
     video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
     masks = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
     timed = masks[args.warmup_steps:]
-    flops = sum(avjepa.step_flops(encoder, predictor, m, B, N, targs.target_pass == "separate") for m in timed)
-    masks = [{k: (i.to(dev), cu.to(dev), L) for k, (i, cu, L) in m.items()} for m in masks]   # training prefetches these
+    flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass == "separate") for m in timed)
+    masks = [m.to(dev) for m in masks]   # training prefetches these
     losses = []
     with backend(path):
         for m in masks[:args.warmup_steps]:
-            avjepa.train_step(model, target, opt, video, sound, m, 0.998, targs)
+            avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs)
         if args.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()   # train_step syncs on its finite-loss check every step anyway
+        t0 = time.perf_counter()   # train_step never waits for the device: the synchronize below does
         for m in masks[args.warmup_steps:]:
-            losses.append(avjepa.train_step(model, target, opt, video, sound, m, 0.998, targs)[0])
+            losses.append(avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs)[0])
         if args.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     if not all(torch.isfinite(l) for l in losses):
-        raise RuntimeError("non-finite loss: train_step skipped its update, so the time is not a step's")
-    ctx_tokens = np.mean([np.diff(m["ctx"][1].numpy()).mean() for m in timed])
+        raise RuntimeError("non-finite loss: the timed steps did not train as a real run would")
+    ctx_tokens = np.mean([np.diff(m.ctx.cu.numpy()).mean() for m in timed])
     return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens,
                 gflop=flops / args.steps / 1e9, peak_ms=flops / args.steps / args.peak * 1e3 if args.peak else None,
                 mfu=100 * flops / dt / args.peak if args.peak else None,
@@ -520,7 +516,7 @@ def tune_rows(args):
     B = args.batch_size
     N = math.prod(args.video_grid) + math.prod(args.audio_grid)
     masks = sample_masks(args, B)
-    index = masks["ctx"][0].to(args.dev)
+    index = masks.ctx.index.to(args.dev)
     results = []
     print("\n== tune gather/scatter: (BLOCK_R, BLOCK_D) per row width, time of gather + pos and scatter")
     for D in (384, 768):

@@ -69,6 +69,13 @@ def _unit_stride(x):
 # -----------------------------------------------------------------------------
 # Attention over packed variable-length sequences
 
+def segment_ids(cu_seqlens, total):
+    """The segment of each packed row: cu_seqlens [0, 3, 5] -> [0, 0, 0, 1, 1]. total = cu_seqlens[-1],
+    passed in because reading it from the device would wait for the device."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+
+
 def attention_torch(q, k, v, cu_seqlens, max_seqlen=None):
     """q, k, v: [total, H, hd] packed; cu_seqlens: int32 [B+1]. Returns [total, H, hd].
     Reference: pad every clip to the longest, and mask the padding keys out."""
@@ -76,7 +83,7 @@ def attention_torch(q, k, v, cu_seqlens, max_seqlen=None):
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()                # [B]
     B, L = len(lengths), int(lengths.max()) if len(lengths) else 0
     # row r of the packed tensor sits at (clip, offset) in the padded one
-    clip = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)   # [total]
+    clip = segment_ids(cu_seqlens, total)                              # [total]
     offset = torch.arange(total, device=q.device) - cu_seqlens[:-1].long()[clip]
     def pad(x):                                                        # [total, H, hd] -> [B, H, L, hd]
         out = x.new_zeros(B, L, H, hd)

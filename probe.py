@@ -144,11 +144,9 @@ def encode(encoder, video, audio, has_audio, separate=False):
     if video is not None and audio is not None:
         valid[~has_audio, nv:] = False
     lists = [r.nonzero()[:, 0].cpu().numpy() for r in valid]
-    index, cu, max_len = avjepa.pack(lists, N, B)
-    if separate:
-        cu, max_len = avjepa.split_modalities(lists, nv)
-    out = encoder(video, audio, keep=(index.to(valid.device), cu.to(valid.device), max_len))
-    return out.new_zeros(B * N, out.shape[-1]).index_copy(0, index.to(out.device), out).view(B, N, -1), valid
+    keep = avjepa.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
+    out = encoder(video, audio, keep=keep)
+    return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep.index, out).view(B, N, -1), valid
 
 
 @torch.no_grad()
@@ -324,21 +322,14 @@ def classify(args, path, ckpt, data_dir, device):
 
 @torch.no_grad()
 def cross_predict(jepa, video, audio, config, to_audio):
-    """Hide one whole modality of every clip and predict it from the other with the predictor's mask token
-    of `config`: [B, N_hidden, D] predicted target features of the hidden modality."""
+    """Hide one whole modality of every clip and predict it from the other, with the predictor's mask token
+    of mask config number `config`: [B, N_hidden, D] predicted target features of the hidden modality."""
     encoder = jepa.encoder
     B, nv, N = video.shape[0], encoder.nv, encoder.n_tokens()
     shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N), np.arange(nv))
-    masks = dict(ctx=avjepa.pack([shown] * B, N, B), tgt=avjepa.pack([hidden] * B, N, B))
-    masks = {k: (i.to(video.device), cu.to(video.device), m) for k, (i, cu, m) in masks.items()}
-    masks["enc"] = masks["ctx"]   # one modality only: a joint and a separate context pass are the same
-    predictor = jepa.predictor
-    tokens = predictor.mask_tokens
-    predictor.mask_tokens = nn.Parameter(tokens[config:config + 1], requires_grad=False)  # every segment: config's
-    try:
-        pred = jepa.predictor(encoder(video, audio, keep=masks["enc"]), masks, B)
-    finally:
-        predictor.mask_tokens = tokens
+    masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)   # one modality shown
+    masks.tgt_config.fill_(config)
+    pred, _ = jepa(video, audio, masks)
     return pred.view(B, len(hidden), -1)
 
 
@@ -412,8 +403,8 @@ def unpatchify_video(p, C, T, H, W):
 
 
 def patchify_audio(x):
-    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: the seed
-    reshaped without this permute and scrambled its spectrograms. Columns past the last patch are dropped."""
+    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: a reshape
+    without this permute would scramble the spectrogram. Columns past the last patch are dropped."""
     B, _, M, Ta = x.shape
     x = x[..., :Ta // PATCH * PATCH].reshape(B, M // PATCH, PATCH, Ta // PATCH, PATCH)
     return x.permute(0, 1, 3, 2, 4).reshape(B, -1, PATCH * PATCH)
@@ -485,16 +476,14 @@ def predict(jepa, cfg, data, ids, rng, device):
     has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
     masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio,
                                 separate=cfg.get("context_pass") == "separate")
-    masks = {k: (i.to(device), cu.to(device), m) for k, (i, cu, m) in masks.items()}
+    masks = masks.to(device)
     with autocast(device):
         pred, _ = jepa(video, audio, masks)
-    index, cu, _ = masks["tgt"]
-    N = encoder.nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
-    seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu[1:] - cu[:-1])
+    index, N = masks.tgt.index, encoder.n_tokens(audio is not None)
     mean = torch.tensor(avjepa.IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
     std = torch.tensor(avjepa.IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
     return dict(pix=patchify_video(video * std + mean).cpu(), mel=patchify_audio(audio).cpu() if audio is not None else None,
-                config=(seg // len(ids)).cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu())
+                config=masks.tgt_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu())
 
 
 def decode_into(patches, rows, keep, decoder, offset=0):

@@ -65,305 +65,6 @@ def micro_args(data, out, *extra):
     return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1", *extra]
 
 # -----------------------------------------------------------------------------
-# prepare.py: tiny videos are written with PyAV in a temporary folder, then prepared.
-
-HERE = Path(__file__).parent
-
-
-def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv420p", frame_fn=None, times=None,
-               audio=None, sample_rate=16000, layout="mono", acodec="aac", audio_start=0.0):
-    """Write a small test video. frame_fn(i) -> [H, W, 3] uint8 (default: a moving gradient);
-    times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples] float32."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w, h = size
-    with av.open(str(path), "w") as c:
-        v = c.add_stream(vcodec, rate=fps, options={"x265-params": "log-level=none"} if vcodec == "libx265" else {})
-        v.width, v.height, v.pix_fmt = w, h, pix_fmt
-        tb = Fraction(1, 1000) if times is not None else Fraction(1, fps)
-        v.codec_context.time_base = tb
-        a = None
-        if audio is not None:
-            a = c.add_stream(acodec, rate=sample_rate, layout=layout)
-        for i in range(n):
-            gradient = np.uint8((np.arange(w)[None, :, None] * 4 + np.arange(h)[:, None, None] + i * 8) % 256)
-            img = frame_fn(i) if frame_fn else gradient.repeat(3, 2)
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            f.pts, f.time_base = (round(times[i] * 1000) if times is not None else i), tb
-            c.mux(v.encode(f))
-        c.mux(v.encode())
-        if a is not None:
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.float32), format="fltp", layout=layout)
-            f.sample_rate, f.time_base = sample_rate, Fraction(1, sample_rate)
-            f.pts = round(audio_start * sample_rate)
-            c.mux(a.encode(f))
-            c.mux(a.encode())
-    return path
-
-
-def tone(seconds, sample_rate, channels=1, freq=440.0, amp=0.3):
-    t = np.arange(round(seconds * sample_rate)) / sample_rate
-    return np.repeat((amp * np.sin(2 * np.pi * freq * t))[None], channels, 0).astype(np.float32)
-
-
-def run(tmp_path, src, **kw):
-    """prepare() in this process (workers=1 unless given) into tmp_path/out; returns (train, val, report)."""
-    out = tmp_path / "out"
-    prepare.prepare(src, out, **{"frames": 8, "frame_step": 2, "size": 32, "workers": 1, **kw})
-    report = json.loads((out / "report.json").read_text())
-    return avjepa.load_split(out, "train"), avjepa.load_split(out, "val"), report
-
-
-def test_outputs_have_documented_shapes_dtypes_and_meta(tmp_path):
-    for cls in ("a", "b"):
-        for j in range(3):
-            make_video(tmp_path / "src" / cls / f"{j}.mp4", audio=tone(1, 16000))
-    run(tmp_path, tmp_path / "src")  # a rerun must replace the first dataset cleanly
-    train, val, report = run(tmp_path, tmp_path / "src", val_fraction=0.34)
-    meta = train["meta"]
-    assert meta["splits"] == {"train": 4, "val": 2} and len(report["ingested"]) == 6
-    assert meta["video_shape"] == [8, 32, 32, 3] and meta["audio_shape"] == [128, 48]
-    assert meta["clip_seconds"] == pytest.approx(8 * 2 / 30) and meta["frame_seconds"] == pytest.approx(2 / 30)
-    assert meta["audio_frames"] == 48 and meta["sample_rate"] == 16000 and meta["audio_hop_seconds"] == 0.01
-    assert np.isfinite(meta["audio_mean"]) and meta["audio_std"] > 0 and meta["version"] == 1
-    for split, n in (("train", 4), ("val", 2)):
-        d = train if split == "train" else val
-        assert d["video"].shape == (n, 8, 32, 32, 3) and d["video"].dtype == np.uint8
-        assert d["audio"].shape == (n, 128, 48) and d["audio"].dtype == np.float16
-        assert d["label"].dtype == np.int64 and d["has_audio"].dtype == np.uint8 and d["has_audio"].all()
-        assert (tmp_path / "out" / f"{split}_video.bin").stat().st_size == n * 8 * 32 * 32 * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left behind
-
-
-def test_labels_from_class_folders_and_split_folders(tmp_path):
-    for name in ("train/cat/0.mkv", "train/dog/0.mkv", "train/dog/1.mkv", "val/cat/0.mkv", "val/emu/0.mkv"):
-        make_video(tmp_path / "src" / name, n=10)
-    train, val, _ = run(tmp_path, tmp_path / "src")
-    assert train["meta"]["classes"] == ["cat", "dog", "emu"]
-    assert sorted(train["label"].tolist()) == [0, 1, 1] and sorted(val["label"].tolist()) == [0, 2]
-
-
-def test_labels_from_vjepa_csv_with_space_in_path(tmp_path):
-    make_video(tmp_path / "my videos" / "clip one.mp4", n=10)
-    make_video(tmp_path / "elsewhere.mp4", n=10)
-    (tmp_path / "list.csv").write_text(f"my videos/clip one.mp4 1\n{tmp_path / 'elsewhere.mp4'} 0\n")
-    train, val, report = run(tmp_path, tmp_path / "list.csv", val_fraction=0)
-    assert train["meta"]["classes"] == ["0", "1"] and report["skipped"] == []
-    paths = [Path(r["path"]).name for r in report["ingested"]]
-    assert dict(zip(paths, train["label"].tolist())) == {"clip one.mp4": 1, "elsewhere.mp4": 0}
-
-
-def test_vjepa_csv_names_classes_after_their_folders(tmp_path):
-    for name in ("archery/x.mp4", "archery/y.mp4", "bowling/z.mp4", "bowling/w.mp4"):
-        make_video(tmp_path / name, n=10)
-    (tmp_path / "list.txt").write_text("bowling/z.mp4 1\narchery/x.mp4 0\narchery/y.mp4 0\nbowling/w.mp4 1\n")
-    train, _, _ = run(tmp_path, tmp_path / "list.txt", val_fraction=0)
-    assert train["meta"]["classes"] == ["archery", "bowling"]
-
-
-def test_labels_from_kinetics_csv(tmp_path):
-    make_video(tmp_path / "train" / "playing drums" / "aaa_000010_000020.mp4", n=10)
-    make_video(tmp_path / "train" / "bb_000000_000010.mp4", n=10)
-    make_video(tmp_path / "val" / "bending metal, slowly" / "cc_000003_000013.mp4", n=10)
-    (tmp_path / "k.csv").write_text(
-        "label,youtube_id,time_start,time_end,split,is_cc\n"
-        '"playing drums",aaa,10,20,train,0\n"bending metal, slowly",bb,0,10,train,0\n'
-        '"bending metal, slowly",cc,3,13,validate,0\n"playing drums",missing,0,10,train,0\n')
-    train, val, report = run(tmp_path, tmp_path / "k.csv")
-    assert train["meta"]["classes"] == ["bending metal, slowly", "playing drums"]
-    assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
-    assert [Path(s["path"]).name for s in report["skipped"]] == ["missing_000000_000010.mp4"]
-    assert report["skipped"][0]["reason"] == "file not found"
-
-
-def test_labels_from_vggsound_csv(tmp_path):
-    make_video(tmp_path / "clips" / "abc_000030.mp4", n=10)
-    make_video(tmp_path / "clips" / "de-f_000000.mp4", n=10)
-    make_video(tmp_path / "clips" / "ghi_000012.mp4", n=10)
-    (tmp_path / "vggsound.csv").write_text('abc,30,"dog barking",train\nde-f,0,"playing drums",train\n'
-                                           'ghi,12,"dog barking",test\nmissing,5,"dog barking",train\n')
-    train, val, report = run(tmp_path, tmp_path / "vggsound.csv")
-    assert train["meta"]["classes"] == ["dog barking", "playing drums"]
-    assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
-    assert [(Path(s["path"]).name, s["reason"]) for s in report["skipped"]] == [("missing_000005.mp4", "file not found")]
-
-
-def test_every_file_left_out_of_a_folder_is_named_with_its_reason(tmp_path, capsys):
-    make_video(tmp_path / "src" / "clip.mp4", audio=tone(1, 16000))
-    (tmp_path / "src" / "song.m4a").write_bytes(b"\0" * 100)
-    (tmp_path / "src" / "notes.txt").write_text("my videos")
-    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0")                  # hidden: the system's, not the user's
-    _, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
-    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == {"song.m4a", "notes.txt"} and len(report["ingested"]) == 1
-    assert reasons["song.m4a"].startswith("audio only") and reasons["notes.txt"].startswith("not a video file")
-    assert "(2 skipped" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("turn", [90, 270])
-def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
-    def left_half_white(i):
-        img = np.zeros((32, 64, 3), np.uint8)   # stored sideways: 64 wide, 32 high
-        img[:, :32] = 255   # its left half
-        return img
-    path = tmp_path / "src" / "phone.mp4"
-    path.parent.mkdir()
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("libx264", rate=30)
-        v.width, v.height, v.pix_fmt = 64, 32, "yuv420p"
-        v.set_display_rotation(turn)   # the display matrix a phone writes: shown turned counter-clockwise
-        for i in range(10):
-            f = av.VideoFrame.from_ndarray(left_half_white(i), format="rgb24")
-            f.pts = i
-            c.mux(v.encode(f))
-        c.mux(v.encode())
-    train, _, _ = run(tmp_path, tmp_path / "src", val_fraction=0, size=32)
-    rows = train["video"][0, 0].astype(float).mean((1, 2))                 # brightness of each displayed row
-    bright, dark = (rows[-8:], rows[:8]) if turn == 90 else (rows[:8], rows[-8:])   # left goes down, or up
-    assert bright.min() > 200 and dark.max() < 60
-
-
-def test_video_without_audio_is_kept_silent_and_counted(tmp_path, capsys):
-    make_video(tmp_path / "src" / "silent.mp4")
-    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
-    assert train["has_audio"].tolist() == [0] and report["ingested"][0]["has_audio"] is False
-    assert np.all(np.asarray(train["audio"], np.float32) == np.float16(prepare.SILENCE))
-    assert "1 without audio" in capsys.readouterr().out
-
-
-def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
-    make_video(tmp_path / "src" / "a.mp4")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()                                                          # a pid that no longer runs
-    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"   # the parent lives on
-    for d in (stale, live):
-        (d / "half_written").mkdir(parents=True)
-    run(tmp_path, tmp_path / "src", val_fraction=0)
-    assert not stale.exists() and live.exists()                          # only a dead process's folder goes
-
-
-def test_corrupt_files_are_skipped_with_a_reason(tmp_path):
-    good = make_video(tmp_path / "src" / "good.mp4", audio=tone(1, 16000))
-    (tmp_path / "src" / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
-    (tmp_path / "src" / "truncated.mp4").write_bytes(good.read_bytes()[:1500])
-    (tmp_path / "src" / "empty.webm").write_bytes(b"")
-    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
-    assert len(train["label"]) == 1
-    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
-    assert set(skipped) == {"garbage.mp4", "truncated.mp4", "empty.webm"} and all(skipped.values())
-
-
-def test_too_short_video_is_padded_with_its_last_frame_and_counted(tmp_path, capsys):
-    make_video(tmp_path / "src" / "short.mp4", n=5, audio=tone(5 / 30, 16000))  # 0.17 s, the clip is 0.53 s
-    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
-    assert report["ingested"][0]["padded"] is True and "1 padded" in capsys.readouterr().out
-    v = train["video"][0]
-    assert np.array_equal(v[3], v[-1])  # frames 3.. are past the end: all show the last frame
-
-
-@pytest.mark.parametrize("audio_start", [0.0, 1.3])
-def test_flash_and_click_stay_aligned(tmp_path, audio_start):
-    """A white flash and a loud click at the same instant (1.5 s) appear at the same time after prepare,
-    also when the audio track starts late, after the clip does (the clip is 1.23 s - 1.77 s)."""
-    fps, at = 30, 1.5
-    def frame(i):
-        return np.full((48, 64, 3), 250 if at <= i / fps < at + 0.1 else 20, np.uint8)
-    audio = np.random.default_rng(0).normal(0, 0.001, (1, round((3 - audio_start) * 44100))).astype(np.float32)
-    k = round((at - audio_start) * 44100)
-    audio[0, k:k + 441] = np.random.default_rng(1).uniform(-0.9, 0.9, 441)  # a 10 ms click
-    make_video(tmp_path / "src" / "av.mp4", n=90, frame_fn=frame, audio=audio, sample_rate=44100,
-               audio_start=audio_start)
-    train, _, _ = run(tmp_path, tmp_path / "src", frames=16, frame_step=1, val_fraction=0)
-    meta = train["meta"]
-    t0 = (3.0 - meta["clip_seconds"]) / 2  # one clip, centred in the 3 s video
-    flash = t0 + train["video"][0].reshape(16, -1).mean(1).argmax() * meta["frame_seconds"]
-    energy = np.asarray(train["audio"][0], np.float32).mean(0)
-    col = np.nonzero(energy > np.median(energy) + 5)[0][0]  # first log-mel column that hears the click
-    click = t0 + col * meta["audio_hop_seconds"] + 0.0125  # its 25 ms window's centre
-    assert abs(flash - at) < 1e-6 and abs(click - at) < meta["frame_seconds"]
-
-
-@pytest.mark.parametrize("layout,sample_rate,codec,ext", [
-    ("stereo", 44100, "aac", "mp4"), ("5.1", 48000, "flac", "mkv"), ("mono", 8000, "flac", "mkv"),
-    ("stereo", 22050, "libmp3lame", "mp4")])
-def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec, ext):
-    """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last 1 s,
-    sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
-    channels = av.AudioLayout(layout).nb_channels
-    audio = np.zeros((channels, 2 * sample_rate), np.float32)
-    audio[0, sample_rate // 2:3 * sample_rate // 2] = tone(1.0, sample_rate, freq=1000, amp=0.6)[0]
-    make_video(tmp_path / "src" / f"t.{ext}", n=60, audio=audio, sample_rate=sample_rate, layout=layout, acodec=codec)
-    train, _, _ = run(tmp_path, tmp_path / "src", frames=60, frame_step=1, val_fraction=0)  # a 2 s clip from 0
-    mel = np.asarray(train["audio"][0], np.float32)
-    ref = prepare.log_mel(np.pad(tone(1.0, 16000, freq=1000, amp=0.6 / channels)[0], (8000, 8000)), mel.shape[1])
-    on = mel.max(0) > ref.max() - 6  # columns where the tone is (within 6 nats, ~26 dB, of its level)
-    assert abs(on.sum() * 0.01 - 1.0) < 0.05  # the seed's interleaved-as-mono bug would give 2 s
-    assert abs(mel[:, on].mean(1).argmax() - ref.max(1).argmax()) <= 1
-    assert abs(mel.max() - ref.max()) < 0.3
-
-
-def test_variable_frame_rate_picks_the_frame_shown_at_each_time(tmp_path):
-    times = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.01, 0.09, 39)])
-    make_video(tmp_path / "src" / "vfr.mkv", n=40, times=times,
-               frame_fn=lambda i: np.full((48, 64, 3), 40 + 4 * i, np.uint8))  # brightness tells the frame
-    train, _, _ = run(tmp_path, tmp_path / "src", frames=8, frame_step=4, val_fraction=0)
-    with av.open(str(tmp_path / "src" / "vfr.mkv")) as c:
-        s = c.streams.video[0]
-        duration = float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
-        pts = np.array([f.time for f in c.decode(s)])
-    grid = (duration - 8 * 4 / 30) / 2 + np.arange(8) * 4 / 30
-    want = 40 + 4 * (np.searchsorted(pts, grid + 1e-4, side="right") - 1)
-    assert np.abs(train["video"][0].reshape(8, -1).mean(1) - want).max() < 2
-
-
-def test_odd_files_all_ingest(tmp_path):
-    odd = {"portrait.mp4": dict(size=(48, 96), audio=tone(1, 16000)),
-           "gray.mkv": dict(pix_fmt="gray", audio=tone(1, 8000), sample_rate=8000, acodec="flac"),
-           "odd_size_vp9.webm": dict(size=(97, 53), vcodec="libvpx-vp9", acodec="libopus", audio=tone(1, 48000),
-                                     sample_rate=48000),
-           "mpeg4_mp3.avi": dict(vcodec="mpeg4", acodec="libmp3lame", audio=tone(1, 44100, 2), sample_rate=44100,
-                                 layout="stereo"),
-           "hevc_5fps.mp4": dict(vcodec="libx265", fps=5, n=8, audio=tone(1.6, 32000), sample_rate=32000),
-           "h264_120fps.mov": dict(fps=120, n=150, audio=tone(1.25, 44100, 6), sample_rate=44100, layout="5.1"),
-           "audio_outlasts.m4v": dict(audio=tone(3, 16000))}
-    for name, kw in odd.items():
-        make_video(tmp_path / "src" / name, **kw)
-    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0, clips_per_video=2, workers=2)
-    assert report["skipped"] == [] and len(report["ingested"]) == len(odd)
-    assert all(r["has_audio"] for r in report["ingested"]) and len(train["label"]) == 2 * len(odd)
-    assert train["video"].reshape(len(train["label"]), -1).std(1).min() > 1  # real pictures, not blank
-
-
-def test_synthetic_set_records_its_factors(tmp_path):
-    meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
-    assert len(meta["classes"]) == 48 and meta["splits"] == {"train": 48, "val": 48}
-    modality = {f: v["modality"] for f, v in meta["factors"].items()}
-    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time"}
-    for name, idx in zip(meta["classes"], meta["class_factors"]):
-        assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
-    train = avjepa.load_split(tmp_path / "synthetic", "train")
-    assert train["video"].shape == (48, 8, 64, 64, 3) and train["has_audio"].all()
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, str(HERE / "prepare.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_cli_fails_clearly_when_nothing_can_be_ingested(tmp_path):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "broken.mp4").write_bytes(b"not a video at all")
-    r = cli("--videos", tmp_path / "src", "--out", tmp_path / "out", "--workers", 1)
-    assert r.returncode != 0 and "no decodable video" in r.stderr and "broken.mp4" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
-    for path in (tmp_path / "nowhere", tmp_path / "empty"):
-        (tmp_path / "empty").mkdir(exist_ok=True)
-        r = cli("--videos", path, "--out", tmp_path / "out")
-        assert r.returncode != 0 and str(path) in r.stderr and "Traceback" not in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-
-
-# -----------------------------------------------------------------------------
 # Masks and packing
 
 VIDEO_GRID, AUDIO_GRID = (8, 14, 14), (8, 13)   # 16 x 224^2 frames, 2.08 s of log-mel
@@ -383,7 +84,7 @@ def segments(packed):
 @pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
-    for c, t in zip(segments(m["ctx"]), segments(m["tgt"])):
+    for c, t in zip(segments(m.ctx), segments(m.tgt)):
         assert not set(c) & set(t)
         assert sorted(set(c) | set(t)) == list(range(c.min() // N * N, (c.min() // N + 1) * N))
 
@@ -393,13 +94,13 @@ def test_multiblock_target_coverage_is_in_vjepa_range(config, low, high):
     # V-JEPA's short-range config hides about 63% of the clip, the long-range about 82%
     m = masks_for(config, batch=64)
     nv = math.prod(VIDEO_GRID)
-    frac_video = np.mean([np.mean(t % N < nv) * len(t) / nv for t in segments(m["tgt"])])
+    frac_video = np.mean([np.mean(t % N < nv) * len(t) / nv for t in segments(m.tgt)])
     assert low < frac_video < high
 
 
 def test_video_target_blocks_span_all_time():
     nv = math.prod(VIDEO_GRID)
-    for t in segments(masks_for("short")["tgt"]):
+    for t in segments(masks_for("short").tgt):
         v = np.zeros(nv, bool)
         v[t[t % N < nv] % N] = True
         v = v.reshape(VIDEO_GRID)
@@ -409,7 +110,7 @@ def test_video_target_blocks_span_all_time():
 def test_context_is_never_empty_even_on_a_tiny_grid():
     for config in ["short", "long", "v2a", "a2v"]:
         m = avjepa.sample_masks(np.random.default_rng(1), [config], 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
-        index, cu, _ = m["ctx"]
+        index, cu, _ = m.ctx
         assert (cu[1:] - cu[:-1]).min() >= 1
 
 
@@ -417,19 +118,19 @@ def test_silent_clips_keep_no_audio_tokens():
     has_audio = np.array([True, False] * 4)
     m = masks_for("short", batch=8, has_audio=has_audio)
     nv = math.prod(VIDEO_GRID)
-    for b, (c, t) in enumerate(zip(segments(m["ctx"]), segments(m["tgt"]))):
+    for b, (c, t) in enumerate(zip(segments(m.ctx), segments(m.tgt))):
         audio_tokens = np.sum(np.concatenate([c, t]) % N >= nv)
         assert (audio_tokens > 0) == has_audio[b]
 
 
 def test_each_clip_gets_its_own_masks():
-    tgt = [tuple(t % N) for t in segments(masks_for("short", batch=16)["tgt"])]
+    tgt = [tuple(t % N) for t in segments(masks_for("short", batch=16).tgt)]
     assert len(set(tgt)) == 16
 
 
 def test_packed_offsets_are_consistent():
     m = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 6, VIDEO_GRID, AUDIO_GRID, np.ones(6, bool))
-    for index, cu, max_len in m.values():
+    for index, cu, max_len in (m.ctx, m.tgt):
         lengths = (cu[1:] - cu[:-1]).numpy()
         assert cu[0] == 0 and cu[-1] == len(index) and len(cu) == 13 and max_len == lengths.max()
         for s, seg in enumerate(segments((index, cu, max_len))):
@@ -439,8 +140,8 @@ def test_packed_offsets_are_consistent():
 
 def test_varlen_keeps_every_token_but_truncate_cuts_to_the_batch_minimum():
     full, cut = masks_for("long"), masks_for("long", truncate=True)
-    full_len = (full["ctx"][1][1:] - full["ctx"][1][:-1]).numpy()
-    cut_len = (cut["ctx"][1][1:] - cut["ctx"][1][:-1]).numpy()
+    full_len = (full.ctx[1][1:] - full.ctx[1][:-1]).numpy()
+    cut_len = (cut.ctx[1][1:] - cut.ctx[1][:-1]).numpy()
     assert (cut_len == full_len.min()).all() and full_len.sum() > cut_len.sum()
 
 # -----------------------------------------------------------------------------
@@ -469,10 +170,10 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     torch.testing.assert_close(whole[:, enc.nv:], enc(None, audio), atol=1e-5, rtol=1e-5)
     # a context with both modalities, split at its first audio token, gives the same as each part alone
     keep = [np.array([0, 3, enc.nv + 1, enc.nv + 5]), np.array([1, 2])]
-    index, _, _ = avjepa.pack(keep, n, 2)
-    cu, max_len = avjepa.split_modalities(keep, enc.nv)
-    assert cu.tolist() == [0, 2, 4, 6] and max_len == 2
-    out = enc(video, audio, keep=(index, cu, max_len))
+    split = avjepa.pack(keep, n, 2, split_at=enc.nv)
+    assert torch.equal(split.index, avjepa.pack(keep, n, 2).index)
+    assert split.cu.tolist() == [0, 2, 4, 6] and split.max_len == 2
+    out = enc(video, audio, keep=split)
     torch.testing.assert_close(out[:2], enc(video[:1], None, keep=avjepa.pack([keep[0][:2]], enc.nv, 1)))
     torch.testing.assert_close(out[2:4], enc(None, audio[:1], keep=avjepa.pack([keep[0][2:] - enc.nv], 16, 1)))
 
@@ -1035,12 +736,12 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
     model = avjepa.JEPA(encoder, predictor).to(DEVICE)
     video, audio = torch.randn(2, 3, 4, 32, 32, device=DEVICE), torch.randn(2, 1, 128, 32, device=DEVICE)
     masks = avjepa.sample_masks(np.random.default_rng(0), cfg["masks"], 2, encoder.video_grid, encoder.audio_grid, [1, 0])
-    masks = {k: (i.to(DEVICE), cu.to(DEVICE), m) for k, (i, cu, m) in masks.items()}
-    target_tokens = torch.randn(len(masks["tgt"][0]), 32, device=DEVICE)
+    masks = masks.to(DEVICE)
+    target_tokens = torch.randn(len(masks.tgt.index), 32, device=DEVICE)
     def loss_and_grads(backend):
         monkeypatch.setattr(kernels, "BACKEND", backend)
         model.zero_grad()
-        loss = avjepa.jepa_loss(model(video, audio, masks)[0], target_tokens, masks, 2, 2, encoder.nv, 24, 1.0)[0]
+        loss = avjepa.jepa_loss(model(video, audio, masks)[0], target_tokens, masks)[0]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     (loss_t, grads_t), (loss_r, grads_r) = loss_and_grads("triton"), loss_and_grads("torch")
@@ -1073,14 +774,13 @@ def gpu_training_setup(seed=0):
     args = avjepa.get_args(["--model", "vit_tiny", "--audio", "--masks", "short,long,v2a"])
     meta = dict(frames=8, size=64, audio_shape=[128, 112], frame_seconds=4 / 30, audio_hop_seconds=0.01)
     torch.manual_seed(seed)
-    encoder, predictor, target = avjepa.build(avjepa.run_config(args, meta))
-    model, target = avjepa.JEPA(encoder, predictor).cuda(), target.cuda()
+    encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(args, meta))
+    model, target_encoder = avjepa.JEPA(encoder, predictor).cuda(), target_encoder.cuda()
     g = torch.Generator().manual_seed(seed)
     video, audio = torch.randn(4, 3, 8, 64, 64, generator=g).cuda(), torch.randn(4, 1, 128, 112, generator=g).cuda()
     masks = avjepa.sample_masks(np.random.default_rng(seed), args.masks, 4, encoder.video_grid, encoder.audio_grid,
                                 np.array([1, 1, 0, 1]))
-    masks = {k: (i.cuda(), cu.cuda(), m) for k, (i, cu, m) in masks.items()}
-    return args, model, target, avjepa.make_optimizer(model, args.lr), video, audio, masks
+    return args, model, target_encoder, avjepa.make_optimizer(model, args.lr), video, audio, masks.to("cuda")
 
 
 @needs_gpu
@@ -1088,9 +788,9 @@ def test_gpu_train_step_on_the_triton_path_equals_the_torch_path(monkeypatch):
     results = []
     for path in ("torch", "triton"):
         monkeypatch.setattr(kernels, "BACKEND", path)
-        args, model, target, opt, video, audio, masks = gpu_training_setup()
-        loss = avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)[0]
-        results.append((loss.item(), torch.cat([p.detach().flatten() for p in target.parameters()])))
+        args, model, target_encoder, opt, video, audio, masks = gpu_training_setup()
+        loss = avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)[0]
+        results.append((loss.item(), torch.cat([p.detach().flatten() for p in target_encoder.parameters()])))
     (loss_torch, w_torch), (loss_triton, w_triton) = results
     assert abs(loss_triton - loss_torch) <= 2e-2 * abs(loss_torch)   # bf16 autocast on both paths
     assert (w_triton - w_torch).abs().max().item() <= 1e-3           # one lr-sized step, then the EMA
@@ -1098,12 +798,12 @@ def test_gpu_train_step_on_the_triton_path_equals_the_torch_path(monkeypatch):
 
 @needs_gpu
 def test_gpu_train_step_never_waits_for_the_device():
-    args, model, target, opt, video, audio, masks = gpu_training_setup()
-    avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)   # first call: compile and allocate
+    args, model, target_encoder, opt, video, audio, masks = gpu_training_setup()
+    avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)   # first call: compile and allocate
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        avjepa.train_step(model, target, opt, video, audio, masks, 0.99, args)
+        avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -1357,3 +1057,301 @@ def test_a_video_only_checkpoint_gets_video_probes_and_a_silent_mp4(probe_run, t
         assert c.streams.video and not c.streams.audio
     with pytest.raises(SystemExit, match="video-only"):
         probe.main(["--task", "classify", "--ckpt", ckpt, "--modalities", "both"])
+
+# -----------------------------------------------------------------------------
+# prepare.py: tiny videos are written with PyAV in a temporary folder, then prepared.
+
+HERE = Path(__file__).parent
+
+
+def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv420p", frame_fn=None, times=None,
+               audio=None, sample_rate=16000, layout="mono", acodec="aac", audio_start=0.0):
+    """Write a small test video. frame_fn(i) -> [H, W, 3] uint8 (default: a moving gradient);
+    times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples] float32."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    with av.open(str(path), "w") as c:
+        v = c.add_stream(vcodec, rate=fps, options={"x265-params": "log-level=none"} if vcodec == "libx265" else {})
+        v.width, v.height, v.pix_fmt = w, h, pix_fmt
+        tb = Fraction(1, 1000) if times is not None else Fraction(1, fps)
+        v.codec_context.time_base = tb
+        a = None
+        if audio is not None:
+            a = c.add_stream(acodec, rate=sample_rate, layout=layout)
+        for i in range(n):
+            gradient = np.uint8((np.arange(w)[None, :, None] * 4 + np.arange(h)[:, None, None] + i * 8) % 256)
+            img = frame_fn(i) if frame_fn else gradient.repeat(3, 2)
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            f.pts, f.time_base = (round(times[i] * 1000) if times is not None else i), tb
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        if a is not None:
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.float32), format="fltp", layout=layout)
+            f.sample_rate, f.time_base = sample_rate, Fraction(1, sample_rate)
+            f.pts = round(audio_start * sample_rate)
+            c.mux(a.encode(f))
+            c.mux(a.encode())
+    return path
+
+
+def tone(seconds, sample_rate, channels=1, freq=440.0, amp=0.3):
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    return np.repeat((amp * np.sin(2 * np.pi * freq * t))[None], channels, 0).astype(np.float32)
+
+
+def run(tmp_path, src, **kw):
+    """prepare() in this process (workers=1 unless given) into tmp_path/out; returns (train, val, report)."""
+    out = tmp_path / "out"
+    prepare.prepare(src, out, **{"frames": 8, "frame_step": 2, "size": 32, "workers": 1, **kw})
+    report = json.loads((out / "report.json").read_text())
+    return avjepa.load_split(out, "train"), avjepa.load_split(out, "val"), report
+
+
+def test_outputs_have_documented_shapes_dtypes_and_meta(tmp_path):
+    for cls in ("a", "b"):
+        for j in range(3):
+            make_video(tmp_path / "src" / cls / f"{j}.mp4", audio=tone(1, 16000))
+    run(tmp_path, tmp_path / "src")  # a rerun must replace the first dataset cleanly
+    train, val, report = run(tmp_path, tmp_path / "src", val_fraction=0.34)
+    meta = train["meta"]
+    assert meta["splits"] == {"train": 4, "val": 2} and len(report["ingested"]) == 6
+    assert meta["video_shape"] == [8, 32, 32, 3] and meta["audio_shape"] == [128, 48]
+    assert meta["clip_seconds"] == pytest.approx(8 * 2 / 30) and meta["frame_seconds"] == pytest.approx(2 / 30)
+    assert meta["audio_frames"] == 48 and meta["sample_rate"] == 16000 and meta["audio_hop_seconds"] == 0.01
+    assert np.isfinite(meta["audio_mean"]) and meta["audio_std"] > 0 and meta["version"] == 1
+    for split, n in (("train", 4), ("val", 2)):
+        d = train if split == "train" else val
+        assert d["video"].shape == (n, 8, 32, 32, 3) and d["video"].dtype == np.uint8
+        assert d["audio"].shape == (n, 128, 48) and d["audio"].dtype == np.float16
+        assert d["label"].dtype == np.int64 and d["has_audio"].dtype == np.uint8 and d["has_audio"].all()
+        assert (tmp_path / "out" / f"{split}_video.bin").stat().st_size == n * 8 * 32 * 32 * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left behind
+
+
+def test_labels_from_class_folders_and_split_folders(tmp_path):
+    for name in ("train/cat/0.mkv", "train/dog/0.mkv", "train/dog/1.mkv", "val/cat/0.mkv", "val/emu/0.mkv"):
+        make_video(tmp_path / "src" / name, n=10)
+    train, val, _ = run(tmp_path, tmp_path / "src")
+    assert train["meta"]["classes"] == ["cat", "dog", "emu"]
+    assert sorted(train["label"].tolist()) == [0, 1, 1] and sorted(val["label"].tolist()) == [0, 2]
+
+
+def test_labels_from_vjepa_csv_with_space_in_path(tmp_path):
+    make_video(tmp_path / "my videos" / "clip one.mp4", n=10)
+    make_video(tmp_path / "elsewhere.mp4", n=10)
+    (tmp_path / "list.csv").write_text(f"my videos/clip one.mp4 1\n{tmp_path / 'elsewhere.mp4'} 0\n")
+    train, val, report = run(tmp_path, tmp_path / "list.csv", val_fraction=0)
+    assert train["meta"]["classes"] == ["0", "1"] and report["skipped"] == []
+    paths = [Path(r["path"]).name for r in report["ingested"]]
+    assert dict(zip(paths, train["label"].tolist())) == {"clip one.mp4": 1, "elsewhere.mp4": 0}
+
+
+def test_vjepa_csv_names_classes_after_their_folders(tmp_path):
+    for name in ("archery/x.mp4", "archery/y.mp4", "bowling/z.mp4", "bowling/w.mp4"):
+        make_video(tmp_path / name, n=10)
+    (tmp_path / "list.txt").write_text("bowling/z.mp4 1\narchery/x.mp4 0\narchery/y.mp4 0\nbowling/w.mp4 1\n")
+    train, _, _ = run(tmp_path, tmp_path / "list.txt", val_fraction=0)
+    assert train["meta"]["classes"] == ["archery", "bowling"]
+
+
+def test_labels_from_kinetics_csv(tmp_path):
+    make_video(tmp_path / "train" / "playing drums" / "aaa_000010_000020.mp4", n=10)
+    make_video(tmp_path / "train" / "bb_000000_000010.mp4", n=10)
+    make_video(tmp_path / "val" / "bending metal, slowly" / "cc_000003_000013.mp4", n=10)
+    (tmp_path / "k.csv").write_text(
+        "label,youtube_id,time_start,time_end,split,is_cc\n"
+        '"playing drums",aaa,10,20,train,0\n"bending metal, slowly",bb,0,10,train,0\n'
+        '"bending metal, slowly",cc,3,13,validate,0\n"playing drums",missing,0,10,train,0\n')
+    train, val, report = run(tmp_path, tmp_path / "k.csv")
+    assert train["meta"]["classes"] == ["bending metal, slowly", "playing drums"]
+    assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
+    assert [Path(s["path"]).name for s in report["skipped"]] == ["missing_000000_000010.mp4"]
+    assert report["skipped"][0]["reason"] == "file not found"
+
+
+def test_labels_from_vggsound_csv(tmp_path):
+    make_video(tmp_path / "clips" / "abc_000030.mp4", n=10)
+    make_video(tmp_path / "clips" / "de-f_000000.mp4", n=10)
+    make_video(tmp_path / "clips" / "ghi_000012.mp4", n=10)
+    (tmp_path / "vggsound.csv").write_text('abc,30,"dog barking",train\nde-f,0,"playing drums",train\n'
+                                           'ghi,12,"dog barking",test\nmissing,5,"dog barking",train\n')
+    train, val, report = run(tmp_path, tmp_path / "vggsound.csv")
+    assert train["meta"]["classes"] == ["dog barking", "playing drums"]
+    assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
+    assert [(Path(s["path"]).name, s["reason"]) for s in report["skipped"]] == [("missing_000005.mp4", "file not found")]
+
+
+def test_every_file_left_out_of_a_folder_is_named_with_its_reason(tmp_path, capsys):
+    make_video(tmp_path / "src" / "clip.mp4", audio=tone(1, 16000))
+    (tmp_path / "src" / "song.m4a").write_bytes(b"\0" * 100)
+    (tmp_path / "src" / "notes.txt").write_text("my videos")
+    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0")                  # hidden: the system's, not the user's
+    _, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"song.m4a", "notes.txt"} and len(report["ingested"]) == 1
+    assert reasons["song.m4a"].startswith("audio only") and reasons["notes.txt"].startswith("not a video file")
+    assert "(2 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("turn", [90, 270])
+def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
+    def left_half_white(i):
+        img = np.zeros((32, 64, 3), np.uint8)   # stored sideways: 64 wide, 32 high
+        img[:, :32] = 255   # its left half
+        return img
+    path = tmp_path / "src" / "phone.mp4"
+    path.parent.mkdir()
+    with av.open(str(path), "w") as c:
+        v = c.add_stream("libx264", rate=30)
+        v.width, v.height, v.pix_fmt = 64, 32, "yuv420p"
+        v.set_display_rotation(turn)   # the display matrix a phone writes: shown turned counter-clockwise
+        for i in range(10):
+            f = av.VideoFrame.from_ndarray(left_half_white(i), format="rgb24")
+            f.pts = i
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+    train, _, _ = run(tmp_path, tmp_path / "src", val_fraction=0, size=32)
+    rows = train["video"][0, 0].astype(float).mean((1, 2))                 # brightness of each displayed row
+    bright, dark = (rows[-8:], rows[:8]) if turn == 90 else (rows[:8], rows[-8:])   # left goes down, or up
+    assert bright.min() > 200 and dark.max() < 60
+
+
+def test_video_without_audio_is_kept_silent_and_counted(tmp_path, capsys):
+    make_video(tmp_path / "src" / "silent.mp4")
+    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
+    assert train["has_audio"].tolist() == [0] and report["ingested"][0]["has_audio"] is False
+    assert np.all(np.asarray(train["audio"], np.float32) == np.float16(prepare.SILENCE))
+    assert "1 without audio" in capsys.readouterr().out
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    make_video(tmp_path / "src" / "a.mp4")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                          # a pid that no longer runs
+    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"   # the parent lives on
+    for d in (stale, live):
+        (d / "half_written").mkdir(parents=True)
+    run(tmp_path, tmp_path / "src", val_fraction=0)
+    assert not stale.exists() and live.exists()                          # only a dead process's folder goes
+
+
+def test_corrupt_files_are_skipped_with_a_reason(tmp_path):
+    good = make_video(tmp_path / "src" / "good.mp4", audio=tone(1, 16000))
+    (tmp_path / "src" / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "src" / "truncated.mp4").write_bytes(good.read_bytes()[:1500])
+    (tmp_path / "src" / "empty.webm").write_bytes(b"")
+    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
+    assert len(train["label"]) == 1
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"garbage.mp4", "truncated.mp4", "empty.webm"} and all(skipped.values())
+
+
+def test_too_short_video_is_padded_with_its_last_frame_and_counted(tmp_path, capsys):
+    make_video(tmp_path / "src" / "short.mp4", n=5, audio=tone(5 / 30, 16000))  # 0.17 s, the clip is 0.53 s
+    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
+    assert report["ingested"][0]["padded"] is True and "1 padded" in capsys.readouterr().out
+    v = train["video"][0]
+    assert np.array_equal(v[3], v[-1])  # frames 3.. are past the end: all show the last frame
+
+
+@pytest.mark.parametrize("audio_start", [0.0, 1.3])
+def test_flash_and_click_stay_aligned(tmp_path, audio_start):
+    """A white flash and a loud click at the same instant (1.5 s) appear at the same time after prepare,
+    also when the audio track starts late, after the clip does (the clip is 1.23 s - 1.77 s)."""
+    fps, at = 30, 1.5
+    def frame(i):
+        return np.full((48, 64, 3), 250 if at <= i / fps < at + 0.1 else 20, np.uint8)
+    audio = np.random.default_rng(0).normal(0, 0.001, (1, round((3 - audio_start) * 44100))).astype(np.float32)
+    k = round((at - audio_start) * 44100)
+    audio[0, k:k + 441] = np.random.default_rng(1).uniform(-0.9, 0.9, 441)  # a 10 ms click
+    make_video(tmp_path / "src" / "av.mp4", n=90, frame_fn=frame, audio=audio, sample_rate=44100,
+               audio_start=audio_start)
+    train, _, _ = run(tmp_path, tmp_path / "src", frames=16, frame_step=1, val_fraction=0)
+    meta = train["meta"]
+    t0 = (3.0 - meta["clip_seconds"]) / 2  # one clip, centred in the 3 s video
+    flash = t0 + train["video"][0].reshape(16, -1).mean(1).argmax() * meta["frame_seconds"]
+    energy = np.asarray(train["audio"][0], np.float32).mean(0)
+    col = np.nonzero(energy > np.median(energy) + 5)[0][0]  # first log-mel column that hears the click
+    click = t0 + col * meta["audio_hop_seconds"] + 0.0125  # its 25 ms window's centre
+    assert abs(flash - at) < 1e-6 and abs(click - at) < meta["frame_seconds"]
+
+
+@pytest.mark.parametrize("layout,sample_rate,codec,ext", [
+    ("stereo", 44100, "aac", "mp4"), ("5.1", 48000, "flac", "mkv"), ("mono", 8000, "flac", "mkv"),
+    ("stereo", 22050, "libmp3lame", "mp4")])
+def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec, ext):
+    """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last 1 s,
+    sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
+    channels = av.AudioLayout(layout).nb_channels
+    audio = np.zeros((channels, 2 * sample_rate), np.float32)
+    audio[0, sample_rate // 2:3 * sample_rate // 2] = tone(1.0, sample_rate, freq=1000, amp=0.6)[0]
+    make_video(tmp_path / "src" / f"t.{ext}", n=60, audio=audio, sample_rate=sample_rate, layout=layout, acodec=codec)
+    train, _, _ = run(tmp_path, tmp_path / "src", frames=60, frame_step=1, val_fraction=0)  # a 2 s clip from 0
+    mel = np.asarray(train["audio"][0], np.float32)
+    ref = prepare.log_mel(np.pad(tone(1.0, 16000, freq=1000, amp=0.6 / channels)[0], (8000, 8000)), mel.shape[1])
+    on = mel.max(0) > ref.max() - 6  # columns where the tone is (within 6 nats, ~26 dB, of its level)
+    assert abs(on.sum() * 0.01 - 1.0) < 0.05  # interleaved stereo read as mono would give 2 s
+    assert abs(mel[:, on].mean(1).argmax() - ref.max(1).argmax()) <= 1
+    assert abs(mel.max() - ref.max()) < 0.3
+
+
+def test_variable_frame_rate_picks_the_frame_shown_at_each_time(tmp_path):
+    times = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.01, 0.09, 39)])
+    make_video(tmp_path / "src" / "vfr.mkv", n=40, times=times,
+               frame_fn=lambda i: np.full((48, 64, 3), 40 + 4 * i, np.uint8))  # brightness tells the frame
+    train, _, _ = run(tmp_path, tmp_path / "src", frames=8, frame_step=4, val_fraction=0)
+    with av.open(str(tmp_path / "src" / "vfr.mkv")) as c:
+        s = c.streams.video[0]
+        duration = float(s.duration * s.time_base) if s.duration else c.duration / av.time_base
+        pts = np.array([f.time for f in c.decode(s)])
+    grid = (duration - 8 * 4 / 30) / 2 + np.arange(8) * 4 / 30
+    want = 40 + 4 * (np.searchsorted(pts, grid + 1e-4, side="right") - 1)
+    assert np.abs(train["video"][0].reshape(8, -1).mean(1) - want).max() < 2
+
+
+def test_odd_files_all_ingest(tmp_path):
+    odd = {"portrait.mp4": dict(size=(48, 96), audio=tone(1, 16000)),
+           "gray.mkv": dict(pix_fmt="gray", audio=tone(1, 8000), sample_rate=8000, acodec="flac"),
+           "odd_size_vp9.webm": dict(size=(97, 53), vcodec="libvpx-vp9", acodec="libopus", audio=tone(1, 48000),
+                                     sample_rate=48000),
+           "mpeg4_mp3.avi": dict(vcodec="mpeg4", acodec="libmp3lame", audio=tone(1, 44100, 2), sample_rate=44100,
+                                 layout="stereo"),
+           "hevc_5fps.mp4": dict(vcodec="libx265", fps=5, n=8, audio=tone(1.6, 32000), sample_rate=32000),
+           "h264_120fps.mov": dict(fps=120, n=150, audio=tone(1.25, 44100, 6), sample_rate=44100, layout="5.1"),
+           "audio_outlasts.m4v": dict(audio=tone(3, 16000))}
+    for name, kw in odd.items():
+        make_video(tmp_path / "src" / name, **kw)
+    train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0, clips_per_video=2, workers=2)
+    assert report["skipped"] == [] and len(report["ingested"]) == len(odd)
+    assert all(r["has_audio"] for r in report["ingested"]) and len(train["label"]) == 2 * len(odd)
+    assert train["video"].reshape(len(train["label"]), -1).std(1).min() > 1  # real pictures, not blank
+
+
+def test_synthetic_set_records_its_factors(tmp_path):
+    meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
+    assert len(meta["classes"]) == 48 and meta["splits"] == {"train": 48, "val": 48}
+    modality = {f: v["modality"] for f, v in meta["factors"].items()}
+    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time"}
+    for name, idx in zip(meta["classes"], meta["class_factors"]):
+        assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
+    train = avjepa.load_split(tmp_path / "synthetic", "train")
+    assert train["video"].shape == (48, 8, 64, 64, 3) and train["has_audio"].all()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(HERE / "prepare.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_fails_clearly_when_nothing_can_be_ingested(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "broken.mp4").write_bytes(b"not a video at all")
+    r = cli("--videos", tmp_path / "src", "--out", tmp_path / "out", "--workers", 1)
+    assert r.returncode != 0 and "no decodable video" in r.stderr and "broken.mp4" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    for path in (tmp_path / "nowhere", tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        r = cli("--videos", path, "--out", tmp_path / "out")
+        assert r.returncode != 0 and str(path) in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
