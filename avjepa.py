@@ -7,7 +7,7 @@ ViT, the *encoder*, sees only what is left (the *context*). A narrow ViT, the *p
 to fill in, in embedding space, what an *EMA* copy of the encoder says about the targets when it
 sees the whole clip. Nothing is ever reconstructed in pixels. Without --audio this is V-JEPA.
 
-Read top to bottom: config -> data -> masks -> model -> loss -> loop.
+Read top to bottom: config -> data -> masks -> model -> loss -> loop, then checkpoints.
 
     python avjepa.py --model vit_tiny --audio           # AV-JEPA on data/synthetic
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
@@ -86,14 +86,20 @@ def make_parser():
     p.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
     p.add_argument("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
     p.add_argument("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
-    p.add_argument("--masks", default="short,long", help=f"comma list of mask configs used every step, from {list(MASKS)}")
-    p.add_argument("--truncate", action="store_true", help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
-    p.add_argument("--audio-weight", type=NONNEG, default=1.0, help="weight of the audio loss; the video loss has weight 1")
-    p.add_argument("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's, at most 384)")
+    p.add_argument("--masks", default="short,long",
+                   help=f"comma list of mask configs used every step, from {list(MASKS)}")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
+    p.add_argument("--audio-weight", type=NONNEG, default=1.0,
+                   help="weight of the audio loss; the video loss has weight 1")
+    p.add_argument("--pred-width", type=NONNEG_INT, default=0,
+                   help="predictor width (0: half the encoder's, at most 384)")
     p.add_argument("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
-    p.add_argument("--crop", type=NONNEG_INT, default=0, help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
+    p.add_argument("--crop", type=NONNEG_INT, default=0,
+                   help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
     p.add_argument("--batch-size", type=COUNT, default=16, help="clips per step per process")
-    p.add_argument("--steps", type=COUNT, default=600, help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
+    p.add_argument("--steps", type=COUNT, default=600,
+                   help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
     p.add_argument("--context-pass", choices=["joint", "separate"], default="separate",
                    help="encode each clip's context in one attention pass per modality (separate: the senses meet "
                         "in the predictor only) or in one pass over both (joint)")
@@ -110,13 +116,17 @@ def make_parser():
     p.add_argument("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
     p.add_argument("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
     p.add_argument("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end of the cosine or cool-down")
-    p.add_argument("--warmup", type=FRACTION, default=40 / 300, help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
-    p.add_argument("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from the first to the second value")
-    p.add_argument("--ema", type=FRACTION, nargs=2, default=(0.998, 1.0), help="EMA momentum of the target encoder, linear from/to")
+    p.add_argument("--warmup", type=FRACTION, default=40 / 300,
+                   help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
+    p.add_argument("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4),
+                   help="weight decay, cosine from the first to the second value")
+    p.add_argument("--ema", type=FRACTION, nargs=2, default=(0.998, 1.0),
+                   help="EMA momentum of the target encoder, linear from/to")
     p.add_argument("--schedule-scale", type=number(float, 1.0), default=1.25,
                    help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
     p.add_argument("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
-    p.add_argument("--init", default="", help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
+    p.add_argument("--init", default="",
+                   help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
     p.add_argument("--out", default="out", help="folder for runs")
     # not --run: torchrun's parser would take it for an abbreviation of its own --run-path
     p.add_argument("--name", default="", help="run name, the folder under --out (default: <model>-av or <model>-v)")
@@ -162,7 +172,8 @@ def check_device(p, device):
     if dev.type not in ("cpu", "cuda"):
         p.error(f"argument --device: {device!r}: use cpu, cuda or cuda:N")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        p.error(f"argument --device: {device} is not available here ({torch.cuda.device_count()} CUDA devices): use cpu")
+        p.error(f"argument --device: {device} is not available here "
+                f"({torch.cuda.device_count()} CUDA devices): use cpu")
 
 # -----------------------------------------------------------------------------
 # Data: prepare.py's flat memmaps. Video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta].
@@ -781,9 +792,26 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
     return 0
 
 
+def stop_non_finite(step, ckpt_path):
+    kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
+        if ckpt_path.exists() else "no checkpoint was written yet"
+    raise SystemExit(f"loss became non-finite at step {step}; stopping, {kept}. "
+                     f"Try a lower --lr or a higher --ema start.")
+
+
+def summary_line(args, last, width, run_dir):
+    """What a finished run prints: its last logged losses and ranks, speed, and where its files are."""
+    audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
+    audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
+    return (f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
+            f"{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of {width}, "
+            f"{last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves {run_dir / 'training.png'}")
+
+
 def write_log_line(log, rec):
     """One JSON line; a modality with no targets this step has no loss (nan): written as null, so it stays JSON."""
-    log.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}) + "\n")
+    rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+    log.write(json.dumps(rec) + "\n")
     log.flush()
 
 
@@ -810,8 +838,8 @@ def plot_log(log_path, png_path, size=(360, 240)):
         draw.text((left, bottom + 5), f"step {x0}", fill="black")
         draw.text((right - 60, bottom + 5), f"step {x1}", fill="black")
         for key, colour in zip(keys, ("#1f77b4", "#ff7f0e")):
-            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left), bottom - (r[key] - lo) / (hi - lo) * (bottom - top))
-                   for r in recs if r.get(key) is not None]
+            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left),
+                    bottom - (r[key] - lo) / (hi - lo) * (bottom - top)) for r in recs if r.get(key) is not None]
             if len(pts) > 1:
                 draw.line(pts, fill=colour, width=2)
     write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
@@ -844,13 +872,15 @@ def train(argv=None):
     target_encoder.to(device)
     trained = model
     if torch.distributed.is_initialized():
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.compile:
         trained = torch.compile(trained, dynamic=True)
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
     B = args.batch_size
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
 
     def make_batch(s):
         """Everything random about step s comes from (seed, step, rank): resume replays it exactly."""
@@ -879,20 +909,19 @@ def train(argv=None):
             g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
         video = augment_video(batch["video"], cfg["crop"], rng)
         audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        loss, loss_v, loss_a, target_feats = train_step(trained, target_encoder, opt, video, audio, masks, momentum, args)
+        loss, loss_v, loss_a, target_feats = train_step(
+            trained, target_encoder, opt, video, audio, masks, momentum, args)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
         clips += B * world
         bar.update(1)
         log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
         if (log_step or save_step) and first_bad.item() >= 0:   # .item(): the only sync, and only on these steps
-            kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
-                if ckpt_path.exists() else "no checkpoint was written yet"
-            raise SystemExit(f"loss became non-finite at step {first_bad.item()}; stopping, {kept}. "
-                             f"Try a lower --lr or a higher --ema start.")
+            stop_non_finite(first_bad.item(), ckpt_path)
         if log_step:
             dt = time.time() - t0
-            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(), loss_audio=loss_a.item() if args.audio else None,
-                       lr=lr, wd=wd, ema=momentum, clips_per_s=clips / dt)
+            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
+                       loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
+                       clips_per_s=clips / dt)
             rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
             if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
                 flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
@@ -907,11 +936,7 @@ def train(argv=None):
     save(args.steps)
     if master and last:
         plot_log(run_dir / "log.jsonl", run_dir / "training.png")
-        audio_part = f", audio {last['loss_audio']:.4f}" if args.audio else ""
-        rank_part = f", audio {last['rank_audio']:.0f}" if args.audio else ""
-        print(f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
-              f"{audio_part}), RankMe video {last['rank_video']:.0f}{rank_part} of {encoder.config['width']}, "
-              f"{last['clips_per_s']:.1f} clips/s; checkpoint {ckpt_path}, curves {run_dir / 'training.png'}")
+        print(summary_line(args, last, encoder.config["width"], run_dir))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return encoder, predictor, target_encoder

@@ -128,36 +128,51 @@ def _attn_config(hd_pad, kernel, elem_bytes=2):
 
 
 @triton.jit
+def _clip_head(cu_seqlens, H):
+    """The (clip, head) that program axis 1 owns: its head, its first packed row (int64: row * stride can
+    pass 2^31) and its length."""
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    start = tl.load(cu_seqlens + b)
+    return h, start.to(tl.int64), tl.load(cu_seqlens + b + 1) - start
+
+
+@triton.jit
+def _tile(P, rows, stride, offs_d, mask):
+    """Rows `rows` of one head's [L, hd] slice at P, as a [len(rows), HD_PAD] tile: zeros where mask is False."""
+    return tl.load(P + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, K, V, n, L, offs_d, d_mask, skt, svt, qk_scale):
+    """Key rows n of the clip, their values, and the scores of queries q against them: q k^T in log2 units,
+    -inf for rows past the clip's end."""
+    kv_mask = (n < L)[:, None] & d_mask[None, :]
+    k, v = _tile(K, n, skt, offs_d, kv_mask), _tile(V, n, svt, offs_d, kv_mask)
+    return k, v, tl.where((n < L)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
                      sqt, sqh, skt, skh, svt, svh, sot, soh,
                      HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
-    L = end - start
+    pid_m = tl.program_id(0)
+    h, row0, L = _clip_head(cu_seqlens, H)
     if pid_m * BLOCK_M >= L:  # the grid is sized for the longest clip
         return
-    row0 = start.to(tl.int64)  # int64 base offsets: total * stride can pass 2^31
-    Q += row0 * sqt + h * sqh
-    K += row0 * skt + h * skh
-    V += row0 * svt + h * svh
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
     O += row0 * sot + h * soh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HD_PAD)
     m_mask, d_mask = offs_m < L, offs_d < HD
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = _tile(Q, offs_m, sqt, offs_d, m_mask[:, None] & d_mask[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        n = start_n + offs_n
-        kv_mask = (n < L)[:, None] & d_mask[None, :]
-        k = tl.load(K + n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                          # [BLOCK_M, BLOCK_N], log2 units
-        s = tl.where((n < L)[None, :], s, float("-inf"))
+        k, v, s = _scores(q, K, V, start_n + offs_n, L, offs_d, d_mask, skt, svt, qk_scale)   # s [BLOCK_M, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))                          # finite: every tile has a real key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)                                   # 0 on the first tile
@@ -167,7 +182,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
     acc = acc / l_i[:, None]
     tl.store(O + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + h * total + start + offs_m, m_i + tl.log2(l_i), mask=m_mask)
+    tl.store(LSE + h * total + row0 + offs_m, m_i + tl.log2(l_i), mask=m_mask)
 
 
 @triton.jit
@@ -190,28 +205,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale,
                           HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program owns BLOCK_N keys of one (clip, head); it sweeps the clip's queries. DK and DV
     share the strides sgt, sgh (both are fresh contiguous tensors)."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
-    L = end - start
+    pid_n = tl.program_id(0)
+    h, row0, L = _clip_head(cu_seqlens, H)
     if pid_n * BLOCK_N >= L:
         return
-    row0 = start.to(tl.int64)
-    Q += row0 * sqt + h * sqh
-    K += row0 * skt + h * skh
-    V += row0 * svt + h * svh
-    DO += row0 * sdt + h * sdh
-    DK += row0 * sgt + h * sgh
-    DV += row0 * sgt + h * sgh
-    LSE += h * total + start
-    DELTA += h * total + start
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
+    DO, DK, DV = DO + row0 * sdt + h * sdh, DK + row0 * sgt + h * sgh, DV + row0 * sgt + h * sgh
+    LSE, DELTA = LSE + h * total + row0, DELTA + h * total + row0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HD_PAD)
     d_mask = offs_d < HD
     kv_mask = (offs_n < L)[:, None] & d_mask[None, :]
-    k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(K, offs_n, skt, offs_d, kv_mask)
+    v = _tile(V, offs_n, svt, offs_d, kv_mask)
 
     dk = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HD_PAD], tl.float32)
@@ -219,8 +226,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale,
         m = start_m + offs_m
         m_mask = m < L
         q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _tile(Q, m, sqt, offs_d, q_mask)
+        do = _tile(DO, m, sdt, offs_d, q_mask)
         lse = tl.load(LSE + m, mask=m_mask, other=0.0)
         delta = tl.load(DELTA + m, mask=m_mask, other=0.0)
         # work transposed ([keys, queries]) so the results land in the key-major layout of dK, dV.
@@ -239,38 +246,28 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_sc
                         sqt, sqh, skt, skh, svt, svh, sdt, sdh, sgt, sgh,
                         HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program owns BLOCK_M queries of one (clip, head); it sweeps the clip's keys."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // H, pid_bh % H
-    start, end = tl.load(cu_seqlens + b), tl.load(cu_seqlens + b + 1)
-    L = end - start
+    pid_m = tl.program_id(0)
+    h, row0, L = _clip_head(cu_seqlens, H)
     if pid_m * BLOCK_M >= L:
         return
-    row0 = start.to(tl.int64)
-    Q += row0 * sqt + h * sqh
-    K += row0 * skt + h * skh
-    V += row0 * svt + h * svh
-    DO += row0 * sdt + h * sdh
-    DQ += row0 * sgt + h * sgh
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
+    DO, DQ = DO + row0 * sdt + h * sdh, DQ + row0 * sgt + h * sgh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HD_PAD)
     m_mask, d_mask = offs_m < L, offs_d < HD
     q_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + h * total + start + offs_m, mask=m_mask, other=0.0)
-    delta = tl.load(DELTA + h * total + start + offs_m, mask=m_mask, other=0.0)
+    q = _tile(Q, offs_m, sqt, offs_d, q_mask)
+    do = _tile(DO, offs_m, sdt, offs_d, q_mask)
+    lse = tl.load(LSE + h * total + row0 + offs_m, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + h * total + row0 + offs_m, mask=m_mask, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        n = start_n + offs_n
-        kv_mask = (n < L)[:, None] & d_mask[None, :]
-        k = tl.load(K + n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        # padding keys must be masked: exp2(0 - LSE) overflows for rows with very negative scores,
+        # padding keys are masked (-inf): exp2(0 - LSE) overflows for rows with very negative scores,
         # and inf * (k = 0) would be NaN
-        p = tl.exp2(tl.where((n < L)[None, :], s, float("-inf")) - lse[:, None])
+        k, v, s = _scores(q, K, V, start_n + offs_n, L, offs_d, d_mask, skt, svt, qk_scale)
+        p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -371,18 +368,24 @@ def gather_torch(x, index, pos=None):
 
 
 @triton.jit
-def _gather_kernel(X, INDEX, POS, OUT, K, D, P, sx, spos, sout,
-                   HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rows_kernel(X, INDEX, POS, OUT, K, D, P, sx, spos, sout,
+                 SCATTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Move K rows of width D, BLOCK_R per program: gather out[r] = x[index[r]] (+ pos[index[r] % P]),
+    or scatter out[index[r]] = x[r]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < K
-    src = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)
+    index = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)
+    if SCATTER:
+        src, dst = rows.to(tl.int64), index
+    else:
+        src, dst = index, rows.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = r_mask[:, None] & (cols < D)[None, :]
         val = tl.load(X + src[:, None] * sx + cols[None, :], mask=mask).to(tl.float32)
         if HAS_POS:  # the positional add rides along instead of costing a second pass
-            val += tl.load(POS + (src % P)[:, None] * spos + cols[None, :], mask=mask).to(tl.float32)
-        tl.store(OUT + rows.to(tl.int64)[:, None] * sout + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
+            val += tl.load(POS + (index % P)[:, None] * spos + cols[None, :], mask=mask).to(tl.float32)
+        tl.store(OUT + dst[:, None] * sout + cols[None, :], val.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _gather_rows(x, index, pos=None):
@@ -394,10 +397,10 @@ def _gather_rows(x, index, pos=None):
     if K == 0:
         return out
     BR, BD = _rows_config(D)
-    _gather_kernel[(triton.cdiv(K, BR),)](
+    _rows_kernel[(triton.cdiv(K, BR),)](
         x, index, x if pos is None else pos, out, K, D, 1 if pos is None else pos.shape[0],
         x.stride(0), 0 if pos is None else pos.stride(0), out.stride(0),
-        HAS_POS=pos is not None, BLOCK_R=BR, BLOCK_D=BD)
+        SCATTER=False, HAS_POS=pos is not None, BLOCK_R=BR, BLOCK_D=BD)
     return out
 
 
@@ -433,18 +436,6 @@ def scatter_torch(x, index, n):
     return x.new_zeros(n, x.shape[1]).index_copy(0, index, x)
 
 
-@triton.jit
-def _scatter_kernel(X, INDEX, OUT, K, D, sx, sout, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = rows < K
-    dst = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = r_mask[:, None] & (cols < D)[None, :]
-        val = tl.load(X + rows.to(tl.int64)[:, None] * sx + cols[None, :], mask=mask)
-        tl.store(OUT + dst[:, None] * sout + cols[None, :], val, mask=mask)
-
-
 class _Scatter(torch.autograd.Function):
     # Rows land at distinct indices, so no atomics; the rows nobody writes are zero (a memset).
     @staticmethod
@@ -454,8 +445,8 @@ class _Scatter(torch.autograd.Function):
         out = x.new_zeros(n, D)
         if K:
             BR, BD = _rows_config(D)
-            _scatter_kernel[(triton.cdiv(K, BR),)](x, index, out, K, D, x.stride(0), out.stride(0),
-                                                  BLOCK_R=BR, BLOCK_D=BD)
+            _rows_kernel[(triton.cdiv(K, BR),)](x, index, x, out, K, D, 1, x.stride(0), 0, out.stride(0),
+                                                SCATTER=True, HAS_POS=False, BLOCK_R=BR, BLOCK_D=BD)
         ctx.save_for_backward(index)
         return out
 
