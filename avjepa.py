@@ -545,7 +545,6 @@ class Predictor(nn.Module):
     def __init__(self, enc_width, width, depth, heads, n_configs, encoder):
         super().__init__()
         e = encoder.config
-        self.nv = encoder.nv
         coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"], e["audio_patch_seconds"])
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)          # [N, Dp]
         self.predictor_embed = nn.Linear(enc_width, width)
@@ -564,7 +563,7 @@ class Predictor(nn.Module):
         # target's config and modality) with its position in place of each target
         x_ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ctx.index % N)   # [Tc, Dp]
         x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + kernels.gather(self.pos_embed, tgt.index % N)
-        ctx_slot, tgt_slot = predictor_slots(ctx, tgt)
+        ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]), len(ctx_slot) + len(tgt_slot))
         cu, max_len = ctx.cu + tgt.cu, ctx.max_len + tgt.max_len   # max_len: at least the longest, known on the host
         for block in self.blocks:
@@ -726,7 +725,7 @@ def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate")
         pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
-        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)        # [Tt, D]
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D]: feats[tgt.index], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
         if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + args.reg_weight * sigreg(context)

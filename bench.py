@@ -79,6 +79,7 @@ def get_args(argv=None):
     args.peak = next((v for k, v in avjepa.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
     args.video_grid = (args.frames // avjepa.TUBELET, args.crop // avjepa.PATCH, args.crop // avjepa.PATCH)
     args.audio_grid = (128 // avjepa.PATCH, args.audio_frames // avjepa.PATCH)
+    args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)   # video and audio tokens per clip
     return args
 
 # -----------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def attention_cases(args):
     generator makes (short and long configs, clips with and without sound), for vit_small's and vit_base's
     head counts at head dim 64. Last, vit_base's predictor (384 wide, so head dim 32) over context + targets:
     a clip with sound has all its tokens there, so it is only ragged where clips are silent."""
-    B, nv, na = args.batch_size, math.prod(args.video_grid), math.prod(args.audio_grid)
+    B, nv, na = args.batch_size, args.nv, args.na
     cases = []
     for heads in HEAD_COUNTS:
         cases += [(f"dense AV, {heads} heads", heads, 64, [nv + na] * B), (f"dense V, {heads} heads", heads, 64, [nv] * B)]
@@ -324,7 +325,7 @@ def bench_gather(args):
     del src, dst
     if not args.triton:
         print(f"   ({SKIP})")
-    N = math.prod(args.video_grid) + math.prod(args.audio_grid)
+    N = args.nv + args.na
     masks = sample_masks(args, B)
     index = masks.ctx.index.to(dev)                                     # the packed JEPA context of the batch
     slot = torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(dev)   # where the predictor scatters its rows
@@ -514,7 +515,7 @@ def tune_attention(args):
 def tune_rows(args):
     """gather (with positions) and scatter at the context sizes of the bench, per row width D."""
     B = args.batch_size
-    N = math.prod(args.video_grid) + math.prod(args.audio_grid)
+    N = args.nv + args.na
     masks = sample_masks(args, B)
     index = masks.ctx.index.to(args.dev)
     results = []
@@ -568,8 +569,8 @@ def main(argv=None):
     print(f"avjepa bench  {header['date']}  {header['device']}")
     print(f"torch {header['torch']} (CUDA {header['cuda']}), triton {header['triton']}, {header['dtype']}; "
           f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in avjepa.GPU_PEAK_FLOPS)'}")
-    print(f"clips: {args.frames} frames x {args.crop}^2 px -> {math.prod(args.video_grid)} video tokens, "
-          f"{args.audio_frames} audio frames -> {math.prod(args.audio_grid)} audio tokens; batch {args.batch_size}")
+    print(f"clips: {args.frames} frames x {args.crop}^2 px -> {args.nv} video tokens, "
+          f"{args.audio_frames} audio frames -> {args.na} audio tokens; batch {args.batch_size}")
     if not args.cuda and not args.quick:
         print("warning: full-size shapes on a CPU take a very long time; --quick is the CPU run")
     results = dict(header=header)
