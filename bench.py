@@ -46,13 +46,18 @@ SKIP_CUDA = "skipped: needs CUDA"
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Time avjepa's attention, gather/scatter and training step against baselines.")
     p.add_argument("--only", choices=["attention", "gather", "step"], help="run this section only (default: all three)")
-    p.add_argument("--quick", action="store_true", help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
                    "proves the script runs, on a CPU too; the numbers mean nothing")
-    p.add_argument("--batch-size", type=avjepa.NONNEG_INT, default=0, help="clips per batch in every section (0: 32, or 2 with --quick)")
-    p.add_argument("--steps", type=avjepa.NONNEG_INT, default=0, help="timed training steps per step row, after warmup (0: 10, or 2 with --quick)")
-    p.add_argument("--models", default="", help="comma list of encoders for the step section (default: vit_tiny,vit_small,vit_base; "
+    p.add_argument("--batch-size", type=avjepa.NONNEG_INT, default=0,
+                   help="clips per batch in every section (0: 32, or 2 with --quick)")
+    p.add_argument("--steps", type=avjepa.NONNEG_INT, default=0,
+                   help="timed training steps per step row, after warmup (0: 10, or 2 with --quick)")
+    p.add_argument("--models", default="",
+                   help="comma list of encoders for the step section (default: vit_tiny,vit_small,vit_base; "
                    "vit_tiny with --quick)")
-    p.add_argument("--repeats", type=avjepa.NONNEG_INT, default=0, help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
+    p.add_argument("--repeats", type=avjepa.NONNEG_INT, default=0,
+                   help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default="", help="also write the header and every row to this JSON file")
     p.add_argument("--tune", action="store_true", help="instead of the sections: sweep BLOCK_M, BLOCK_N, warps and "

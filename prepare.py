@@ -537,8 +537,10 @@ if __name__ == "__main__":
     p.add_argument("--frames", type=COUNT, default=16, metavar="N", help="frames per clip")
     p.add_argument("--frame-step", type=COUNT, default=4, metavar="N",
                    help="frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps")
-    p.add_argument("--size", type=COUNT, default=224, metavar="N", help="frame side after short-side resize and centre crop")
-    p.add_argument("--clips-per-video", type=COUNT, default=1, metavar="N", help="clips per video, spread evenly over it")
+    p.add_argument("--size", type=COUNT, default=224, metavar="N",
+                   help="frame side after short-side resize and centre crop")
+    p.add_argument("--clips-per-video", type=COUNT, default=1, metavar="N",
+                   help="clips per video, spread evenly over it")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of the videos held out for val, when the source has no split of its own")
     p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N", help="decoding processes")

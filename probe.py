@@ -56,11 +56,14 @@ def get_args(argv=None):
                    help="classify: encode video and audio in one pass each (separate), in one pass together (joint), "
                         "or both sets of tokens side by side")
     p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
-    p.add_argument("--epochs", type=COUNT, default=100, help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
+    p.add_argument("--epochs", type=COUNT, default=100,
+                   help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
                    "240k clips; 20 over the synthetic set's 720 leave the probe underfit)")
-    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3,
+                   help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
     p.add_argument("--wd", type=NONNEG, default=0.01, help="classify: weight decay of the probe")
-    p.add_argument("--batch-size", type=COUNT, default=32, help="clips per batch through the frozen networks and the probe")
+    p.add_argument("--batch-size", type=COUNT, default=32,
+                   help="clips per batch through the frozen networks and the probe")
     p.add_argument("--clips", type=NONNEG_INT, default=0, help="use at most this many clips of each split (0: all)")
     p.add_argument("--examples", type=NONNEG_INT, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
     p.add_argument("--no-cache", action="store_true", help="classify: recompute the features; read and write no cache")
