@@ -377,14 +377,18 @@ def retrieve(args, path, ckpt, data_dir, device):
                init=args.init, mask_tokens=configs, val_clips=n, chance_r1=1 / n, chance_r5=min(5 / n, 1.0),
                chance_median_rank=(n + 1) / 2)
     for direction, name in (("v2a", "audio"), ("a2v", "video")):
-        r = ranks(out["pred_" + name], out[name]).float()
+        pred, gallery = out["pred_" + name], out[name]
+        r = ranks(pred, gallery).float()
+        # spread: how much the predictions differ from clip to clip, against how much the real features do.
+        # Near 0, the predictor says the same for every clip (the mean), and nothing can be retrieved.
         res[direction] = dict(r1=(r <= 1).float().mean().item(), r5=(r <= 5).float().mean().item(),
-                              median_rank=r.median().item())
+                              median_rank=r.median().item(), spread=(pred.var(0).mean() / gallery.var(0).mean()).item())
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{args.init}.json")
     def part(d):
         x = res[d]
-        return f"R@1 {100 * x['r1']:.1f}%, R@5 {100 * x['r5']:.1f}%, median rank {x['median_rank']:.0f}"
+        return (f"R@1 {100 * x['r1']:.1f}%, R@5 {100 * x['r5']:.1f}%, median rank {x['median_rank']:.0f}, "
+                f"spread {x['spread']:.2f}")
     print(f"retrieve {res['run']} [{args.init}]: video->audio {part('v2a')}; audio->video {part('a2v')} among {n} val "
           f"clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}) in {res['seconds']:.0f} s")
     return res
