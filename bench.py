@@ -522,13 +522,15 @@ def tune_rows(args):
     B = args.batch_size
     N = args.nv + args.na
     masks = sample_masks(args, B)
-    index = masks.ctx.index.to(args.dev)
+    index = masks.ctx.index.to(args.dev)   # the encoder's gather (rows repeat across mask configs)
+    slot = torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(args.dev)   # the predictor's scatter: distinct
+    n = len(slot)
     results = []
     print("\n== tune gather/scatter: (BLOCK_R, BLOCK_D) per row width, time of gather + pos and scatter")
     for D in (384, 768):
-        x, pos = torch.randn(B * N, D, device=args.dev, dtype=args.dtype), torch.randn(N, D, device=args.dev, dtype=args.dtype)
-        rows_in = x[:len(index)].clone()
-        g_ref, s_ref = kernels.gather_torch(x, index, pos), kernels.scatter_torch(rows_in, index, B * N)
+        dt = args.dtype
+        x, pos, rows_in = (torch.randn(m, D, device=args.dev, dtype=dt) for m in (B * N, N, n))
+        g_ref, s_ref = kernels.gather_torch(x, index, pos), kernels.scatter_torch(rows_in, slot, n)
         blocks_d = [d for d in (32, 64, 128, 256, 512, 1024) if d < 2 * D][-3 if args.quick else -4:]
         rows = []
         for br in ((1, 4) if args.quick else (1, 2, 4, 8, 16)):
@@ -537,7 +539,7 @@ def tune_rows(args):
                 r = dict(D=D, config=(br, bd), best="", note="")
                 def call():
                     with backend("triton"):
-                        return kernels.gather(x, index, pos), kernels.scatter(rows_in, index, B * N)
+                        return kernels.gather(x, index, pos), kernels.scatter(rows_in, slot, n)
                 out, why = attempt(call, args)
                 if why is None and not (torch.equal(out[0], g_ref) and torch.equal(out[1], s_ref)):
                     why = "MISMATCH"
@@ -545,12 +547,14 @@ def tune_rows(args):
                 r.update(us=None if t is None else t * 1e6, note=why or "")
                 rows.append(r)
         good = [r for r in rows if r["us"] is not None]
-        best = min(good, key=lambda r: r["us"])
-        best["best"] = "<-"
+        if good:
+            min(good, key=lambda r: r["us"])["best"] = "<-"
         kernels.TILE_OVERRIDE.pop(("rows", D))
         print(f"\nD = {D}")
         table([("config", "BLOCK_R, BLOCK_D", None), ("us", "us (gather + scatter)", "{:.1f}"), ("best", "best", None),
                ("note", "note", None)], rows)
+        if not good:
+            raise SystemExit(f"no gather/scatter tile ran correctly at D = {D}: see the notes above")
         results += rows
     return results
 

@@ -925,6 +925,15 @@ def test_step_quick(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["step"] == rows
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the CPU rehearsal of --tune; on a GPU, --tune runs for real")
+def test_tune_quick_checks_every_gather_scatter_tile_and_finds_a_winner_per_width(monkeypatch):
+    monkeypatch.setattr(bench, "tune_attention", lambda args: [])   # its sweep takes half a minute here
+    res = bench.main(["--tune", "--quick", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    rows = res["tune"]["rows"]
+    assert all(r["note"] == "" for r in rows), [r for r in rows if r["note"]]   # every tile equals the reference
+    assert sorted(r["D"] for r in rows if r["best"]) == [384, 768]
+
+
 def test_kernels_quick():
     res = bench.main(["--quick", "--only", "attention", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["attention"]
