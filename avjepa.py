@@ -359,16 +359,16 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     """Context and target token lists of every (config, clip) segment -> Masks. The loss weights: every mask
     config counts the same, and within a config, video and audio (times audio_weight) each count the same
     whatever their token counts, so that the few audio tokens are not drowned by the many video ones."""
-    n_configs = len(tgt) // batch
+    n_configs, packed_tgt = len(tgt) // batch, pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
-    modality = (np.concatenate([np.asarray(x, np.int64) for x in tgt]) >= nv).astype(np.int64)
+    modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
     group = config * 2 + modality                                                        # (config, modality)
     count = np.bincount(group, minlength=2 * n_configs)                                  # targets per group
     scale = np.array([1.0, audio_weight])
     per_config = (count.reshape(n_configs, 2) > 0) @ scale                               # what each config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
     return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
-                 tgt=pack(tgt, n_tokens, batch), tgt_config=torch.from_numpy(config),
+                 tgt=packed_tgt, tgt_config=torch.from_numpy(config),
                  tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)))
 
 
@@ -780,7 +780,9 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
         jepa.encoder.load_state_dict(ck["encoder"])
         jepa.predictor.load_state_dict(ck["predictor"])
         target_encoder.load_state_dict(ck["target_encoder"])
-        opt.load_state_dict(ck["opt"])
+        opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags with them
+        for group, decay in zip(opt.param_groups, (True, False)):
+            group.setdefault("decay", decay)   # a checkpoint from before the groups carried the flag
         torch.set_rng_state(ck["rng"]["torch"])
         return ck["step"]
     if ckpt_path.exists():

@@ -153,6 +153,13 @@ def verdict(value, need, fmt):
     return f"{fmt.format(value)} (need {fmt.format(need)}): {'met' if value >= need else 'MISSED'}"
 
 
+def moved_rows(args, batch):
+    """The rows gather and scatter move in a real step: the encoder gathers the packed context (its rows
+    repeat across mask configs), the predictor scatters onto its slots (distinct). Both on the device."""
+    masks = sample_masks(args, batch)
+    return masks.ctx.index.to(args.dev), torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(args.dev)
+
+
 def sample_masks(args, batch, audio=True, truncate=False, seed=0):
     """The real mask generator's output for a batch of clips with sound (or video only), the context
     encoded one modality at a time as training does by default."""
@@ -331,9 +338,7 @@ def bench_gather(args):
     if not args.triton:
         print(f"   ({SKIP})")
     N = args.nv + args.na
-    masks = sample_masks(args, B)
-    index = masks.ctx.index.to(dev)                                     # the packed JEPA context of the batch
-    slot = torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(dev)   # where the predictor scatters its rows
+    index, slot = moved_rows(args, B)
     K, n, e = len(index), len(slot), torch.finfo(args.dtype).bits // 8
     print(f"context of {B} clips x {N} tokens x {len(CONFIGS)} mask configs: {K} rows gathered "
           f"({K / (len(CONFIGS) * B * N):.0%} kept); predictor scatter: {n} rows")
@@ -521,9 +526,7 @@ def tune_rows(args):
     """gather (with positions) and scatter at the context sizes of the bench, per row width D."""
     B = args.batch_size
     N = args.nv + args.na
-    masks = sample_masks(args, B)
-    index = masks.ctx.index.to(args.dev)   # the encoder's gather (rows repeat across mask configs)
-    slot = torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(args.dev)   # the predictor's scatter: distinct
+    index, slot = moved_rows(args, B)
     n = len(slot)
     results = []
     print("\n== tune gather/scatter: (BLOCK_R, BLOCK_D) per row width, time of gather + pos and scatter")

@@ -477,6 +477,17 @@ def test_resume_after_interruption_gives_the_same_weights(fake_data, tmp_path, m
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+def test_resume_reads_a_checkpoint_saved_before_the_optimizer_groups_carried_a_decay_flag(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--save-every", "2"))
+    path = tmp_path / "vit_micro-v" / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    for group in ck["opt"]["param_groups"]:
+        del group["decay"]
+    torch.save(ck, path)
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--resume"))
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
 def test_load_encoder_round_trips_our_checkpoint(fake_data, tmp_path):
     _, _, target = avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2"))
     enc = avjepa.load_encoder(tmp_path / "vit_micro-av" / "ckpt.pt")
