@@ -58,6 +58,9 @@ def get_args(argv=None):
                    "vit_tiny with --quick)")
     p.add_argument("--repeats", type=avjepa.NONNEG_INT, default=0,
                    help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
+    p.add_argument("--compile", action="store_true",
+                   help="step section: torch.compile the model as avjepa.py --compile does; only the AV rows with "
+                   "varlen masks are timed, since every row compiles anew")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default="", help="also write the header and every row to this JSON file")
     p.add_argument("--tune", action="store_true", help="instead of the sections: sweep BLOCK_M, BLOCK_N, warps and "
@@ -201,8 +204,10 @@ def varlen_and_flex(cu, segment, L, total):
     from torch.nn.attention.varlen import varlen_attn
     def varlen(q, k, v):
         return varlen_attn(q, k, v, cu, cu, L, L)
-    block_mask = create_block_mask(lambda b, h, qi, ki: segment[qi] == segment[ki], None, None, total, total,
-                                   device=segment.device)
+    # compiled: built eagerly, the mask is first materialized dense, [total, total], which outgrows the GPU
+    block_mask = torch.compile(create_block_mask)(lambda b, h, qi, ki: segment[qi] == segment[ki], None, None,
+                                                  total, total, device=segment.device)
+    torch._dynamo.config.recompile_limit = 64   # one compile per case; past the limit flex runs eager, unfused
     flex_compiled = torch.compile(flex_attention, dynamic=False)
     def flex(q, k, v):   # [total, H, hd] -> one sequence [1, H, total, hd] that the mask cuts into clips
         o = flex_compiled(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)
@@ -405,6 +410,7 @@ def time_steps(args, model_name, audio, truncate, path):
     encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(targs, meta))
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target_encoder.to(dev)
+    trained = torch.compile(model, dynamic=True) if args.compile else model   # what avjepa.train does
     opt = avjepa.make_optimizer(model, targs.lr)
     video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
@@ -415,13 +421,13 @@ def time_steps(args, model_name, audio, truncate, path):
     losses = []
     with backend(path):
         for m in masks[:args.warmup_steps]:
-            avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs)
+            avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)
         if args.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()   # train_step never waits for the device: the synchronize below does
         for m in masks[args.warmup_steps:]:
-            losses.append(avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs)[0])
+            losses.append(avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)[0])
         if args.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -435,12 +441,12 @@ def time_steps(args, model_name, audio, truncate, path):
 
 
 def bench_step(args):
-    print(f"\n== training step: avjepa.train_step, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} timed steps; "
+    print(f"\n== training step: avjepa.train_step{' (torch.compile)' * args.compile}, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} timed steps; "
           f"'ms at peak' is the step's FLOPs at the bf16 peak")
     results = []
     for model_name in args.models:
-        for audio in (True, False):
-            for truncate in (False, True):
+        for audio in (True,) if args.compile else (True, False):
+            for truncate in (False,) if args.compile else (False, True):
                 for path in ("triton", "torch"):
                     row = dict(model=model_name, input="AV" if audio else "V", masks="truncate" if truncate else "varlen",
                                path=path, note="")
@@ -577,7 +583,7 @@ def main(argv=None):
     header = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=args.device_name,
                   torch=torch.__version__, cuda=torch.version.cuda, triton=kernels.triton.__version__ if kernels.HAS_TRITON else None,
                   peak_tflops=args.peak / 1e12 if args.peak else None, batch_size=args.batch_size, dtype=str(args.dtype),
-                  frames=args.frames, crop=args.crop, audio_frames=args.audio_frames, quick=args.quick)
+                  frames=args.frames, crop=args.crop, audio_frames=args.audio_frames, quick=args.quick, compile=args.compile)
     print(f"avjepa bench  {header['date']}  {header['device']}")
     print(f"torch {header['torch']} (CUDA {header['cuda']}), triton {header['triton']}, {header['dtype']}; "
           f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in avjepa.GPU_PEAK_FLOPS)'}")

@@ -35,7 +35,8 @@ except ImportError:  # no Triton (e.g. macOS): the references still work, the ke
 else:
     HAS_TRITON = True
 
-# "auto": the fast path where it exists (CUDA), the reference elsewhere. Tests set "torch" or "triton".
+# "auto": the fast path where it exists (CUDA) and was measured faster, the reference elsewhere. Tests
+# set "torch" or "triton".
 BACKEND = "auto"
 # tests set this: kernel outputs start as NaN instead of uninitialised memory, so a skipped tile shows
 POISON = False
@@ -119,9 +120,11 @@ def _attn_config(hd_pad, kernel, elem_bytes=2):
         return TILE_OVERRIDE[kernel, row]
     if INTERPRET:
         return 16, 16, 1, 1
-    table = {  # H100 (sm_90) choices that compile without register spills (ptxas -v); untimed
-        "fwd":  {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (32, 32, 4, 2)},
-        "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2), 512: (16, 32, 4, 2)},
+    # H100 (sm_90). Row 64 (head dim 64 in bf16/fp16, every V-JEPA size): fwd and dkdv are the winners of
+    # bench.py --tune (README); dq and the other rows compile without register spills (ptxas -v), untimed.
+    table = {
+        "fwd":  {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (32, 32, 4, 2)},
+        "dkdv": {64: (32, 64, 4, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2), 512: (16, 32, 4, 2)},
         "dq":   {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (32, 32, 4, 2), 512: (32, 32, 4, 2)},
     }[kernel]
     return table[row]
@@ -462,7 +465,9 @@ def _scatter_triton(x, index, n):
 
 
 def gather(x, index, pos=None):
-    if _use_triton(x, index):
+    # Measured on an H100 (README, GPU figures): a plain gather is faster through torch's index_select
+    # than through our kernel, so "auto" sends only the fused gather + positions to Triton.
+    if _use_triton(x, index) and (pos is not None or BACKEND == "triton"):
         return _gather_triton(x, index, pos)
     return gather_torch(x, index, pos)
 

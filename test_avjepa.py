@@ -62,7 +62,10 @@ def fake_data(tmp_path_factory):
 
 
 def micro_args(data, out, *extra):
-    return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1", *extra]
+    """Training flags for a tiny run. On the CPU even where a GPU is: bit-identical results, and the tests
+    compare with tensors made on the CPU. The GPU path has its own tests (test_gpu_*)."""
+    return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1",
+            "--device", "cpu", *extra]
 
 # -----------------------------------------------------------------------------
 # Masks and packing
