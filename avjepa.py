@@ -51,9 +51,10 @@ MODELS = {
 def predictor_size(width, depth):
     return min(width // 2, 384), (12 if depth >= 24 else 6)
 
-# Mask configs: name -> (blocks, spatial scale) for multiblock, or a cross-modal mode. V-JEPA uses
-# "short" and "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse.
-MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": None, "a2v": None}
+# Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and "long"
+# every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse; "future" hides the
+# second half of the clip in both senses, so the predictor must carry the motion (and the sound) forward.
+MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time"}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 TUBELET, PATCH = 2, 16    # video tubelet = 2 frames x 16 x 16 pixels; audio patch = 16 mel x 16 frames
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -151,7 +152,7 @@ def get_args(argv=None):
     for m in args.masks:
         if m not in MASKS:
             p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
-        if MASKS[m] is None and not args.audio:
+        if MASKS[m] == "cross" and not args.audio:
             p.error(f"mask config {m!r} is cross-modal and needs --audio")
     heads = MODELS[args.model][2]
     if args.pred_width % heads:
@@ -292,9 +293,13 @@ def sample_targets(rng, config, video_grid, audio_grid):
     """Target mask [Nv + Na] of one clip. Video blocks span all time (V-JEPA's temporal scale 1.0);
     audio blocks are rectangles over (mel, time)."""
     T, H, W = video_grid
-    if MASKS[config] is None:   # cross-modal: one modality is the whole target
+    if MASKS[config] == "cross":   # one modality is the whole target
         v = np.full(T * H * W, config == "a2v")
         a = np.full(audio_grid[0] * audio_grid[1], config == "v2a") if audio_grid else np.zeros(0, bool)
+    elif MASKS[config] == "time":   # the later tubelets and audio columns: [t, h, w] and [mel, time] rasters
+        v = np.repeat(np.arange(T) >= T - T // 2, H * W)
+        a = np.tile(np.arange(audio_grid[1]) >= audio_grid[1] - audio_grid[1] // 2, audio_grid[0]) \
+            if audio_grid else np.zeros(0, bool)
     else:
         blocks, scale = MASKS[config]
         v = np.broadcast_to(block_mask(rng, H, W, blocks, scale), (T, H, W)).reshape(-1)

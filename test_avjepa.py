@@ -84,7 +84,7 @@ def segments(packed):
     return [index[cu[i]:cu[i + 1]].numpy() for i in range(len(cu) - 1)]
 
 
-@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v"])
+@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
     for c, t in zip(segments(m.ctx), segments(m.tgt)):
@@ -110,8 +110,17 @@ def test_video_target_blocks_span_all_time():
         assert (v == v[:1]).all()
 
 
+def test_future_hides_the_second_half_of_both_senses():
+    nv = math.prod(VIDEO_GRID)
+    t = segments(masks_for("future", batch=1).tgt)[0]
+    video = np.isin(np.arange(nv), t).reshape(VIDEO_GRID)                      # [t, h, w]
+    audio = np.isin(np.arange(nv, N), t).reshape(AUDIO_GRID)                   # [mel, time]
+    assert (video == (np.arange(8) >= 4)[:, None, None]).all()                 # tubelets 4-7 of 8
+    assert (audio == (np.arange(13) >= 7)[None, :]).all()                      # audio columns 7-12 of 13
+
+
 def test_context_is_never_empty_even_on_a_tiny_grid():
-    for config in ["short", "long", "v2a", "a2v"]:
+    for config in ["short", "long", "v2a", "a2v", "future"]:
         m = avjepa.sample_masks(np.random.default_rng(1), [config], 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
         index, cu, _ = m.ctx
         assert (cu[1:] - cu[:-1]).min() >= 1
