@@ -463,7 +463,7 @@ def fingerprint(module):
 def test_three_steps_at_a_fixed_seed_give_the_golden_weights(fake_data, tmp_path, monkeypatch, recipe):
     monkeypatch.setattr(kernels, "BACKEND", "torch")
     flags, want = GOLDEN[recipe]
-    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", "--device", "cpu", *flags))
+    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", *flags))
     for name, module in zip(want, models):
         assert fingerprint(module) == pytest.approx(want[name], rel=1e-5), name
 
@@ -524,7 +524,7 @@ def test_ddp_two_gloo_processes_keep_identical_weights(fake_data, tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "child.py"
     script.write_text(DDP_CHILD.format(repo=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path),
-                                       args=micro_args(fake_data, tmp_path, "--audio", "--steps", "3", "--device", "cpu")))
+                                       args=micro_args(fake_data, tmp_path, "--audio", "--steps", "3")))
     procs = [subprocess.Popen([sys.executable, str(script)], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
              "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
@@ -867,9 +867,10 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     (loss_t, grads_t), (loss_r, grads_r) = loss_and_grads("triton"), loss_and_grads("torch")
-    assert_close(loss_t, loss_r, torch.float32)   # TOL: on a GPU, tl.dot takes fp32 inputs as TF32
+    tf32 = 0 if INTERPRET else TOL[torch.float32]   # compiled, tl.dot takes fp32 inputs as TF32
+    torch.testing.assert_close(loss_t, loss_r, atol=1e-5 + tf32, rtol=1e-4 + tf32)
     for gt, gr in zip(grads_t, grads_r, strict=True):
-        assert_close(gt, gr, torch.float32)
+        torch.testing.assert_close(gt, gr, atol=1e-5 + tf32, rtol=1e-3 + tf32)
 
 # -----------------------------------------------------------------------------
 # On a GPU only: the compiled kernels at real sizes, and the training step they serve.
