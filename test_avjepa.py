@@ -715,6 +715,23 @@ def test_attention_reference_equals_per_clip_dense_softmax():
         torch.testing.assert_close(out[a:b], dense.transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lengths, max_seqlen, dense", [([6, 6, 6], 6, True), ([6, 5, 6], 6, False),
+                                                        ([6, 6, 6], 8, False)])   # 8: a bound, not the length
+def test_auto_sends_equal_length_clips_to_dense_sdpa_with_the_reference_result(monkeypatch, lengths, max_seqlen, dense):
+    original, calls = kernels.attention_dense, []
+    monkeypatch.setattr(kernels, "attention_dense", lambda *a: calls.append(a) or original(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(lengths), 2, 16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(sum(lengths), 2, 16, generator=g)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    def out_and_grads(fn):
+        out = fn(q, k, v, cu, max_seqlen)
+        return out, *torch.autograd.grad(out, [q, k, v], do)
+    for a, b in zip(out_and_grads(kernels.attention), out_and_grads(kernels.attention_torch)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert len(calls) == dense
+
+
 @needs_runner
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hd", HEAD_DIMS)
@@ -884,6 +901,20 @@ needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reaso
 def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradient(triton_path, dtype, heads):
     lengths = [1568, 1, 300, 777]   # a whole 16 x 224^2 clip, a single token, and lengths off the tile grid
     q, k, v = packed_qkv(lengths, heads, 64, dtype)
+    cu = cu_seqlens(lengths)
+    out, grads = _grads(lambda: kernels.attention(q, k, v, cu, max(lengths)), [q, k, v])
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, ref_grads = _grads(lambda: kernels.attention_torch(*leaves, cu, max(lengths)), leaves, dtype)
+    assert_close(out, ref, dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_attention_on_whole_clips_matches_reference_with_every_gradient(dtype):
+    lengths = [1568] * 4   # whole 16 x 224^2 clips: "auto" takes SDPA (cuDNN first) there
+    q, k, v = packed_qkv(lengths, 12, 64, dtype)
     cu = cu_seqlens(lengths)
     out, grads = _grads(lambda: kernels.attention(q, k, v, cu, max(lengths)), [q, k, v])
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
