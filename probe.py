@@ -15,7 +15,8 @@ of motion only seen across frames); the probe gives each factor its own query an
 
 retrieve asks the predictor, the JEPA way, which sound goes with a picture: hide all of a val clip's
 audio, predict its audio features from its video, and rank every val clip's audio (encoded alone) by
-distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance.
+distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance, and beside them
+the same ranking through a ridge map fit on the train clips' features (what the features carry).
 
 reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
 predictor frozen we fit a linear decoder from one token to its patch: the predictor's output at
@@ -343,10 +344,29 @@ def ranks(query, gallery):
     return 1 + (d < d.diag()[:, None]).sum(1)
 
 
+def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
+    """The same ranking through a linear map instead of the predictor: kernel ridge from one modality's
+    features of the train clips to the other's, applied to the val queries. It says how much of one sense
+    the features carry about the other, whether or not the predictor has learned to use it. lam is
+    relative to the kernel's mean diagonal (fixed, not tuned on val)."""
+    x, y = train_x.flatten(1).double(), train_y.flatten(1).double()
+    mx, my = x.mean(0), y.mean(0)
+    K = (x - mx) @ (x - mx).T                                                    # [n_train, n_train]
+    alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype), y - my)
+    return ranks((query.flatten(1).double() - mx) @ (x - mx).T @ alpha + my, gallery)
+
+
+def sounding_clips(data, n_max):
+    ids = clip_ids(data, 0)
+    ids = ids[np.asarray(data["has_audio"])[ids].astype(bool)]   # a silent clip has no sound to find
+    return np.sort(np.random.default_rng(0).choice(ids, n_max, replace=False)) if 0 < n_max < len(ids) else ids
+
+
 def retrieve(args, path, ckpt, data_dir, device):
     """Video -> audio: each val clip's predicted audio features, from its video alone, against the target
     features of every val clip's audio alone (and the reverse). The gallery is encoded without the other
-    modality, so a match can only come from what the predictor inferred across the senses."""
+    modality, so a match can only come from what the predictor inferred across the senses. Beside it, the
+    same ranking through a ridge map fit on the train clips' features (ridge_ranks)."""
     cfg = ckpt["config"]
     if not cfg["audio"]:
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
@@ -354,41 +374,50 @@ def retrieve(args, path, ckpt, data_dir, device):
     configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, args.init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
-    val = avjepa.load_split(data_dir, "val")
+    val, train = avjepa.load_split(data_dir, "val"), avjepa.load_split(data_dir, "train")
     check_data(val["meta"], encoder, True)
-    ids = clip_ids(val, args.clips)
-    ids = ids[np.asarray(val["has_audio"])[ids].astype(bool)]   # a silent clip has no sound to find
+    ids = sounding_clips(val, args.clips)
     if len(ids) < 2:
         raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
     t0, D = time.time(), encoder.config["width"]
-    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video")}
-    for i in tqdm(range(0, len(ids), args.batch_size), desc="retrieve", dynamic_ncols=True):
-        b = avjepa.get_batch(val, ids[i:i + args.batch_size], device)
-        video, audio = avjepa.augment_video(b["video"], cfg["crop"]), avjepa.normalize_audio(b["audio"], val["meta"])
+    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
+    # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
+    jobs = [("val", val, ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
+    train_ids = sounding_clips(train, args.clips or 1024)
+    jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
+    for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
+        b = avjepa.get_batch(data, batch_ids, device)
+        video, audio = avjepa.augment_video(b["video"], cfg["crop"]), avjepa.normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
-                c = cfg["masks"].index(configs[direction])
-                out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
+                if split == "val":
+                    c = cfg["masks"].index(configs[direction])
+                    out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
                 alone = target_encoder(None, audio) if name == "audio" else target_encoder(video, None)
-                out[name].append(F.layer_norm(alone.float(), (D,)).cpu())
-    out = {k: torch.cat(v) for k, v in out.items()}
+                out[name if split == "val" else "train_" + name].append(F.layer_norm(alone.float(), (D,)).cpu())
+    out = {k: torch.cat(v) if v else None for k, v in out.items()}   # None: no train clip has sound
     n = len(ids)
     res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               init=args.init, mask_tokens=configs, val_clips=n, chance_r1=1 / n, chance_r5=min(5 / n, 1.0),
-               chance_median_rank=(n + 1) / 2)
-    for direction, name in (("v2a", "audio"), ("a2v", "video")):
+               init=args.init, mask_tokens=configs, val_clips=n, train_clips=len(train_ids), chance_r1=1 / n,
+               chance_r5=min(5 / n, 1.0), chance_median_rank=(n + 1) / 2)
+    for direction, name, other in (("v2a", "audio", "video"), ("a2v", "video", "audio")):
         pred, gallery = out["pred_" + name], out[name]
         r = ranks(pred, gallery).float()
         # spread: how much the predictions differ from clip to clip, against how much the real features do.
         # Near 0, the predictor says the same for every clip (the mean), and nothing can be retrieved.
         res[direction] = dict(r1=(r <= 1).float().mean().item(), r5=(r <= 5).float().mean().item(),
                               median_rank=r.median().item(), spread=(pred.var(0).mean() / gallery.var(0).mean()).item())
+        if out["train_" + name] is not None:
+            r = ridge_ranks(out["train_" + other], out["train_" + name], out[other], gallery).float()
+            res[direction + "_ridge"] = dict(r1=(r <= 1).float().mean().item(), median_rank=r.median().item())
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{args.init}.json")
     def part(d):
         x = res[d]
+        ridge = res.get(d + "_ridge")
         return (f"R@1 {100 * x['r1']:.1f}%, R@5 {100 * x['r5']:.1f}%, median rank {x['median_rank']:.0f}, "
-                f"spread {x['spread']:.2f}")
+                f"spread {x['spread']:.2f}" + (f" (ridge: R@1 {100 * ridge['r1']:.1f}%, median rank "
+                                               f"{ridge['median_rank']:.0f})" if ridge else ""))
     print(f"retrieve {res['run']} [{args.init}]: video->audio {part('v2a')}; audio->video {part('a2v')} among {n} val "
           f"clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}) in {res['seconds']:.0f} s")
     return res

@@ -1045,6 +1045,16 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     for d in ("v2a", "a2v"):
         assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1 and res[d]["spread"] >= 0
     assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
+    assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
+
+
+def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 5, generator=g)
+    def sound(picture):                                   # [n, 2, 3] -> [n, 5, 1], linear
+        return (picture.flatten(1) @ W).view(-1, 5, 1)
+    train, val = torch.randn(40, 2, 3, generator=g), torch.randn(10, 2, 3, generator=g)
+    assert (probe.ridge_ranks(train, sound(train), val, sound(val), lam=1e-6) == 1).all()
 
 
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
