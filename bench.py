@@ -255,7 +255,9 @@ def bench_attention(args):
                               for a, b in spans])
         same = lambda o: o
         rows = [("kernels.attention [triton]", "ours", packed, ours, same),
-                ("kernels.attention_torch (reference)", "ref", packed, lambda q, k, v: kernels.attention_torch(q, k, v, cu, L), same)]
+                ("kernels.attention_torch (reference)", "ref", packed, lambda q, k, v: kernels.attention_torch(q, k, v, cu, L), same),
+                # what a user gets: equal lengths go to SDPA (cuDNN first), ragged ones to Triton on CUDA
+                ("kernels.attention [auto]", "auto", packed, lambda q, k, v: kernels.attention(q, k, v, cu, L), same)]
         if args.cuda:
             varlen, flex = varlen_and_flex(cu, clip, L, total)
             rows += [("torch varlen_attn (FlashAttention-2)", "varlen", packed, varlen, same),

@@ -995,6 +995,8 @@ def test_kernels_quick():
     ref = [r for r in rows if r["kind"] == "ref"]
     assert len(ref) == 13 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)   # 13 cases
     assert all(r["note"] == bench.SKIP for r in rows if r["kind"] == "ours")
+    auto = [r for r in rows if r["kind"] == "auto"]   # what users get: here the reference or dense SDPA
+    assert len(auto) == 13 and all(r["fb_ms"] > 0 and r["err"] < 1e-4 for r in auto)
     assert all(r["note"] == bench.SKIP_CUDA for r in rows if r["kind"] in ("varlen", "flex"))   # torch's: CUDA only
     res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["gather"]
