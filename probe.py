@@ -349,11 +349,12 @@ def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
     features of the train clips to the other's, applied to the val queries. It says how much of one sense
     the features carry about the other, whether or not the predictor has learned to use it. lam is
     relative to the kernel's mean diagonal (fixed, not tuned on val)."""
-    x, y = train_x.flatten(1).double(), train_y.flatten(1).double()
+    x, y = train_x.flatten(1), train_y.flatten(1)
     mx, my = x.mean(0), y.mean(0)
-    K = (x - mx) @ (x - mx).T                                                    # [n_train, n_train]
-    alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype), y - my)
-    return ranks((query.flatten(1).double() - mx) @ (x - mx).T @ alpha + my, gallery)
+    x = x - mx
+    K = (x @ x.T).double()                                                       # [n_train, n_train]
+    alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype), (y - my).double())
+    return ranks((query.flatten(1) - mx) @ x.T @ alpha.float() + my, gallery)
 
 
 def sounding_clips(data, n_max):
