@@ -120,10 +120,16 @@ def check_data(meta, encoder, audio):
                          f"{encoder.config['audio_frames']}")
 
 
-def clip_ids(data, n_max, labelled=False):
-    """Clips to use, sorted (memmap-friendly); a --clips subset is drawn at random, as splits are often
-    stored class by class and their first clips would all share one label."""
-    ids = np.flatnonzero(np.asarray(data["label"]) >= 0) if labelled else np.arange(data["n"])
+def clip_ids(data, n_max, labelled=False, sounding=False):
+    """Clips to use (only labelled ones, only those with sound, if asked), sorted (memmap-friendly); a
+    --clips subset is drawn at random, as splits are often stored class by class and their first clips
+    would all share one label."""
+    keep = np.ones(data["n"], bool)
+    if labelled:
+        keep &= np.asarray(data["label"]) >= 0
+    if sounding:   # a silent clip has no sound to find
+        keep &= np.asarray(data["has_audio"]).astype(bool)
+    ids = np.flatnonzero(keep)
     return np.sort(np.random.default_rng(0).choice(ids, n_max, replace=False)) if 0 < n_max < len(ids) else ids
 
 
@@ -357,12 +363,6 @@ def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
     return ranks((query.flatten(1) - mx) @ x.T @ alpha.float() + my, gallery)
 
 
-def sounding_clips(data, n_max):
-    ids = clip_ids(data, 0)
-    ids = ids[np.asarray(data["has_audio"])[ids].astype(bool)]   # a silent clip has no sound to find
-    return np.sort(np.random.default_rng(0).choice(ids, n_max, replace=False)) if 0 < n_max < len(ids) else ids
-
-
 def retrieve(args, path, ckpt, data_dir, device):
     """Video -> audio: each val clip's predicted audio features, from its video alone, against the target
     features of every val clip's audio alone (and the reverse). The gallery is encoded without the other
@@ -377,14 +377,14 @@ def retrieve(args, path, ckpt, data_dir, device):
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     val, train = avjepa.load_split(data_dir, "val"), avjepa.load_split(data_dir, "train")
     check_data(val["meta"], encoder, True)
-    ids = sounding_clips(val, args.clips)
+    ids = clip_ids(val, args.clips, sounding=True)
     if len(ids) < 2:
         raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
     t0, D = time.time(), encoder.config["width"]
     out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
     jobs = [("val", val, ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
-    train_ids = sounding_clips(train, args.clips or 1024)
+    train_ids = clip_ids(train, args.clips or 1024, sounding=True)
     jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
         b = avjepa.get_batch(data, batch_ids, device)

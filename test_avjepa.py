@@ -700,6 +700,17 @@ def reference_and_grads(q, k, v, cu, max_seqlen):
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
     return _grads(lambda: kernels.attention_torch(*leaves, cu, max_seqlen), leaves, do_dtype=q.dtype)
 
+
+def assert_attention_matches_reference(lengths, heads, dtype, hd=64):
+    """kernels.attention, as the current BACKEND routes it, against the fp32 reference: output and every gradient."""
+    q, k, v = packed_qkv(lengths, heads, hd, dtype)
+    cu = cu_seqlens(lengths)
+    out, grads = attention_and_grads(q, k, v, cu, max(lengths))
+    ref, ref_grads = reference_and_grads(q, k, v, cu, max(lengths))
+    assert_close(out, ref, dtype)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, dtype)
+
 # -----------------------------------------------------------------------------
 # attention
 
@@ -899,29 +910,14 @@ needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reaso
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads", [6, 12])   # vit_small's and vit_base's, head dim 64
 def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradient(triton_path, dtype, heads):
-    lengths = [1568, 1, 300, 777]   # a whole 16 x 224^2 clip, a single token, and lengths off the tile grid
-    q, k, v = packed_qkv(lengths, heads, 64, dtype)
-    cu = cu_seqlens(lengths)
-    out, grads = _grads(lambda: kernels.attention(q, k, v, cu, max(lengths)), [q, k, v])
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref, ref_grads = _grads(lambda: kernels.attention_torch(*leaves, cu, max(lengths)), leaves, dtype)
-    assert_close(out, ref, dtype)
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r, dtype)
+    # a whole 16 x 224^2 clip, a single token, and lengths off the tile grid
+    assert_attention_matches_reference([1568, 1, 300, 777], heads, dtype)
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_auto_attention_on_whole_clips_matches_reference_with_every_gradient(dtype):
-    lengths = [1568] * 4   # whole 16 x 224^2 clips: "auto" takes SDPA (cuDNN first) there
-    q, k, v = packed_qkv(lengths, 12, 64, dtype)
-    cu = cu_seqlens(lengths)
-    out, grads = _grads(lambda: kernels.attention(q, k, v, cu, max(lengths)), [q, k, v])
-    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref, ref_grads = _grads(lambda: kernels.attention_torch(*leaves, cu, max(lengths)), leaves, dtype)
-    assert_close(out, ref, dtype)
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r, dtype)
+    assert_attention_matches_reference([1568] * 4, 12, dtype)   # whole clips: "auto" takes SDPA (cuDNN first)
 
 
 def gpu_training_setup(seed=0):
