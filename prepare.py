@@ -425,6 +425,7 @@ COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0
 SHAPES = ("circle", "square", "triangle")
 RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
 DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the horizontal motion
+SYNCS = {"sync": 0.0, "late": 0.5}  # the sound's lag behind the picture, in bounce periods
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
 
 
@@ -448,16 +449,20 @@ def write_mp4(path, frames, fps, wave, sample_rate):
             c.mux(a.encode())
 
 
-def synth_clip(path, colour, shape, rhythm, direction, seed, width=80, fps=30, seconds=1.2):
+def synth_clip(path, colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
     """A coloured shape bouncing on a textured background, and a soundtrack tied to what is seen:
     pitch follows height, a tone burst marks each bounce off the floor or ceiling, the waveform is set
     by the shape. Colour is only seen; the rhythm of background ticks is only heard; the direction of
-    the horizontal motion (it never bounces sideways within the clip) is seen only across frames."""
+    the horizontal motion (it never bounces sideways within the clip) is seen only across frames.
+    sync: the pitch and the bursts follow the object as it is seen ("sync"), or as it was half a bounce
+    period earlier ("late": each burst lands halfway between two bounces). A late soundtrack is the sound
+    of another, equally likely bounce, so neither sense alone tells the two apart: only their timing does."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     r = rng.uniform(10, 16)  # object radius in pixels
     lo, span = r + 1, width - 2 * r - 2  # the centre stays inside [lo, lo + span]
-    vx, vy = rng.uniform(15, 35), rng.uniform(30, 90) * rng.choice([-1, 1])  # pixels per second
+    # vertical speed: at least one bounce (floor or ceiling) in every clip, at most about three
+    vx, vy = rng.uniform(15, 35), rng.uniform(1.2, 2.5) * span / seconds * rng.choice([-1, 1])  # pixels per second
     x0 = rng.uniform(0, span - vx * seconds)  # far enough from the wall it moves towards
     p0 = np.array([x0 if DIRECTIONS[direction] > 0 else span - x0, rng.uniform(0, span)])
     vel = np.array([DIRECTIONS[direction] * vx, vy])
@@ -469,14 +474,14 @@ def synth_clip(path, colour, shape, rhythm, direction, seed, width=80, fps=30, s
 
     # Sound
     t = np.arange(round(seconds * sr)) / sr
-    pos, k = position(t)
+    pos, k = position(t - SYNCS[sync] * span / abs(vel[1]))  # span / |vy|: the time between two bounces
     height = 1 - (pos[:, 1] - lo) / span  # 0 at the bottom, 1 at the top (image y points down)
     phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr  # 220 Hz at the bottom .. 880 Hz at the top
     wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
                    "triangle": phase / np.pi % 2 - 1}[shape]  # sine, square, sawtooth: ~equal loudness
     tb = np.arange(round(0.05 * sr)) / sr
     burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.minimum(tb / 0.005, 1) * np.exp(-tb / 0.012)  # 5 ms attack: no click
-    for i in np.nonzero(np.any(np.diff(k, axis=0) != 0, axis=1))[0] + 1:  # the samples where a wall is hit
+    for i in np.nonzero(np.diff(k[:, 1]) != 0)[0] + 1:  # the samples where the floor or ceiling is hit
         wave[i:i + len(burst)] += burst[:len(wave) - i]
     # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel, above
     # the tone and the bounces), at the rhythm's tempo from a random phase. Fast ticks come more often than
@@ -507,12 +512,13 @@ def synth_clip(path, colour, shape, rhythm, direction, seed, width=80, fps=30, s
     write_mp4(path, (np.clip(img, 0, 1) * 255).astype(np.uint8), fps, wave, sr)
 
 
-def make_synthetic(out="data/synthetic", workers=None, per_class=(20, 8)):
+def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
     """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/ and ingest them like user videos."""
     t_begin, out = time.time(), Path(out)
     videos = out.parent / f"{out.name}_videos"
     shutil.rmtree(videos, ignore_errors=True)
-    classes = [f"{c}-{s}-{r}-{d}" for c in COLOURS for s in SHAPES for r in RHYTHMS for d in DIRECTIONS]
+    classes = [f"{c}-{s}-{r}-{d}-{y}" for c in COLOURS for s in SHAPES for r in RHYTHMS for d in DIRECTIONS
+               for y in SYNCS]
     jobs = [(videos / split / name / f"{j:03d}.mp4", *name.split("-"))
             for split, n in zip(SPLITS, per_class) for name in classes for j in range(n)]
     jobs = [job + (seed,) for seed, job in enumerate(jobs)]
@@ -523,7 +529,8 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(20, 8)):
     factors = {"colour": {"values": list(COLOURS), "modality": "video"},
                "shape": {"values": list(SHAPES), "modality": "both"},
                "rhythm": {"values": list(RHYTHMS), "modality": "audio"},
-               "direction": {"values": list(DIRECTIONS), "modality": "video over time"}}
+               "direction": {"values": list(DIRECTIONS), "modality": "video over time"},
+               "sync": {"values": list(SYNCS), "modality": "video against audio"}}
     class_factors = [[factors[f]["values"].index(v) for f, v in zip(factors, name.split("-"))] for name in classes]
     return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors})
 
