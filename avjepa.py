@@ -53,8 +53,10 @@ def predictor_size(width, depth):
 
 # Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and "long"
 # every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse; "future" hides the
-# second half of the clip in both senses, so the predictor must carry the motion (and the sound) forward.
-MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time"}
+# second half of the clip in both senses, so the predictor must carry the motion (and the sound) forward;
+# "window" hides one sense (either, at random) in half the clip's time, with both senses seen elsewhere: what
+# is hidden is then pinned down by the other sense at the same moment, a question about timing.
+MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time", "window": "window"}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 TUBELET, PATCH = 2, 16    # video tubelet = 2 frames x 16 x 16 pixels; audio patch = 16 mel x 16 frames
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -106,6 +108,12 @@ def make_parser():
                         "in the predictor only) or in one pass over both (joint)")
     p.add_argument("--target-pass", choices=["joint", "separate"], default="separate",
                    help="EMA target features from one pass per modality (separate) or one over the whole clip (joint)")
+    p.add_argument("--fuse", type=NONNEG_INT, default=0,
+                   help="with separate passes, the encoder's last this many blocks attend across both senses of a "
+                        "clip (late fusion, as CAV-MAE); 0: the senses meet in the predictor only")
+    p.add_argument("--nce-weight", type=NONNEG, default=0.0,
+                   help="weight of an InfoNCE term that asks each clip's pooled prediction of its hidden part to be "
+                        "closer to its own pooled target than to the other clips' (CAV-MAE weighs its term 0.01)")
     p.add_argument("--reg", choices=["none", "sigreg"], default="sigreg",
                    help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards an "
                         "isotropic Gaussian (none: V-JEPA's loss alone, which collapses at small scale, see README)")
@@ -121,8 +129,9 @@ def make_parser():
                    help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
     p.add_argument("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4),
                    help="weight decay, cosine from the first to the second value")
-    p.add_argument("--ema", type=FRACTION, nargs=2, default=(0.998, 1.0),
-                   help="EMA momentum of the target encoder, linear from/to")
+    p.add_argument("--ema", type=FRACTION, nargs=2, default=None,
+                   help="EMA momentum of the target encoder, linear from/to (default: from min(0.998, 1 - 6 / "
+                        "steps) to 1, so that the teacher moves within the run: see ema_range)")
     p.add_argument("--schedule-scale", type=number(float, 1.0), default=1.25,
                    help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
     p.add_argument("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
@@ -159,9 +168,21 @@ def get_args(argv=None):
         p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
     if args.crop % PATCH:
         p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
+    if args.fuse > MODELS[args.model][1]:
+        p.error(f"argument --fuse: {args.fuse} is more than {args.model}'s {MODELS[args.model][1]} blocks")
+    args.ema = args.ema or ema_range(args.steps)
     check_device(p, args.device)
     args.name = args.name or f"{args.model}-{'av' if args.audio else 'v'}"
     return args
+
+
+def ema_range(steps):
+    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m) steps,
+    and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998 suits its 90k
+    steps; over a 600-step run it would leave a third of the teacher random. So the teacher averages over at
+    most a sixth of the run (a random share of e^-6 at the end), never less than V-JEPA's 500 steps, and no less
+    than 10 steps in a very short run."""
+    return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 
 def check_device(p, device):
@@ -300,6 +321,13 @@ def sample_targets(rng, config, video_grid, audio_grid):
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(audio_grid[1]) >= audio_grid[1] - audio_grid[1] // 2, audio_grid[0]) \
             if audio_grid else np.zeros(0, bool)
+    elif MASKS[config] == "window":   # tokens whose centre, as a fraction of the clip's time, is in [u, u + 1/2)
+        u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
+        def in_window(n):
+            centre = (np.arange(n) + 0.5) / n
+            return (centre >= u) & (centre < u + 0.5)
+        v = np.repeat(in_window(T) & hide_video, H * W)
+        a = np.tile(in_window(audio_grid[1]) & (not hide_video), audio_grid[0]) if audio_grid else np.zeros(0, bool)
     else:
         blocks, scale = MASKS[config]
         v = np.broadcast_to(block_mask(rng, H, W, blocks, scale), (T, H, W)).reshape(-1)
@@ -496,10 +524,11 @@ class PatchEmbed(nn.Module):
 class Encoder(nn.Module):
     """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
     def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0, tubelet_seconds=1.0,
-                 audio_patch_seconds=0.16):
+                 audio_patch_seconds=0.16, fuse=0):
         super().__init__()
         self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size, audio_frames=audio_frames,
-                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds)
+                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds, fuse=fuse)
+        self.fuse_from = depth - fuse   # blocks from here on attend across both senses (late fusion)
         self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
         self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
         self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
@@ -531,15 +560,18 @@ class Encoder(nn.Module):
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
 
-    def forward(self, video=None, audio=None, keep=None):
+    def forward(self, video=None, audio=None, keep=None, fused=None):
         """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
         keep=None: all tokens, returns [B, N, D]. keep=Packed: only those rows of the flattened [B * N]
-        tokens, each segment attending within itself, returns [total, D]."""
+        tokens, each segment attending within itself, returns [total, D]. fused: the same rows cut into
+        whole-clip segments, for the last `fuse` blocks (keep's segments may be one per modality)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N], fused
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i == self.fuse_from and fused is not None:   # late fusion: the senses of a clip meet from here on
+                cu, max_len = fused.cu, fused.max_len
             x = block(x, cu, max_len)
         x = self.norm(x)
         return x.view(B, N, D) if keep is None else x
@@ -597,7 +629,7 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
-        context = self.encoder(video, audio, keep=masks.enc)    # [Tc, D]
+        context = self.encoder(video, audio, keep=masks.enc, fused=masks.ctx)    # [Tc, D]
         return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
 
 
@@ -605,7 +637,7 @@ def build(cfg):
     """Encoder, predictor and EMA target encoder from a run config (a dict; saved in checkpoints)."""
     width, depth, heads = MODELS[cfg["model"]]
     encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if cfg["audio"] else 0,
-                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"])
+                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"], cfg.get("fuse", 0) if cfg["audio"] else 0)
     pw, pd = predictor_size(width, depth)
     predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
     target_encoder = Encoder(**encoder.config)
@@ -624,6 +656,30 @@ def jepa_loss(pred, targets, masks):
     audio = masks.tgt_modality.float()
     video = 1 - audio
     return (masks.tgt_weight * err).sum(), (err * video).sum() / video.sum(), (err * audio).sum() / audio.sum()
+
+
+def clip_contrast(pred, targets, masks, batch, temperature=0.05):
+    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the mean of a
+    clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its own targets than
+    to those of the batch's other clips, both ways (CAV-MAE's audio-visual term). An L1 loss alone is content
+    with the median of what the context allows, which for a hidden sense is nearly the same for every clip;
+    this term asks each prediction to tell its clip apart. The method stays a JEPA: the targets are the EMA
+    encoder's features, and no gradient flows into them."""
+    group = masks.tgt.segment_ids() * 2 + masks.tgt_modality                 # [Tt] (config, clip, modality)
+    G = len(masks.tgt.cu) - 1                                               # configs x clips
+
+    def pool(x):                                                             # [Tt, d] -> [configs, 2, B, d]
+        s = x.new_zeros(2 * G, x.shape[-1]).index_add_(0, group, x)
+        return s.view(G // batch, batch, 2, -1).transpose(1, 2)
+    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0   # [configs, 2, B]: hidden?
+    p, t = F.normalize(pool(pred.float()), dim=-1), F.normalize(pool(targets.float()), dim=-1)
+    both = count[..., :, None] & count[..., None, :]                          # a pair of clips with that part
+    logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, B, B]
+    pair = count & (count.sum(-1, keepdim=True) > 1)                        # a clip with others to tell from
+    labels = torch.arange(batch, device=pred.device).expand_as(count)
+    loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none") + \
+        F.cross_entropy(logits.transpose(-1, -2).flatten(0, 2), labels.flatten(), reduction="none")
+    return (loss * pair.flatten()).sum() / pair.sum().clamp(min=1) / 2
 
 
 def sigreg(x, directions=256, knots=17):
@@ -713,7 +769,8 @@ def target_features(target_encoder, video, audio, separate):
     modality in an attention pass of its own (separate) or both in one."""
     B, N, D = video.shape[0], target_encoder.n_tokens(audio is not None), target_encoder.config["width"]
     whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
-    return F.layer_norm(target_encoder(video, audio, keep=whole).float(), (D,)).view(B, N, D)
+    joint = whole_clips(B, target_encoder.nv, N, video.device, False)
+    return F.layer_norm(target_encoder(video, audio, keep=whole, fused=joint).float(), (D,)).view(B, N, D)
 
 
 @torch.no_grad()
@@ -734,6 +791,8 @@ def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
         if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + args.reg_weight * sigreg(context)
+        if args.nce_weight:        # predictions that tell clips apart
+            loss = loss + args.nce_weight * clip_contrast(pred, targets, masks, video.shape[0])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
@@ -748,7 +807,7 @@ def run_config(args, meta):
     return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
                 crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
                 tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
-                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass,
+                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
                 target_pass=args.target_pass, data=str(args.data))
 
 
