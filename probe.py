@@ -51,6 +51,12 @@ def get_args(argv=None):
     p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
                    help="random: the same probe on a freshly initialised model of the same config (the baseline)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="classify, retrieve: also run the identical probe on a random encoder of the same config "
+                        "and print its figure beside the pretrained one")
+    p.add_argument("--probe-seeds", type=COUNT, default=3,
+                   help="classify: train the attentive probe this many times (seeds --seed, --seed + 1, ...) and "
+                        "report the mean and the spread")
     p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
                    help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
     p.add_argument("--read", choices=["separate", "joint", "both"], default="separate",
@@ -155,7 +161,8 @@ def encode(encoder, video, audio, has_audio, separate=False):
         valid[~has_audio, nv:] = False
     lists = [r.nonzero()[:, 0].cpu().numpy() for r in valid]
     keep = avjepa.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
-    out = encoder(video, audio, keep=keep)
+    fused = avjepa.pack(lists, N, B).to(valid.device)   # whole clips, for the encoder's fused last blocks
+    out = encoder(video, audio, keep=keep, fused=fused)
     return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep.index, out).view(B, N, -1), valid
 
 
@@ -231,9 +238,9 @@ def label_heads(classes, meta):
     return [classes], torch.arange(classes)[:, None]
 
 
-def train_probe(train, outputs, targets, heads, args, device):
+def train_probe(train, outputs, targets, heads, args, device, seed):
     """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe. targets [classes, heads] maps labels to heads."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     probe = AttentiveProbe(train["x"].shape[-1], heads, outputs).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.wd)
     per_epoch = math.ceil(len(train["y"]) / args.batch_size)
@@ -275,11 +282,34 @@ def factor_accuracy(pred, labels, meta):
     return {name: (cf[pred, j] == cf[labels, j]).float().mean().item() for j, name in enumerate(meta["factors"])}
 
 
-def classify(args, path, ckpt, data_dir, device):
+def pooled(feats, bounds):
+    """Mean of each modality's valid tokens, side by side: [n, parts * D]. What a linear map can read."""
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        v = feats["valid"][:, a:b, None].float()
+        parts.append((feats["x"][:, a:b] * v).sum(1) / v.sum(1).clamp(min=1))
+    return torch.cat(parts, 1)
+
+
+def linear_readout(train_x, train_y, val_x, lam=0.1):
+    """The seedless readout: least squares from mean-pooled features to one-hot labels, ridge lam relative
+    to the mean diagonal (fixed, not tuned on val). One closed-form solve, no seed, no epochs. A linear map
+    of pooled features cannot find a relation between tokens that the features do not already hold.
+    train_y [n, heads] -> predicted value of every head for val, [n_val, heads]."""
+    mean = train_x.mean(0)
+    x = F.pad(train_x - mean, (0, 1), value=1.0).double()                          # a bias column
+    sizes = (train_y.max(0).values + 1).tolist()
+    y = torch.cat([F.one_hot(train_y[:, h], n) for h, n in enumerate(sizes)], 1).double()
+    xx = x.T @ x
+    w = torch.linalg.solve(xx + lam * xx.diagonal().mean() * torch.eye(len(xx), dtype=xx.dtype), x.T @ y)
+    scores = F.pad(val_x - mean, (0, 1), value=1.0).double() @ w
+    return torch.stack([part.argmax(1) for part in scores.split(sizes, 1)], 1)
+
+
+def classify_one(args, path, ckpt, data_dir, device, init):
+    """Frozen features of one encoder (pretrained or random), then the attentive probe over --probe-seeds seeds
+    and the seedless linear readout. Returns the scores as a dict."""
     cfg = ckpt["config"]
-    args.modalities = args.modalities or ("both" if cfg["audio"] else "video")
-    if args.modalities != "video" and not cfg["audio"]:
-        raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
     train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
     meta = train_data["meta"]
     train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips, True)
@@ -287,12 +317,12 @@ def classify(args, path, ckpt, data_dir, device):
         raise SystemExit(f"{data_dir} has no labelled clips in train and val: classify needs a labelled dataset "
                          f"(prepare.py from class folders or a CSV with labels)")
     classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(), val_data["label"].max())) + 1
-    encoder = frozen_models(ckpt, args.init, args.seed)[2].to(device)
+    encoder = frozen_models(ckpt, init, args.seed)[2].to(device)
     check_data(meta, encoder, args.modalities != "video")
 
     t0 = time.time()
     read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
-    name = f"{args.modalities}_{read}_{args.init}" if args.modalities == "both" else f"{args.modalities}_{args.init}"
+    name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_mtime=path.stat().st_mtime_ns, data=str(data_dir.resolve()),
                data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed, clips=args.clips)
@@ -306,25 +336,69 @@ def classify(args, path, ckpt, data_dir, device):
             write_atomic(cache, lambda t: torch.save(feats, t))
     nv = 0 if args.modalities == "audio" else encoder.nv
     N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
-    standardize(feats["train"], feats["val"], [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3])
+    bounds = [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3]
+    bounds = [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]   # no empty modality range
+    standardize(feats["train"], feats["val"], bounds)
     outputs, targets = label_heads(classes, meta)
-    probe = train_probe(feats["train"], outputs, targets, encoder.config["heads"], args, device)
-    logits, labels = predict_classes(probe, feats["val"], targets, device), feats["val"]["y"]
+    labels = feats["val"]["y"]
+    runs = []
+    for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
+        probe = train_probe(feats["train"], outputs, targets, encoder.config["heads"], args, device, args.seed + k)
+        logits = predict_classes(probe, feats["val"], targets, device)
+        run = dict(top1=top_k(logits, labels, 1))
+        if classes >= 10:
+            run["top5"] = top_k(logits, labels, 5)
+        if "class_factors" in meta:
+            run["factors"] = factor_accuracy(logits.argmax(-1), labels, meta)
+        runs.append(run)
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               modalities=args.modalities, read=read, init=args.init, epochs=args.epochs, classes=classes,
-               train_clips=len(train_ids), val_clips=len(labels), top1=top_k(logits, labels, 1),
-               train_top1=top_k(predict_classes(probe, feats["train"], targets, device), feats["train"]["y"], 1))
-    if classes >= 10:
-        res["top5"] = top_k(logits, labels, 5)
+               modalities=args.modalities, read=read, init=init, epochs=args.epochs, classes=classes,
+               train_clips=len(train_ids), val_clips=len(labels), chance_top1=1 / classes, probe_runs=runs,
+               **mean_of(runs))
+    res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
+    # the seedless readout: each head's value from a linear map of the mean-pooled features
+    head_pred = linear_readout(pooled(feats["train"], bounds), targets[feats["train"]["y"]], pooled(feats["val"], bounds))
+    right = head_pred == targets[labels]                                             # [n_val, heads]
+    res["linear"] = dict(top1=right.all(1).float().mean().item())
     if "class_factors" in meta:
-        res["factors"] = factor_accuracy(logits.argmax(-1), labels, meta)
+        res["linear"]["factors"] = {f: right[:, j].float().mean().item() for j, f in enumerate(meta["factors"])}
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_classify_{name}.json")
-    line = f"top-1 {100 * res['top1']:.1f}%" + (f", top-5 {100 * res['top5']:.1f}%" if "top5" in res else "")
-    factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in res.get("factors", {}).items())
-    print(f"classify {res['run']} [{args.modalities}{f', {read} passes' if args.modalities == 'both' else ''}, "
-          f"{args.init}]: {line} on {len(labels)} val clips"
-          f"{f' ({factors})' if factors else ''} in {res['seconds']:.0f} s")
+    return res
+
+
+def mean_of(runs):
+    """The mean of a list of score dicts (nested one level, for the factors)."""
+    out = {}
+    for k, v in runs[0].items():
+        out[k] = {f: sum(r[k][f] for r in runs) / len(runs) for f in v} if isinstance(v, dict) else \
+            sum(r[k] for r in runs) / len(runs)
+    return out
+
+
+def classify(args, path, ckpt, data_dir, device):
+    """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
+    encoder of the same config read the same way; one summary line with both."""
+    cfg = ckpt["config"]
+    args.modalities = args.modalities or ("both" if cfg["audio"] else "video")
+    if args.modalities != "video" and not cfg["audio"]:
+        raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
+    res = classify_one(args, path, ckpt, data_dir, device, args.init)
+    if args.baseline and args.init == "pretrained":
+        res["random"] = classify_one(args, path, ckpt, data_dir, device, "random")
+    def part(r):
+        factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("factors", {}).items())
+        return f"top-1 {100 * r['top1']:.1f}%" + (f" ({factors})" if factors else "")
+    def both(key):   # one figure, and the random encoder's beside it
+        pick = (lambda r: r) if key == "probe" else (lambda r: r["linear"])
+        line = part(pick(res))
+        return line + (f" [random: {part(pick(res['random']))}]" if "random" in res else "")
+    seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
+        "1 probe seed"
+    secs = res["seconds"] + res.get("random", {}).get("seconds", 0)
+    passes = f", {res['read']} passes" if args.modalities == "both" else ""
+    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {both('probe')}, "
+          f"{seeds}; linear readout {both('linear')}; on {res['val_clips']} val clips (chance top-1 {100 * res['chance_top1']:.1f}%) in {secs:.0f} s")
     return res
 
 # -----------------------------------------------------------------------------
@@ -363,7 +437,33 @@ def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
     return ranks((query.flatten(1) - mx) @ x.T @ alpha.float() + my, gallery)
 
 
+def shuffled_gap(query, gallery):
+    """How much nearer the predictions are to their own clip's targets than to other clips': 1 - (mean distance
+    to the own clip) / (mean distance to the others). 0 for a predictor that says the same for every clip."""
+    d = torch.cdist(query.flatten(1).float(), gallery.flatten(1).float())       # [n, n]
+    n = len(d)
+    return 1 - d.diag().mean().item() / ((d.sum() - d.diag().sum()) / (n * (n - 1))).item()
+
+
 def retrieve(args, path, ckpt, data_dir, device):
+    """Retrieval through the checkpoint's networks and, with --baseline, through random ones of the same config."""
+    res = retrieve_one(args, path, ckpt, data_dir, device, args.init)
+    if args.baseline and args.init == "pretrained":
+        res["random"] = retrieve_one(args, path, ckpt, data_dir, device, "random")
+    def part(r, d):
+        x, ridge = r[d], r.get(d + "_ridge")
+        return (f"R@1 {100 * x['r1']:.1f}%, median rank {x['median_rank']:.0f}, gap {x['gap']:.3f}"
+                + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
+    def both(d):
+        return part(res, d) + (f" [random: {part(res['random'], d)}]" if "random" in res else "")
+    n = res["val_clips"]
+    print(f"retrieve {res['run']} [{args.init}]: video->audio {both('v2a')}; audio->video {both('a2v')}; among {n} "
+          f"val clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}, gap 0) in "
+          f"{res['seconds'] + res.get('random', {}).get('seconds', 0):.0f} s")
+    return res
+
+
+def retrieve_one(args, path, ckpt, data_dir, device, init):
     """Video -> audio: each val clip's predicted audio features, from its video alone, against the target
     features of every val clip's audio alone (and the reverse). The gallery is encoded without the other
     modality, so a match can only come from what the predictor inferred across the senses. Beside it, the
@@ -373,7 +473,7 @@ def retrieve(args, path, ckpt, data_dir, device):
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
     configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
-    encoder, predictor, target_encoder = frozen_models(ckpt, args.init, args.seed)
+    encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     val, train = avjepa.load_split(data_dir, "val"), avjepa.load_split(data_dir, "train")
     check_data(val["meta"], encoder, True)
@@ -399,7 +499,7 @@ def retrieve(args, path, ckpt, data_dir, device):
     out = {k: torch.cat(v) if v else None for k, v in out.items()}   # None: no train clip has sound
     n = len(ids)
     res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               init=args.init, mask_tokens=configs, val_clips=n, train_clips=len(train_ids), chance_r1=1 / n,
+               init=init, mask_tokens=configs, val_clips=n, train_clips=len(train_ids), chance_r1=1 / n,
                chance_r5=min(5 / n, 1.0), chance_median_rank=(n + 1) / 2)
     for direction, name, other in (("v2a", "audio", "video"), ("a2v", "video", "audio")):
         pred, gallery = out["pred_" + name], out[name]
@@ -407,20 +507,13 @@ def retrieve(args, path, ckpt, data_dir, device):
         # spread: how much the predictions differ from clip to clip, against how much the real features do.
         # Near 0, the predictor says the same for every clip (the mean), and nothing can be retrieved.
         res[direction] = dict(r1=(r <= 1).float().mean().item(), r5=(r <= 5).float().mean().item(),
-                              median_rank=r.median().item(), spread=(pred.var(0).mean() / gallery.var(0).mean()).item())
+                              median_rank=r.median().item(), spread=(pred.var(0).mean() / gallery.var(0).mean()).item(),
+                              gap=shuffled_gap(pred, gallery))
         if out["train_" + name] is not None:
             r = ridge_ranks(out["train_" + other], out["train_" + name], out[other], gallery).float()
             res[direction + "_ridge"] = dict(r1=(r <= 1).float().mean().item(), median_rank=r.median().item())
     res["seconds"] = time.time() - t0
-    write_json(res, path.parent / f"probe_retrieve_{args.init}.json")
-    def part(d):
-        x = res[d]
-        ridge = res.get(d + "_ridge")
-        return (f"R@1 {100 * x['r1']:.1f}%, R@5 {100 * x['r5']:.1f}%, median rank {x['median_rank']:.0f}, "
-                f"spread {x['spread']:.2f}" + (f" (ridge: R@1 {100 * ridge['r1']:.1f}%, median rank "
-                                               f"{ridge['median_rank']:.0f})" if ridge else ""))
-    print(f"retrieve {res['run']} [{args.init}]: video->audio {part('v2a')}; audio->video {part('a2v')} among {n} val "
-          f"clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}) in {res['seconds']:.0f} s")
+    write_json(res, path.parent / f"probe_retrieve_{init}.json")
     return res
 
 # -----------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def segments(packed):
     return [index[cu[i]:cu[i + 1]].numpy() for i in range(len(cu) - 1)]
 
 
-@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
+@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future", "window"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
     for c, t in zip(segments(m.ctx), segments(m.tgt)):
@@ -119,8 +119,26 @@ def test_future_hides_the_second_half_of_both_senses():
     assert (audio == (np.arange(13) >= 7)[None, :]).all()                      # audio columns 7-12 of 13
 
 
+def test_window_hides_one_sense_in_half_the_clips_time_and_nothing_else():
+    nv = math.prod(VIDEO_GRID)
+    hidden = {"video": 0, "audio": 0}
+    for t in segments(masks_for("window", batch=40).tgt):
+        video = np.isin(np.arange(nv), t % N).reshape(VIDEO_GRID).any((1, 2))        # [t]: a tubelet hidden
+        audio = np.isin(np.arange(nv, N), t % N).reshape(AUDIO_GRID)                # [mel, time]
+        assert video.any() != audio.any()                                         # one sense, never both
+        if video.any():
+            assert video.sum() == 4 and np.ptp(np.flatnonzero(video)) == 3          # 4 of 8 tubelets, in a row
+            assert len(t) == 4 * 14 * 14                                             # whole frames of them
+        else:
+            cols = audio.any(0)
+            assert (audio == cols[None]).all() and 6 <= cols.sum() <= 7             # all bands of half the columns
+            assert np.ptp(np.flatnonzero(cols)) == cols.sum() - 1                    # in a row
+        hidden["video" if video.any() else "audio"] += 1
+    assert min(hidden.values()) > 5                                                # either sense, at random
+
+
 def test_context_is_never_empty_even_on_a_tiny_grid():
-    for config in ["short", "long", "v2a", "a2v", "future"]:
+    for config in ["short", "long", "v2a", "a2v", "future", "window"]:
         m = avjepa.sample_masks(np.random.default_rng(1), [config], 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
         index, cu, _ = m.ctx
         assert (cu[1:] - cu[:-1]).min() >= 1
@@ -268,12 +286,47 @@ def test_load_encoder_reads_a_vjepa_checkpoint_with_prefixes(tmp_path):
     video = torch.randn(1, 3, 16, 32, 32)
     torch.testing.assert_close(loaded(video), enc.eval()(video))
 
-def micro_jepa(masks=("short", "long"), audio=True, seed=0):
+def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
     """A micro encoder, predictor and target encoder, as training builds them."""
     torch.manual_seed(seed)
     cfg = dict(model="vit_micro", audio=audio, masks=list(masks), frames=4, crop=32, audio_frames=32,
-               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0)
+               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0, fuse=fuse)
     return avjepa.build(cfg)
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+def test_video_features_see_the_audio_only_in_the_fused_blocks(fuse):
+    encoder = micro_jepa(fuse=fuse)[0].eval()
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
+    N, nv = encoder.n_tokens(), encoder.nv
+    separate, joint = (avjepa.whole_clips(2, nv, N, "cpu", s) for s in (True, False))
+    def video_features(a):
+        return encoder(video, a, keep=separate, fused=joint).view(2, N, -1)[:, :nv]
+    changed = not torch.allclose(video_features(audio), video_features(audio + 1))
+    assert changed == (fuse > 0)
+
+
+def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skips_absent_parts():
+    B, D = 4, 32
+    lists = [np.arange(3) if b != 2 else np.arange(2, 3) for b in range(B)] * 2   # 2 configs; clip 2: 1 token
+    masks = avjepa.pack_masks([np.arange(3, 6)] * 2 * B, lists, B, nv=2, n_tokens=6)   # tokens 0, 1 video; 2 audio
+    targets = torch.randn(len(masks.tgt.index), D, generator=torch.Generator().manual_seed(0))
+    matched = avjepa.clip_contrast(targets * 10, targets, masks, B)
+    clips = masks.tgt.segment_ids() % B                                                   # [Tt] clip of each row
+    mean_pred = torch.zeros(len(targets), D)                                             # the same for every clip
+    assert matched < 0.05 < avjepa.clip_contrast(mean_pred, targets, masks, B)
+    assert avjepa.clip_contrast(mean_pred, targets, masks, B) == pytest.approx(
+        (3 * math.log(3) + 4 * math.log(4)) / 7, rel=1e-4)   # video: 3 clips have it; audio: all 4
+    pred = targets.clone().requires_grad_()
+    avjepa.clip_contrast(pred, targets, masks, B).backward()
+    assert torch.isfinite(pred.grad).all() and clips.numel() == len(pred)
+
+
+def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_at_scale():
+    assert avjepa.get_args(["--steps", "600"]).ema == pytest.approx((0.99, 1.0))
+    assert avjepa.get_args(["--steps", "90000"]).ema == pytest.approx((0.998, 1.0))
+    assert avjepa.get_args(["--steps", "3"]).ema == pytest.approx((0.9, 1.0))
+    assert avjepa.get_args(["--ema", "0.9", "0.95"]).ema == [0.9, 0.95]
 
 
 def test_packed_predictor_equals_each_segment_predicted_alone():
@@ -463,7 +516,8 @@ def fingerprint(module):
 def test_three_steps_at_a_fixed_seed_give_the_golden_weights(fake_data, tmp_path, monkeypatch, recipe):
     monkeypatch.setattr(kernels, "BACKEND", "torch")
     flags, want = GOLDEN[recipe]
-    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", *flags))
+    # the EMA these fingerprints were taken with (V-JEPA's, before the default followed --steps)
+    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", "--ema", "0.998", "1.0", *flags))
     for name, module in zip(want, models):
         assert fingerprint(module) == pytest.approx(want[name], rel=1e-5), name
 
@@ -1033,6 +1087,8 @@ def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, i
     saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
     assert saved["top1"] == res["top1"] == 1.0 and res["val_clips"] == 8   # bright or dark: no encoder misses it
     assert set(res["factors"]) == {"side"} and "top5" not in res   # 2 classes: no top-5
+    assert len(res["probe_runs"]) == 3 and res["linear"]["top1"] == 1.0   # probe seeds; the seedless readout too
+    assert ("random" in res) == (init == "pretrained") and res.get("random", res)["init"] == "random"
     assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
 
 
@@ -1042,6 +1098,7 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     assert res["val_clips"] == n and res["chance_r1"] == 1 / n
     for d in ("v2a", "a2v"):
         assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1 and res[d]["spread"] >= 0
+        assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1   # the baseline, read the same way
     assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
     assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
 
@@ -1053,6 +1110,24 @@ def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other
         return (picture.flatten(1) @ W).view(-1, 5, 1)
     train, val = torch.randn(40, 2, 3, generator=g), torch.randn(10, 2, 3, generator=g)
     assert (probe.ridge_ranks(train, sound(train), val, sound(val), lam=1e-6) == 1).all()
+
+
+def test_shuffled_gap_is_zero_for_a_predictor_that_says_the_mean_and_positive_for_a_matching_one():
+    gallery = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert probe.shuffled_gap(gallery.mean(0).expand_as(gallery), gallery) == pytest.approx(0, abs=1e-6)
+    assert probe.shuffled_gap(gallery + 0.1, gallery) > 0.5
+
+
+def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60, 2), generator=g)                               # two factors, 3 values each
+    code = torch.randn(2, 3, 8, generator=g)
+    def feats(y):
+        return code[0, y[:, 0]] + code[1, y[:, 1]] + 0.05 * torch.randn(len(y), 8, generator=g)
+    x, val_y = feats(y), torch.randint(0, 3, (20, 2), generator=g)
+    val_x = feats(val_y)
+    pred = probe.linear_readout(x, y, val_x, lam=1e-3)
+    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, lam=1e-3))
 
 
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
@@ -1506,13 +1581,29 @@ def test_odd_files_all_ingest(tmp_path):
 
 def test_synthetic_set_records_its_factors(tmp_path):
     meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
-    assert len(meta["classes"]) == 48 and meta["splits"] == {"train": 48, "val": 48}
+    assert len(meta["classes"]) == 96 and meta["splits"] == {"train": 96, "val": 96}
     modality = {f: v["modality"] for f, v in meta["factors"].items()}
-    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time"}
+    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time",
+                        "sync": "video against audio"}
     for name, idx in zip(meta["classes"], meta["class_factors"]):
         assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
     train = avjepa.load_split(tmp_path / "synthetic", "train")
-    assert train["video"].shape == (48, 8, 64, 64, 3) and train["has_audio"].all()
+    assert train["video"].shape == (96, 8, 64, 64, 3) and train["has_audio"].all()
+
+
+def test_a_late_soundtrack_changes_the_sound_and_not_the_picture(tmp_path):
+    clips = {}
+    for sync in prepare.SYNCS:
+        prepare.synth_clip(tmp_path / f"{sync}.mp4", "red", "circle", "slow", "left", sync, seed=3)
+        with av.open(str(tmp_path / f"{sync}.mp4")) as c:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        with av.open(str(tmp_path / f"{sync}.mp4")) as c:
+            sound = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+        clips[sync] = frames, sound
+    (picture, sound), (late_picture, late_sound) = clips["sync"], clips["late"]
+    assert np.array_equal(picture, late_picture)
+    n = min(len(sound), len(late_sound))
+    assert np.abs(sound[:n] - late_sound[:n]).mean() > 0.1 * np.abs(sound[:n]).mean()
 
 
 def cli(*args):
