@@ -65,7 +65,7 @@ def get_args(argv=None):
     p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
     p.add_argument("--epochs", type=COUNT, default=100,
                    help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
-                   "240k clips; 20 over the synthetic set's 720 leave the probe underfit)")
+                   "240k clips; 20 over the synthetic set's 960 leave the probe underfit)")
     p.add_argument("--lr", type=POSITIVE, default=1e-3,
                    help="classify: peak learning rate of the probe (AdamW, cosine to 0)")
     p.add_argument("--wd", type=NONNEG, default=0.01, help="classify: weight decay of the probe")
