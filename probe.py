@@ -291,14 +291,13 @@ def pooled(feats, bounds):
     return torch.cat(parts, 1)
 
 
-def linear_readout(train_x, train_y, val_x, lam=0.1):
+def linear_readout(train_x, train_y, val_x, sizes, lam=0.1):
     """The seedless readout: least squares from mean-pooled features to one-hot labels, ridge lam relative
     to the mean diagonal (fixed, not tuned on val). One closed-form solve, no seed, no epochs. A linear map
     of pooled features cannot find a relation between tokens that the features do not already hold.
-    train_y [n, heads] -> predicted value of every head for val, [n_val, heads]."""
+    train_y [n, heads], sizes: values per head -> predicted value of every head for val, [n_val, heads]."""
     mean = train_x.mean(0)
     x = F.pad(train_x - mean, (0, 1), value=1.0).double()                          # a bias column
-    sizes = (train_y.max(0).values + 1).tolist()
     y = torch.cat([F.one_hot(train_y[:, h], n) for h, n in enumerate(sizes)], 1).double()
     xx = x.T @ x
     w = torch.linalg.solve(xx + lam * xx.diagonal().mean() * torch.eye(len(xx), dtype=xx.dtype), x.T @ y)
@@ -345,7 +344,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
         probe = train_probe(feats["train"], outputs, targets, encoder.config["heads"], args, device, args.seed + k)
         logits = predict_classes(probe, feats["val"], targets, device)
-        run = dict(top1=top_k(logits, labels, 1))
+        run = dict(top1=top_k(logits, labels, 1),
+                   train_top1=top_k(predict_classes(probe, feats["train"], targets, device), feats["train"]["y"], 1))
         if classes >= 10:
             run["top5"] = top_k(logits, labels, 5)
         if "class_factors" in meta:
@@ -357,7 +357,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                **mean_of(runs))
     res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
     # the seedless readout: each head's value from a linear map of the mean-pooled features
-    head_pred = linear_readout(pooled(feats["train"], bounds), targets[feats["train"]["y"]], pooled(feats["val"], bounds))
+    head_pred = linear_readout(pooled(feats["train"], bounds), targets[feats["train"]["y"]], pooled(feats["val"], bounds),
+                               outputs)
     right = head_pred == targets[labels]                                             # [n_val, heads]
     res["linear"] = dict(top1=right.all(1).float().mean().item())
     if "class_factors" in meta:
@@ -376,6 +377,18 @@ def mean_of(runs):
     return out
 
 
+def with_baseline(task_one, args, path, ckpt, data_dir, device):
+    """task_one on the checkpoint's networks and, with --baseline, on random ones of the same config, read the
+    same way (under res["random"]). Returns (res, describe): describe(fmt) is fmt(res), and fmt of the random
+    run beside it, for the summary line; and the seconds both took."""
+    res = task_one(args, path, ckpt, data_dir, device, args.init)
+    if args.baseline and args.init == "pretrained":
+        res["random"] = task_one(args, path, ckpt, data_dir, device, "random")
+    def describe(fmt):
+        return fmt(res) + (f" [random: {fmt(res['random'])}]" if "random" in res else "")
+    return res, describe, res["seconds"] + res.get("random", {}).get("seconds", 0)
+
+
 def classify(args, path, ckpt, data_dir, device):
     """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
     encoder of the same config read the same way; one summary line with both."""
@@ -383,22 +396,16 @@ def classify(args, path, ckpt, data_dir, device):
     args.modalities = args.modalities or ("both" if cfg["audio"] else "video")
     if args.modalities != "video" and not cfg["audio"]:
         raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
-    res = classify_one(args, path, ckpt, data_dir, device, args.init)
-    if args.baseline and args.init == "pretrained":
-        res["random"] = classify_one(args, path, ckpt, data_dir, device, "random")
-    def part(r):
+    res, describe, secs = with_baseline(classify_one, args, path, ckpt, data_dir, device)
+    def scores(r):
         factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("factors", {}).items())
         return f"top-1 {100 * r['top1']:.1f}%" + (f" ({factors})" if factors else "")
-    def both(key):   # one figure, and the random encoder's beside it
-        pick = (lambda r: r) if key == "probe" else (lambda r: r["linear"])
-        line = part(pick(res))
-        return line + (f" [random: {part(pick(res['random']))}]" if "random" in res else "")
     seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
         "1 probe seed"
-    secs = res["seconds"] + res.get("random", {}).get("seconds", 0)
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
-    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {both('probe')}, "
-          f"{seeds}; linear readout {both('linear')}; on {res['val_clips']} val clips (chance top-1 {100 * res['chance_top1']:.1f}%) in {secs:.0f} s")
+    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {describe(scores)}, "
+          f"{seeds}; linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
+          f"(chance top-1 {100 * res['chance_top1']:.1f}%) in {secs:.0f} s")
     return res
 
 # -----------------------------------------------------------------------------
@@ -447,19 +454,16 @@ def shuffled_gap(query, gallery):
 
 def retrieve(args, path, ckpt, data_dir, device):
     """Retrieval through the checkpoint's networks and, with --baseline, through random ones of the same config."""
-    res = retrieve_one(args, path, ckpt, data_dir, device, args.init)
-    if args.baseline and args.init == "pretrained":
-        res["random"] = retrieve_one(args, path, ckpt, data_dir, device, "random")
-    def part(r, d):
-        x, ridge = r[d], r.get(d + "_ridge")
-        return (f"R@1 {100 * x['r1']:.1f}%, median rank {x['median_rank']:.0f}, gap {x['gap']:.3f}"
-                + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
-    def both(d):
-        return part(res, d) + (f" [random: {part(res['random'], d)}]" if "random" in res else "")
+    res, describe, secs = with_baseline(retrieve_one, args, path, ckpt, data_dir, device)
+    def scores(d):
+        def fmt(r):
+            x, ridge = r[d], r.get(d + "_ridge")
+            return (f"R@1 {100 * x['r1']:.1f}%, median rank {x['median_rank']:.0f}, spread {x['spread']:.2f}, "
+                    f"gap {x['gap']:.3f}" + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
+        return describe(fmt)
     n = res["val_clips"]
-    print(f"retrieve {res['run']} [{args.init}]: video->audio {both('v2a')}; audio->video {both('a2v')}; among {n} "
-          f"val clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}, gap 0) in "
-          f"{res['seconds'] + res.get('random', {}).get('seconds', 0):.0f} s")
+    print(f"retrieve {res['run']} [{args.init}]: video->audio {scores('v2a')}; audio->video {scores('a2v')}; among {n} "
+          f"val clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}, gap 0) in {secs:.0f} s")
     return res
 
 

@@ -1128,8 +1128,8 @@ def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
         return code[0, y[:, 0]] + code[1, y[:, 1]] + 0.05 * torch.randn(len(y), 8, generator=g)
     x, val_y = feats(y), torch.randint(0, 3, (20, 2), generator=g)
     val_x = feats(val_y)
-    pred = probe.linear_readout(x, y, val_x, lam=1e-3)
-    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, lam=1e-3))
+    pred = probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3)
+    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3))
 
 
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
