@@ -111,6 +111,8 @@ def make_parser():
     p.add_argument("--fuse", type=NONNEG_INT, default=0,
                    help="with separate passes, the encoder's last this many blocks attend across both senses of a "
                         "clip (late fusion, as CAV-MAE); 0: the senses meet in the predictor only")
+    p.add_argument("--target-layers", type=COUNT, default=1,
+                   help="targets: the mean of the EMA encoder's last this many blocks, each layer-normed (data2vec 2.0)")
     p.add_argument("--nce-weight", type=NONNEG, default=0.0,
                    help="weight of an InfoNCE term that asks each clip's pooled prediction of its hidden part to be "
                         "closer to its own pooled target than to the other clips' (CAV-MAE weighs its term 0.01)")
@@ -170,6 +172,8 @@ def get_args(argv=None):
         p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
     if args.fuse > MODELS[args.model][1]:
         p.error(f"argument --fuse: {args.fuse} is more than {args.model}'s {MODELS[args.model][1]} blocks")
+    if args.target_layers > MODELS[args.model][1]:
+        p.error(f"argument --target-layers: {args.target_layers} is more than {args.model}'s {MODELS[args.model][1]} blocks")
     args.ema = args.ema or ema_range(args.steps)
     check_device(p, args.device)
     args.name = args.name or f"{args.model}-{'av' if args.audio else 'v'}"
@@ -560,20 +564,25 @@ class Encoder(nn.Module):
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
 
-    def forward(self, video=None, audio=None, keep=None, fused=None):
+    def forward(self, video=None, audio=None, keep=None, fused=None, average_last=1):
         """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
         keep=None: all tokens, returns [B, N, D]. keep=Packed: only those rows of the flattened [B * N]
         tokens, each segment attending within itself, returns [total, D]. fused: the same rows cut into
-        whole-clip segments, for the last `fuse` blocks (keep's segments may be one per modality)."""
+        whole-clip segments, for the last `fuse` blocks (keep's segments may be one per modality).
+        average_last=k > 1: the mean of the last k blocks' outputs, each layer-normed (data2vec's targets)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N], fused
+        hidden = []
         for i, block in enumerate(self.blocks):
             if i == self.fuse_from and fused is not None:   # late fusion: the senses of a clip meet from here on
                 cu, max_len = fused.cu, fused.max_len
             x = block(x, cu, max_len)
+            hidden.append(x)
         x = self.norm(x)
+        if average_last > 1:
+            x = torch.stack([F.layer_norm(h, (D,)) for h in hidden[-average_last:-1] + [x]]).mean(0)
         return x.view(B, N, D) if keep is None else x
 
 
@@ -764,13 +773,15 @@ def step_flops(encoder, predictor, masks, batch, separate_targets=True):
 # Training loop
 
 @torch.no_grad()
-def target_features(target_encoder, video, audio, separate):
+def target_features(target_encoder, video, audio, separate, layers=1):
     """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
-    modality in an attention pass of its own (separate) or both in one."""
+    modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the last
+    `layers` blocks (data2vec 2.0), which holds lower-level detail that the last block alone may drop."""
     B, N, D = video.shape[0], target_encoder.n_tokens(audio is not None), target_encoder.config["width"]
     whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
     joint = whole_clips(B, target_encoder.nv, N, video.device, False)
-    return F.layer_norm(target_encoder(video, audio, keep=whole, fused=joint).float(), (D,)).view(B, N, D)
+    feats = target_encoder(video, audio, keep=whole, fused=joint, average_last=layers)
+    return F.layer_norm(feats.float(), (D,)).view(B, N, D)
 
 
 @torch.no_grad()
@@ -785,7 +796,7 @@ def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
     whether the loss stayed finite is checked by the loop on log and checkpoint steps."""
     jepa = getattr(model, "module", model)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
-        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate")
+        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate", args.target_layers)
         pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
         targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D]: feats[tgt.index], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)

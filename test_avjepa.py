@@ -306,6 +306,20 @@ def test_video_features_see_the_audio_only_in_the_fused_blocks(fuse):
     assert changed == (fuse > 0)
 
 
+def test_targets_of_one_layer_are_the_last_blocks_normed_output_and_of_k_the_mean_of_the_last_k():
+    encoder = micro_jepa()[0].eval()
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
+    hidden = []   # [total, D] after each block
+    hooks = [b.register_forward_hook(lambda m, i, o: hidden.append(o)) for b in encoder.blocks]
+    one = avjepa.target_features(encoder, video, audio, separate=True).flatten(0, 1)
+    two = avjepa.target_features(encoder, video, audio, separate=True, layers=2).flatten(0, 1)
+    [h.remove() for h in hooks]
+    norm = lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:])
+    before_last, last = hidden[-2], encoder.norm(hidden[-1])
+    torch.testing.assert_close(one, norm(last))
+    torch.testing.assert_close(two, norm((norm(before_last) + norm(last)) / 2))
+
+
 def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skips_absent_parts():
     B, D = 4, 32
     lists = [np.arange(3) if b != 2 else np.arange(2, 3) for b in range(B)] * 2   # 2 configs; clip 2: 1 token
@@ -646,7 +660,7 @@ BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
     (avjepa.get_args, "--log-every", "0", ">= 1"), (avjepa.get_args, "--seed", "-1", ">= 0"),
     (avjepa.get_args, "--crop", "100", "multiple of 16"), (avjepa.get_args, "--pred-width", "100", "multiple of"),
     (avjepa.get_args, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_args, "--cooldown", "1.5", "in [0.0, 1.0]"),
-    (avjepa.get_args, "--device", "tpu", "use cpu, cuda"), (avjepa.get_args, "--steps", "ten", "not an integer"),
+    (avjepa.get_args, "--device", "tpu", "use cpu, cuda"), (avjepa.get_args, "--target-layers", "13", "more than"), (avjepa.get_args, "--steps", "ten", "not an integer"),
     (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
     (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
     (bench.get_args, "--repeats", "-1", ">= 0"),
