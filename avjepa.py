@@ -13,12 +13,15 @@ Read top to bottom: config -> data -> masks -> model -> loss -> loop, then check
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
 """
 import argparse
+import fcntl
 import glob
 import json
 import math
 import os
 import queue
 import shutil
+import signal
+import socket
 import sys
 import threading
 import time
@@ -157,6 +160,7 @@ def make_parser():
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
+    args.flags = dict(vars(args))   # as given, before the defaults below are filled in: what a checkpoint records
     if args.model not in MODELS:
         p.error(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
     args.masks = args.masks.split(",")
@@ -213,10 +217,16 @@ def load_split(root, split):
     try:
         meta = json.loads((root / "meta.json").read_text())
         n = meta["splits"][split]
+        T, H, W, C = meta["video_shape"]
+        if (T, H, W, C) != (meta["frames"], meta["size"], meta["size"], 3) or meta["audio_shape"][0] != 128:
+            raise ValueError(f"meta.json's video_shape {meta['video_shape']} and audio_shape {meta['audio_shape']} "
+                             f"do not match its frames {meta['frames']} and size {meta['size']} "
+                             f"(expected [{meta['frames']}, {meta['size']}, {meta['size']}, 3] and [128, time])")
         def mm(name, dtype, shape=()):
             path = root / f"{split}_{name}.bin"
             if path.stat().st_size != n * math.prod(shape) * np.dtype(dtype).itemsize:
-                raise ValueError(f"{path.name} has the wrong size")
+                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not the {n} clips of "
+                                 f"{shape} {np.dtype(dtype).name} that meta.json describes")
             return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape)) if n else np.zeros((0, *shape), dtype)
         return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
                     audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
@@ -525,6 +535,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)                        # [B, N, D] in raster order
 
 
+def check_shape(name, x, expected):
+    """A clip must fit the grid the model was built for: positions are looked up by token number, so a clip
+    with more or fewer tokens would otherwise run on, silently wrong."""
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
+                         f"[batch, {', '.join(map(str, expected))}]")
+
+
 class Encoder(nn.Module):
     """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
     def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0, tubelet_seconds=1.0,
@@ -556,10 +574,15 @@ class Encoder(nn.Module):
     def embed(self, video=None, audio=None):
         """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them."""
         tokens, pos = [], []
+        c = self.config
         if video is not None:
+            check_shape("video", video, (3, c["frames"], c["size"], c["size"]))
             tokens.append(self.patch_embed(video))
             pos.append(self.pos_embed[0] + (self.modality_embed[0] if self.audio_grid else 0))
         if audio is not None:
+            if not self.audio_grid:
+                raise ValueError("this encoder was built for video only, and was given audio")
+            check_shape("audio", audio, (1, 128, c["audio_frames"]))
             tokens.append(self.audio_patch_embed(audio))
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
@@ -605,6 +628,9 @@ class Predictor(nn.Module):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.ctx, masks.tgt
+        if context.shape != (len(ctx.index), self.predictor_embed.in_features):
+            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this predictor, "
+                             f"which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
         # kernels.gather(x, rows) is x[rows], fused: the context with its positions, and a mask token (of the
         # target's config and modality) with its position in place of each target
         x_ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ctx.index % N)   # [Tc, Dp]
@@ -843,15 +869,26 @@ def setup_process(args):
     return device, dist.get_rank(), dist.get_world_size()
 
 
+RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device", "resume", "name", "out")   # the rest is refused
+
+
 def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
     """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG; else 0,
     after --init's encoder weights if given. Never overwrites a run by accident."""
     if args.resume:
         ck = read_checkpoint(ckpt_path)
-        diff = [k for k in cfg if k != "data" and ck["config"].get(k) != cfg[k]]
-        if diff:
-            raise SystemExit(f"{ckpt_path} was trained with different settings ({', '.join(diff)}): "
-                             f"resume with the same flags, or start a new --name")
+        old = ck.get("flags", {})   # checkpoints from before flags were recorded: the config alone is compared
+        changed = {f"--{k.replace('_', '-')}": (old[k], v) for k, v in args.flags.items()
+                   if k in old and old[k] != v and k not in RESUME_MAY_CHANGE}
+        changed.update({k: (ck["config"].get(k), v) for k, v in cfg.items()
+                        if k != "data" and ck["config"].get(k) != v and f"--{k.replace('_', '-')}" not in changed})
+        if changed:
+            raise SystemExit(f"{ckpt_path} was trained with other settings: "
+                             + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())
+                             + ". Resume with the flags it was trained with, or start a new --name")
+        moved = [f"--{k.replace('_', '-')} {old[k]} -> {args.flags[k]}" for k in RESUME_MAY_CHANGE
+                 if k in old and old[k] != args.flags[k] and k != "resume"]
+        print(f"resuming {ckpt_path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
         jepa.encoder.load_state_dict(ck["encoder"])
         jepa.predictor.load_state_dict(ck["predictor"])
         target_encoder.load_state_dict(ck["target_encoder"])
@@ -875,11 +912,81 @@ def stop_non_finite(step, ckpt_path):
                      f"Try a lower --lr or a higher --ema start.")
 
 
-def summary_line(args, last, width, run_dir):
-    """What a finished run prints: its last logged losses and ranks, speed, and where its files are."""
+HELD_LOCKS = {}   # run folder -> the lock file this process holds on it
+
+
+def lock_run(run_dir):
+    """One process per run folder. An exclusive flock on <run>/lock, which holds the owner's pid: the kernel
+    drops it when that process ends, however it ends, so a lock left by a dead run is simply taken over.
+    Held until unlock_run or the process's end; a process that already holds it (train() called again) keeps it."""
+    key = str(Path(run_dir).resolve())
+    if key in HELD_LOCKS:
+        return
+    fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 100).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"{run_dir} is in use by another run (pid {owner}): wait for it to end, "
+                         f"or pick another --name") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+    HELD_LOCKS[key] = fd
+
+
+def unlock_run(run_dir):
+    fd = HELD_LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        os.close(fd)   # closing the file drops the flock
+
+
+def start_log(log_path, step):
+    """The run's log.jsonl from `step` on: a resumed run keeps the lines before its checkpoint's step (so the
+    steps only increase), a new run starts an empty log. Returns (the open log, its last kept record)."""
+    kept = []
+    if step and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:   # a line cut short by a kill
+                continue
+            if rec["step"] < step:
+                kept.append(rec)
+    write_atomic(log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    return open(log_path, "a"), (kept[-1] if kept else None)
+
+
+def stop_requested(caught, log_step, world, device):
+    """Whether to stop after this step. Alone, as soon as a signal came. Under torchrun every rank must stop
+    at the same step, so they agree by an all-reduce on log steps only (no collective on the others)."""
+    if world == 1:
+        return bool(caught)
+    if not log_step:
+        return False
+    flag = torch.tensor(float(bool(caught)), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def catch_stop_signals():
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second one ends the
+    process at once. Returns the list the handler appends the signal to, and a function that restores."""
+    caught, before = [], {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def handler(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+    for sig in before:
+        signal.signal(sig, handler)
+    return caught, lambda: [signal.signal(sig, h) for sig, h in before.items()]
+
+
+def summary_line(args, last, width, run_dir, end):
+    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, and where its files are."""
     audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
     audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
-    return (f"trained {args.name} to step {args.steps}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
+    stopped = f" (stopped of {args.steps}: --resume continues)" if end < args.steps else ""
+    return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
             f"{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of {width}, "
             f"{last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves {run_dir / 'training.png'}")
 
@@ -939,6 +1046,9 @@ def train(argv=None):
         raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
     run_dir = Path(args.out) / args.name
     ckpt_path = run_dir / "ckpt.pt"
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run(run_dir)
 
     encoder, predictor, target_encoder = build(cfg)
     model = JEPA(encoder, predictor)
@@ -952,8 +1062,6 @@ def train(argv=None):
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.compile:
         trained = torch.compile(trained, dynamic=True)
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
     B = args.batch_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
@@ -971,50 +1079,63 @@ def train(argv=None):
         if master:
             ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
                         target_encoder=target_encoder.state_dict(), opt=opt.state_dict(), step=s, config=cfg,
-                        rng=dict(torch=torch.get_rng_state()))
+                        flags=args.flags, rng=dict(torch=torch.get_rng_state()))
             write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
 
-    log = open(run_dir / "log.jsonl", "a") if master else None
+    log, last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
-    t0, clips, last = time.time(), 0, None
+    t0, clips = time.time(), 0
+    caught, restore_signals = catch_stop_signals()
+    end = args.steps
     first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, kept on the device
-    for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
-        lr, wd, momentum = schedules(s, args)
-        for g in opt.param_groups:
-            g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
-        video = augment_video(batch["video"], cfg["crop"], rng)
-        audio = normalize_audio(batch["audio"], meta) if args.audio else None
-        loss, loss_v, loss_a, target_feats = train_step(
-            trained, target_encoder, opt, video, audio, masks, momentum, args)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
-        clips += B * world
-        bar.update(1)
-        log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
-        if (log_step or save_step) and first_bad.item() >= 0:   # .item(): the only sync, and only on these steps
-            stop_non_finite(first_bad.item(), ckpt_path)
-        if log_step:
-            dt = time.time() - t0
-            rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
-                       loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
-                       clips_per_s=clips / dt)
-            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
-            if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
-                flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
-                rec["mfu"] = flops * (clips / (B * world)) / dt / peak
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
-            if master:
-                write_log_line(log, rec)
-            last, t0, clips = rec, time.time(), 0
-        if save_step and s + 1 < args.steps:
-            save(s + 1)
+    try:
+        for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
+            lr, wd, momentum = schedules(s, args)
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
+            video = augment_video(batch["video"], cfg["crop"], rng)
+            audio = normalize_audio(batch["audio"], meta) if args.audio else None
+            loss, loss_v, loss_a, target_feats = train_step(
+                trained, target_encoder, opt, video, audio, masks, momentum, args)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
+            clips += B * world
+            bar.update(1)
+            log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
+            if (log_step or save_step) and first_bad.item() >= 0:   # .item(): the only sync, and only on these steps
+                stop_non_finite(first_bad.item(), ckpt_path)
+            if log_step:
+                dt = time.time() - t0
+                rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
+                           loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
+                           clips_per_s=clips / dt)
+                rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
+                if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
+                    flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
+                    rec["mfu"] = flops * (clips / (B * world)) / dt / peak
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
+                if master:
+                    write_log_line(log, rec)
+                last, t0, clips = rec, time.time(), 0
+            if save_step and s + 1 < args.steps:
+                save(s + 1)
+            if stop_requested(caught, log_step, world, device):   # Ctrl-C or SIGTERM: save this step, then exit
+                if first_bad.item() >= 0:
+                    stop_non_finite(first_bad.item(), ckpt_path)
+                end = s + 1
+                break
+    finally:   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
+        restore_signals()
     bar.close()
-    save(args.steps)
+    save(end)
     if master and last:
         plot_log(run_dir / "log.jsonl", run_dir / "training.png")
-        print(summary_line(args, last, encoder.config["width"], run_dir))
+        print(summary_line(args, last, encoder.config["width"], run_dir, end))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    unlock_run(run_dir)
+    if end < args.steps:   # stopped by a signal: 128 + its number, as a shell reports it
+        raise SystemExit(128 + (caught[0] if caught else signal.SIGTERM))
     return encoder, predictor, target_encoder
 
 

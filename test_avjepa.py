@@ -6,6 +6,7 @@ below before triton is imported). On a GPU the same command runs them compiled, 
 and the GPU-only tests (real sizes, a whole training step, no host sync) added.
 """
 import os
+import signal
 
 import torch
 
@@ -703,6 +704,122 @@ def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
     with pytest.raises(SystemExit, match="add --resume"):
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
+
+
+def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    avjepa.lock_run(run)   # this process is "the running one"
+    try:
+        r = subprocess.run([sys.executable, "avjepa.py", *micro_args(fake_data, tmp_path, "--steps", "1")],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        avjepa.unlock_run(run)
+    assert r.returncode != 0 and f"in use by another run (pid {os.getpid()}" in r.stderr, r.stderr
+    assert not (run / "ckpt.pt").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "lock").write_text(f"{dead.pid} on {socket.gethostname()}\n")   # its flock went with it
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
+    assert (run / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_finishes_the_step_saves_plots_summarises_and_exits_128_plus_its_number(
+        fake_data, tmp_path, monkeypatch, capsys, sig, code):
+    schedules = avjepa.schedules
+    def signal_at_5(step, args):
+        if step == 5:
+            os.kill(os.getpid(), sig)
+        return schedules(step, args)
+    monkeypatch.setattr(avjepa, "schedules", signal_at_5)
+    before = signal.getsignal(sig)
+    with pytest.raises(SystemExit) as exit:
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "20", "--save-every", "10"))
+    run = tmp_path / "vit_micro-v"
+    assert exit.value.code == code
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6   # step 5 finished, then saved
+    assert (run / "training.png").exists() and "to step 6 (stopped of 20" in capsys.readouterr().out
+    assert signal.getsignal(sig) == before   # the caller's handler is back
+
+
+def logged_steps(run):
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_cuts_its_log_back_to_the_checkpoint_so_steps_only_increase(fake_data, tmp_path, monkeypatch):
+    schedules = avjepa.schedules
+    def killed_at_6(step, args):   # as a kill -9 would: no chance to save
+        if step == 6:
+            raise KeyboardInterrupt
+        return schedules(step, args)
+    monkeypatch.setattr(avjepa, "schedules", killed_at_6)
+    flags = ["--steps", "8", "--save-every", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        avjepa.train(micro_args(fake_data, tmp_path, *flags))
+    run = tmp_path / "vit_micro-v"
+    assert logged_steps(run) == [0, 1, 2, 3, 4, 5]
+    monkeypatch.setattr(avjepa, "schedules", schedules)
+    avjepa.train(micro_args(fake_data, tmp_path, *flags, "--resume"))
+    assert logged_steps(run) == list(range(8))
+
+
+def test_a_new_run_on_a_folder_with_an_old_log_starts_a_new_log(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(9)))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    assert logged_steps(run) == [0, 1]
+
+
+def test_resume_refuses_a_changed_flag_naming_its_old_and_new_value(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--lr", "0.001"))
+    with pytest.raises(SystemExit, match=r"--lr 0.001, not 0.01; --seed 0, not 3"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--lr", "0.01", "--seed", "3", "--resume"))
+
+
+def test_resume_may_extend_steps_and_change_logging_and_says_so(fake_data, tmp_path, capsys):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--save-every", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert "--steps 2 -> 4" in out and "--save-every 200 -> 3" in out and "to step 4" in out
+
+
+def test_resuming_a_finished_run_prints_its_summary(fake_data, tmp_path, capsys):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    capsys.readouterr()
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--resume"))
+    assert "trained vit_micro-v to step 2: loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("video_shape, audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
+                                                       ((2, 3, 4, 32, 32), 64)])
+def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape, audio_frames):
+    encoder = micro_jepa()[0]   # built for 4 frames of 32 px and 32 audio frames
+    with pytest.raises(ValueError, match=r"does not fit this model, which expects \[batch, "):
+        encoder(torch.randn(video_shape), torch.randn(2, 1, 128, audio_frames))
+
+
+def test_context_rows_that_do_not_fit_the_masks_are_a_value_error():
+    encoder, predictor, _ = micro_jepa()
+    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
+                                encoder.audio_grid, np.ones(2, bool))
+    with pytest.raises(ValueError, match="does not fit the masks"):
+        predictor(torch.randn(len(masks.ctx.index) + 1, 32), masks)
+
+
+@pytest.mark.parametrize("edit", [dict(frames=8, size=64), dict(video_shape=[8, 32, 16, 3])])
+def test_a_dataset_whose_arrays_do_not_match_its_meta_is_refused_before_training(tmp_path, edit):
+    root = write_fake_dataset(tmp_path / "d")   # 4 frames of 32 px
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(SystemExit, match="meta.json"):
+        avjepa.load_split(root, "train")
 
 
 def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
