@@ -18,6 +18,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -231,9 +232,10 @@ def load_split(root, split):
         return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
                     audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
                     has_audio=mm("has_audio", np.uint8))
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's ({type(e).__name__}: {e}): "
-                         f"rerun `python prepare.py` for it")
+    except (OSError, ValueError, KeyError) as e:   # a missing file, a short array, a meta.json without a key
+        why = f"{root / 'meta.json'} has no {e}" if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. "
+                         f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
 
 
 def get_batch(data, idx, device):
@@ -1174,12 +1176,18 @@ def write_atomic(path, write):
 
 
 def read_checkpoint(path):
+    """A checkpoint's contents, read as tensors and plain values only (weights_only: no code runs on load)."""
     if not Path(path).is_file():
-        raise SystemExit(f"no checkpoint at {path}")
+        raise SystemExit(f"no checkpoint at {path}: pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})")
+    except Exception as e:   # zip, EOF, decode and key errors: whatever a file that is not a checkpoint raises
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):   # a class, not a tensor
+            raise SystemExit(f"{path} holds Python objects besides tensors and plain values, and avjepa loads "
+                             f"only those (a checkpoint must not run code when read): save its state dicts "
+                             f"alone with torch.save") from None
+        raise SystemExit(f"{path} is not a checkpoint: it is not a file written by torch.save, or it was cut "
+                         f"short. Pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar") from None
 
 
 def encoder_weights(ckpt, path):

@@ -350,7 +350,9 @@ def assign_splits(items, val_fraction, seed):
 # Writing a dataset
 
 def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, val_fraction=0.1,
-            workers=None, seed=0, extra_meta=None):
+            workers=None, seed=0, extra_meta=None, generated_s=None):
+    """Decode the videos of `source` into training-ready memmaps in `out`. generated_s: how long making the
+    videos took (the synthetic set), for the summary line."""
     t_begin, source, out = time.time(), Path(source), Path(out)
     if not source.exists():
         raise SystemExit(f"error: {source} does not exist: pass a folder of videos, a list or a Kinetics CSV")
@@ -412,9 +414,10 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dt, n = time.time() - t_begin, counts["train"] + counts["val"]
+    made = f"generated in {generated_s:.1f} s, then ingested " if generated_s is not None else ""
     print(f"prepared {out}: {counts['train']} train + {counts['val']} val clips from {len(ingested)} videos "
           f"({len(skipped)} skipped, {sum(not r['has_audio'] for r in ingested)} without audio, "
-          f"{sum(r['padded'] for r in ingested)} padded) in {dt:.1f} s, {n / dt:.1f} clips/s")
+          f"{sum(r['padded'] for r in ingested)} padded), {made}in {dt:.1f} s, {n / dt:.1f} clips/s")
     return meta
 
 
@@ -513,18 +516,26 @@ def synth_clip(path, colour, shape, rhythm, direction, sync, seed, width=80, fps
 
 
 def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
-    """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/ and ingest them like user videos."""
+    """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/NNN.mp4 and ingest them like user
+    videos. Only those files are written, and only such files left by a larger build are removed: anything
+    else in the folder is the user's, and is left alone (and ingested, if it is a video in a class folder)."""
     t_begin, out = time.time(), Path(out)
     videos = out.parent / f"{out.name}_videos"
-    shutil.rmtree(videos, ignore_errors=True)
     classes = [f"{c}-{s}-{r}-{d}-{y}" for c in COLOURS for s in SHAPES for r in RHYTHMS for d in DIRECTIONS
                for y in SYNCS]
     jobs = [(videos / split / name / f"{j:03d}.mp4", *name.split("-"))
             for split, n in zip(SPLITS, per_class) for name in classes for j in range(n)]
     jobs = [job + (seed,) for seed, job in enumerate(jobs)]
+    ours = {job[0] for job in jobs}
+    for split in SPLITS:
+        for name in classes:
+            for old in (videos / split / name).glob("[0-9][0-9][0-9].mp4"):
+                if old not in ours:
+                    old.unlink()
     with Pool(workers or os.cpu_count(), init_worker) as pool:
         pool.starmap(synth_clip, jobs, chunksize=8)
-    print(f"generated {len(jobs)} synthetic videos in {videos} in {time.time() - t_begin:.1f} s")
+    generated_s = time.time() - t_begin
+    print(f"generated {len(jobs)} synthetic videos in {videos} in {generated_s:.1f} s")
     classes = sorted(classes)
     factors = {"colour": {"values": list(COLOURS), "modality": "video"},
                "shape": {"values": list(SHAPES), "modality": "both"},
@@ -532,27 +543,37 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
                "direction": {"values": list(DIRECTIONS), "modality": "video over time"},
                "sync": {"values": list(SYNCS), "modality": "video against audio"}}
     class_factors = [[factors[f]["values"].index(v) for f, v in zip(factors, name.split("-"))] for name in classes]
-    return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors})
+    return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors},
+                   generated_s=generated_s)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Turn videos into avjepa memmaps. Without --videos: build the synthetic "
-                                "set in data/synthetic (8 frames, step 4, 64 px; the clip flags are ignored).")
+                                "set in data/synthetic (its clips are always 8 frames, step 4, 64 px).")
     p.add_argument("--videos", metavar="PATH", help="a folder of videos (class subfolders = labels, train/ and val/ "
                    "= splits), a list of '<path> <int label>' lines, a Kinetics CSV or a VGGSound CSV")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<name of --videos>)")
-    p.add_argument("--frames", type=COUNT, default=16, metavar="N", help="frames per clip")
-    p.add_argument("--frame-step", type=COUNT, default=4, metavar="N",
-                   help="frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps")
-    p.add_argument("--size", type=COUNT, default=224, metavar="N",
-                   help="frame side after short-side resize and centre crop")
-    p.add_argument("--clips-per-video", type=COUNT, default=1, metavar="N",
-                   help="clips per video, spread evenly over it")
+    # the clip flags default to None so that giving one for the built-in set can be refused, not ignored
+    clip_flags = dict(frames=16, frame_step=4, size=224, clips_per_video=1)
+    p.add_argument("--frames", type=COUNT, metavar="N", help="with --videos: frames per clip (default 16)")
+    p.add_argument("--frame-step", type=COUNT, metavar="N",
+                   help="with --videos: frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps "
+                        "(default 4)")
+    p.add_argument("--size", type=COUNT, metavar="N",
+                   help="with --videos: frame side after short-side resize and centre crop (default 224)")
+    p.add_argument("--clips-per-video", type=COUNT, metavar="N",
+                   help="with --videos: clips per video, spread evenly over it (default 1)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of the videos held out for val, when the source has no split of its own")
     p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N", help="decoding processes")
     p.add_argument("--seed", type=NONNEG_INT, default=0, metavar="N", help="seed of the train/val split")
     args = p.parse_args()
+    given = [f"--{k.replace('_', '-')}" for k in clip_flags if getattr(args, k) is not None]
+    if args.videos is None and given:
+        p.error(f"{', '.join(given)} applies to --videos only: the built-in synthetic set's clips are always "
+                f"{SYNTH['frames']} frames, step {SYNTH['frame_step']}, {SYNTH['size']} px")
+    for k, v in clip_flags.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     for flag, unit in (("frames", TUBELET), ("size", PATCH)):   # the model cuts clips into 2 x 16 x 16 tubelets
         if getattr(args, flag) % unit:
             p.error(f"argument --{flag}: must be a multiple of {unit} (tubelets are {TUBELET} frames x {PATCH} x {PATCH} pixels)")

@@ -312,9 +312,11 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
     meta = train_data["meta"]
     train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips, True)
-    if not len(train_ids) or not len(val_ids):
-        raise SystemExit(f"{data_dir} has no labelled clips in train and val: classify needs a labelled dataset "
-                         f"(prepare.py from class folders or a CSV with labels)")
+    for split, ids, data in (("train", train_ids, train_data), ("val", val_ids, val_data)):
+        if not len(ids):
+            held = f"its {data['n']} {split} clips have no labels" if data["n"] else f"it has 0 {split} clips"
+            raise SystemExit(f"{data_dir} cannot be classified: {held}. Prepare a labelled dataset with both splits "
+                             f"(class folders or a CSV with labels; --val-fraction > 0 when the source has no split)")
     classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(), val_data["label"].max())) + 1
     encoder = frozen_models(ckpt, init, args.seed)[2].to(device)
     check_data(meta, encoder, args.modalities != "video")
@@ -389,6 +391,12 @@ def with_baseline(task_one, args, path, ckpt, data_dir, device):
     return res, describe, res["seconds"] + res.get("random", {}).get("seconds", 0)
 
 
+def factor_chance(data_dir):
+    """', each factor 1 / its values' for a dataset whose label is a product of factors, else ''."""
+    factors = avjepa.load_split(data_dir, "val")["meta"].get("factors", {})
+    return "".join(f", {k} {100 / len(f['values']):.0f}%" for k, f in factors.items())
+
+
 def classify(args, path, ckpt, data_dir, device):
     """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
     encoder of the same config read the same way; one summary line with both."""
@@ -405,7 +413,7 @@ def classify(args, path, ckpt, data_dir, device):
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {describe(scores)}, "
           f"{seeds}; linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
-          f"(chance top-1 {100 * res['chance_top1']:.1f}%) in {secs:.0f} s")
+          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance(data_dir)}) in {secs:.0f} s")
     return res
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -643,7 +644,7 @@ def test_missing_dataset_says_to_run_prepare(tmp_path):
 def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
     root = write_fake_dataset(tmp_path / "d")
     os.truncate(os.path.join(root, "train_video.bin"), 100)
-    with pytest.raises(SystemExit, match="rerun `python prepare.py`"):
+    with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python prepare.py`"):
         avjepa.load_split(root, "train")
 
 
@@ -678,7 +679,7 @@ def test_a_bad_flag_value_is_named_with_its_range(get_args, flag, value, says, c
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--size", "100"]),
+    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--videos", "v", "--size", "100"]),
     ("prepare.py", ["--val-fraction", "1.5"]), ("probe.py", ["--task", "classify", "--epochs", "0"])])
 def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(script, argv):
     r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True, timeout=60)
@@ -711,7 +712,8 @@ def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_runn
     run.mkdir()
     avjepa.lock_run(run)   # this process is "the running one"
     try:
-        r = subprocess.run([sys.executable, "avjepa.py", *micro_args(fake_data, tmp_path, "--steps", "1")],
+        argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name", "vit_micro-v")
+        r = subprocess.run([sys.executable, str(HERE / "avjepa.py"), *argv],
                            capture_output=True, text=True, timeout=120)
     finally:
         avjepa.unlock_run(run)
@@ -1408,9 +1410,16 @@ def test_missing_checkpoint_says_to_train_first(tmp_path):
 
 
 def test_wrong_checkpoint_files_are_explained(tmp_path):
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
-        probe.main(["--task", "classify", "--ckpt", str(tmp_path / "junk.pt")])
+    (tmp_path / "notes.txt").write_text("e" * 200)
+    (tmp_path / "README.md").write_text("# not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pt")   # a whole module: code on load
+    for name, says in [("notes.txt", "not a checkpoint"), ("README.md", "not a checkpoint"),
+                       ("empty.pt", "not a checkpoint"), ("pickled.pt", "holds Python objects")]:
+        with pytest.raises(SystemExit) as exit:
+            probe.main(["--task", "classify", "--ckpt", str(tmp_path / name)])
+        assert str(tmp_path / name) in str(exit.value) and says in str(exit.value), exit.value
+        assert "weights_only" not in str(exit.value) and "Error" not in str(exit.value), exit.value
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="not an avjepa checkpoint"):
         probe.main(["--task", "classify", "--ckpt", str(tmp_path / "other.pt")])
@@ -1426,7 +1435,13 @@ def test_unlabelled_dataset_cannot_be_classified(probe_run, tmp_path):
     for split in ("train", "val"):
         np.full(json.loads((tmp_path / "unlabelled" / "meta.json").read_text())["splits"][split], -1,
                 np.int64).tofile(tmp_path / "unlabelled" / f"{split}_label.bin")
-    with pytest.raises(SystemExit, match="no labelled clips"):
+    with pytest.raises(SystemExit, match="its 16 train clips have no labels"):
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
+
+
+def test_a_dataset_without_val_clips_says_so(probe_run, tmp_path):
+    data = write_fake_dataset(tmp_path / "noval", n_val=0)
+    with pytest.raises(SystemExit, match="it has 0 val clips"):
         probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
 
 
@@ -1722,6 +1737,25 @@ def test_synthetic_set_records_its_factors(tmp_path):
         assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
     train = avjepa.load_split(tmp_path / "synthetic", "train")
     assert train["video"].shape == (96, 8, 64, 64, 3) and train["has_audio"].all()
+
+
+def test_the_synthetic_build_writes_and_removes_only_its_own_files_and_times_both_stages(tmp_path, capsys):
+    videos = tmp_path / "synthetic_videos"
+    cls = videos / "train" / "red-circle-slow-left-sync"
+    cls.mkdir(parents=True)
+    (videos / "notes.txt").write_text("mine")
+    (cls / "my take.mp4").write_bytes(b"mine too")
+    (cls / "007.mp4").write_bytes(b"left by a larger build")
+    prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 0))
+    assert (videos / "notes.txt").read_text() == "mine" and (cls / "my take.mp4").read_bytes() == b"mine too"
+    assert not (cls / "007.mp4").exists() and (cls / "000.mp4").exists()
+    assert re.search(r"generated in [0-9.]+ s, then ingested in [0-9.]+ s", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("flag", [["--frames", "16"], ["--size", "128"], ["--frame-step", "2"]])
+def test_clip_flags_for_the_built_in_set_are_refused_not_ignored(flag):
+    r = cli(*flag, "--out", "/nonexistent/never-written")
+    assert r.returncode == 2 and f"{flag[0]} applies to --videos only" in r.stderr, r.stderr
 
 
 def test_a_late_soundtrack_changes_the_sound_and_not_the_picture(tmp_path):
