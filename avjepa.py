@@ -153,7 +153,7 @@ def make_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder and predictor")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
-                        "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5% slower)")
+                        "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5%% slower)")
     p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
     return p
 
