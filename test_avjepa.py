@@ -1048,8 +1048,7 @@ def test_scatter_matches_reference_forward_and_backward(triton_path, dtype):
 
 
 @needs_runner
-def test_torch_compile_runs_around_the_kernels(triton_path):
-    # avjepa --compile: dynamo must leave the Triton paths to run eagerly, and gradients still flow
+def test_torch_compile_takes_the_kernels_as_custom_ops_and_gradients_still_flow(triton_path):
     cu, index = cu_seqlens(RAGGED), torch.tensor([5, 1, 7, 40], device=DEVICE)
     qkv = torch.randn(sum(RAGGED), 3 * 2 * 16, device=DEVICE, requires_grad=True)
     pos = torch.randn(4, 32, device=DEVICE)
@@ -1061,6 +1060,27 @@ def test_torch_compile_runs_around_the_kernels(triton_path):
     ref, (ref_g,) = _grads(lambda: block(qkv), [qkv])
     assert_close(out, ref, torch.float32)
     assert_close(g, ref_g, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=needs_runner)])
+def test_the_whole_step_compiles_as_one_graph_with_no_break(monkeypatch, backend):
+    """Context pass, EMA target pass (whole clips: the dense path), predictor, loss, SIGReg and InfoNCE,
+    each attention, gather and scatter on the chosen path: dynamo must see one graph."""
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    encoder, predictor, target_encoder = micro_jepa()
+    model = avjepa.JEPA(encoder, predictor)
+    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
+                                encoder.audio_grid, np.ones(2, bool), separate=True)
+    def step_loss(video, audio, masks):
+        target_feats = avjepa.target_features(target_encoder, video, audio, True, layers=2)
+        pred, context = model(video, audio, masks)
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)
+        return (avjepa.jepa_loss(pred, targets, masks)[0] + avjepa.sigreg(context)
+                + avjepa.clip_contrast(pred, targets, masks, 2))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step_loss)(torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32), masks)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
 
 
 def test_import_without_interpreter_or_gpu_falls_back_to_reference():
