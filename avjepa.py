@@ -277,30 +277,34 @@ def prefetch(make, steps, depth=2):
         yield item
 
 
-def augment_video(video, size, rng=None):
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised.
-    With rng: random resized crop (area 0.3-1, aspect 0.75-1.35) and horizontal flip, one per clip and
-    the same for all its frames, done as one batched affine resample on the device. Without: resize only."""
+def crop_params(rng, B):
+    """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect 0.75-1.35)
+    and horizontal flip, one per clip and the same for all its frames, as affine maps theta [B, 2, 3]."""
+    theta = torch.zeros(B, 2, 3)
+    area = rng.uniform(0.3, 1.0, B)
+    ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
+    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # fractions of the frame
+    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
+    theta[:, 0, 0] = torch.tensor(w * flip)
+    theta[:, 1, 1] = torch.tensor(h)
+    theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
+    theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
+    return theta
+
+
+def augment_video(video, size, theta=None):
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3] (from
+    crop_params, on the video's device): each clip's crop and flip, done as one batched affine resample on
+    the device. None: resize only."""
     B, T, H, W, _ = video.shape
     x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)   # frames as channels
-    theta = torch.zeros(B, 2, 3)
-    if rng is None:
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    else:
-        area = rng.uniform(0.3, 1.0, B)
-        ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
-        w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # fractions of the frame
-        flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
-        theta[:, 0, 0] = torch.tensor(w * flip)
-        theta[:, 1, 1] = torch.tensor(h)
-        theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
-        theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
-    grid = F.affine_grid(theta.to(x.device), (B, T * 3, size, size), align_corners=False)
+    if theta is None:
+        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+    grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1, 1)
-    return (x - mean) / std
+    # per channel with Python scalars: no host-to-device copy of the constants
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
 
 
 def normalize_audio(audio, meta):
@@ -358,8 +362,12 @@ class Packed(NamedTuple):
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
-    def to(self, device):
-        return Packed(self.index.to(device), self.cu.to(device), self.max_len)
+    def to(self, device, non_blocking=False):
+        return Packed(self.index.to(device, non_blocking=non_blocking), self.cu.to(device, non_blocking=non_blocking),
+                      self.max_len)
+
+    def pin_memory(self):
+        return Packed(self.index.pin_memory(), self.cu.pin_memory(), self.max_len)
 
     def segment_ids(self):
         """[total]: the segment of each row."""
@@ -399,9 +407,14 @@ class Masks:
     tgt_config: torch.Tensor    # [Tt] each target's mask config: it picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
+    pred_max_len: int           # the longest [context ; targets] segment of the predictor, known on the host
 
-    def to(self, device):
-        return Masks(**{name: x.to(device) for name, x in vars(self).items()})
+    def to(self, device, non_blocking=False):
+        return Masks(**{name: x if isinstance(x, int) else x.to(device, non_blocking=non_blocking)
+                        for name, x in vars(self).items()})
+
+    def pin_memory(self):   # page-locked host memory: the copy to the GPU can then run without a sync
+        return Masks(**{name: x if isinstance(x, int) else x.pin_memory() for name, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
@@ -418,7 +431,8 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
     return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
                  tgt=packed_tgt, tgt_config=torch.from_numpy(config),
-                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)))
+                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)),
+                 pred_max_len=max(len(c) + len(t) for c, t in zip(ctx, tgt)))
 
 
 def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False, separate=False,
@@ -639,7 +653,7 @@ class Predictor(nn.Module):
         x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + kernels.gather(self.pos_embed, tgt.index % N)
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]), len(ctx_slot) + len(tgt_slot))
-        cu, max_len = ctx.cu + tgt.cu, ctx.max_len + tgt.max_len   # max_len: at least the longest, known on the host
+        cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len   # exact: when all are equal, the dense path takes them
         for block in self.blocks:
             x = block(x, cu, max_len)
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))                   # [Tt, D]
@@ -773,12 +787,15 @@ def rankme(x):
     return math.exp(-(p * p.log()).sum().item())
 
 
-def collapse_monitor(target_feats, nv, heard):
+def collapse_monitor(target_feats, nv, heard, rows=4096):
     """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
-    the clips that have sound (heard [B] bool). nan for a modality that is absent."""
+    the clips that have sound (heard [B] bool). nan for a modality that is absent. At most `rows` evenly
+    spaced tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
     D = target_feats.shape[-1]
-    video = rankme(target_feats[:, :nv].reshape(-1, D))
-    audio = rankme(target_feats[heard, nv:].reshape(-1, D)) if target_feats.shape[1] > nv else math.nan
+    def sample(x):
+        return x[::max(1, len(x) // rows)][:rows]
+    video = rankme(sample(target_feats[:, :nv].reshape(-1, D)))
+    audio = rankme(sample(target_feats[heard, nv:].reshape(-1, D))) if target_feats.shape[1] > nv else math.nan
     return video, audio
 
 
@@ -851,11 +868,13 @@ def run_config(args, meta):
 
 
 def make_optimizer(model, lr):
-    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is False)."""
+    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is False).
+    On CUDA the fused kernel: one launch for the whole update instead of several per tensor."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
     return torch.optim.AdamW([{"params": decay, "decay": True},
-                              {"params": no_decay, "decay": False, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+                              {"params": no_decay, "decay": False, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999),
+                             fused=next(model.parameters()).is_cuda or None)
 
 
 def setup_process(args):
@@ -1053,11 +1072,10 @@ def train(argv=None):
         lock_run(run_dir)
 
     encoder, predictor, target_encoder = build(cfg)
-    model = JEPA(encoder, predictor)
-    opt = make_optimizer(model, args.lr)
-    step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
-    model.to(device)
+    model = JEPA(encoder, predictor).to(device)
     target_encoder.to(device)
+    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs its parameters in place
+    step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
     trained = model
     if torch.distributed.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
@@ -1069,13 +1087,18 @@ def train(argv=None):
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
 
     def make_batch(s):
-        """Everything random about step s comes from (seed, step, rank): resume replays it exactly."""
+        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and sent to
+        the device without waiting (pinned memory). Everything random comes from (seed, step, rank): resume
+        replays it exactly."""
         rng = np.random.default_rng([args.seed, s, rank])
-        batch = get_batch(data, batch_indices(data["n"], B, s, args.seed, rank, world), device)
-        has_audio = batch["has_audio"].cpu().numpy() if args.audio else np.zeros(B, bool)
+        idx = batch_indices(data["n"], B, s, args.seed, rank, world)
+        has_audio = data["has_audio"][np.sort(idx)].astype(bool) if args.audio else np.zeros(B, bool)
         masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio, args.truncate,
                              args.context_pass == "separate", args.audio_weight)
-        return batch, masks.to(device), rng
+        theta = crop_params(rng, B)
+        if device.type == "cuda":
+            masks, theta = masks.pin_memory(), theta.pin_memory()
+        return get_batch(data, idx, device), masks.to(device, non_blocking=True), theta.to(device, non_blocking=True)
 
     def save(s):
         if master:
@@ -1092,11 +1115,11 @@ def train(argv=None):
     end = args.steps
     first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, kept on the device
     try:
-        for s, (batch, masks, rng) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
+        for s, (batch, masks, theta) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
             lr, wd, momentum = schedules(s, args)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
-            video = augment_video(batch["video"], cfg["crop"], rng)
+            video = augment_video(batch["video"], cfg["crop"], theta)
             audio = normalize_audio(batch["audio"], meta) if args.audio else None
             loss, loss_v, loss_a, target_feats = train_step(
                 trained, target_encoder, opt, video, audio, masks, momentum, args)

@@ -1178,6 +1178,22 @@ def test_gpu_train_step_never_waits_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
+@needs_gpu
+def test_gpu_train_waits_for_the_device_only_on_log_and_save_steps(fake_data, tmp_path, monkeypatch):
+    # train() itself, prefetch thread and all: steps 1-4 run with any host sync an error; 0 and 5 log
+    schedules = avjepa.schedules
+    def watched(step, args):
+        torch.cuda.set_sync_debug_mode("error" if 0 < step < args.steps - 1 else "default")
+        return schedules(step, args)
+    monkeypatch.setattr(avjepa, "schedules", watched)
+    argv = micro_args(fake_data, tmp_path, "--audio", "--steps", "6", "--log-every", "100", "--device", "cuda")
+    try:
+        avjepa.train(argv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.load(tmp_path / "vit_micro-av" / "ckpt.pt", weights_only=True)["step"] == 6
+
+
 # -----------------------------------------------------------------------------
 # bench.py runs end to end at --quick sizes on the CPU: every reference row has a number, the Triton
 # rows say they were skipped (they need CUDA), and --json writes what was printed.
