@@ -6,6 +6,7 @@ Benchmarks of avjepa's hot paths, each next to the baselines it has to beat, in 
              the ragged batches the JEPA masks make (padded to the longest for SDPA)
   gather     kernels.gather / kernels.scatter (Triton) vs torch.gather, index_select and indexing
   step       avjepa.train_step, exactly what training runs: clips/s, MFU and peak memory
+  profile    (--profile) where the step's time goes: top kernels, and the share of each kind of work
 
 Each section prints its napkin-math floor first (the time at the GPU's bf16 peak, or at the measured
 copy bandwidth), then what every row achieves against it. A row that fails or is unsupported says
@@ -59,8 +60,11 @@ def get_args(argv=None):
     p.add_argument("--repeats", type=avjepa.NONNEG_INT, default=0,
                    help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
     p.add_argument("--compile", action="store_true",
-                   help="step section: torch.compile the model as avjepa.py --compile does; only the AV rows with "
-                   "varlen masks are timed, since every row compiles anew")
+                   help="step section: also time the AV rows with varlen masks under torch.compile, as avjepa.py "
+                   "--compile runs them (each compiles anew: 'warmup s' says how long)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the last --models' AV step (auto path; compiled with --compile): the top kernels "
+                   "by time, and the shares of attention, matmul, norm and elementwise, gather/scatter, optimizer, idle")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default="", help="also write the header and every row to this JSON file")
     p.add_argument("--tune", action="store_true", help="instead of the sections: sweep BLOCK_M, BLOCK_N, warps and "
@@ -403,7 +407,9 @@ def bench_gather(args):
 # 3. The training step: avjepa.train_step on random inputs already on the device, fresh masks every
 # step as in training. MFU counts avjepa.step_flops (attention's backward at 2x, no recompute).
 
-def time_steps(args, model_name, audio, truncate, path):
+def step_setup(args, model_name, audio, truncate, compiled):
+    """A model as avjepa.train builds it, random inputs already on the device, and fresh masks for every
+    warmup and timed step. Returns (run(masks) -> loss, host masks, device masks, training args, encoder, predictor)."""
     B, dev = args.batch_size, args.dev
     targs = avjepa.get_args(["--model", model_name, "--masks", ",".join(CONFIGS)] + ["--audio"] * audio + ["--truncate"] * truncate)
     meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],   # a dataset of this shape
@@ -412,61 +418,124 @@ def time_steps(args, model_name, audio, truncate, path):
     encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(targs, meta))
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target_encoder.to(dev)
-    trained = torch.compile(model, dynamic=True) if args.compile else model   # what avjepa.train does
+    trained = torch.compile(model, dynamic=True) if compiled else model   # what avjepa.train does
     opt = avjepa.make_optimizer(model, targs.lr)
     video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
-    masks = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
-    timed = masks[args.warmup_steps:]
+    host = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
+    def run(m):
+        return avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)[0]
+    return run, host, [m.to(dev) for m in host], targs, encoder, predictor   # training prefetches the masks
+
+
+def time_steps(args, model_name, audio, truncate, path, compiled):
+    B = args.batch_size
+    run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate, compiled)
+    timed = host[args.warmup_steps:]
     flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass == "separate") for m in timed)
-    masks = [m.to(dev) for m in masks]   # training prefetches these
-    losses = []
     with backend(path):
+        t_compile = time.perf_counter()
         for m in masks[:args.warmup_steps]:
-            avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)
+            run(m)
         if args.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        warmup_s = time.perf_counter() - t_compile
         t0 = time.perf_counter()   # train_step never waits for the device: the synchronize below does
-        for m in masks[args.warmup_steps:]:
-            losses.append(avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)[0])
+        losses = [run(m) for m in masks[args.warmup_steps:]]
         if args.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
     if not all(torch.isfinite(l) for l in losses):
         raise RuntimeError("non-finite loss: the timed steps did not train as a real run would")
     ctx_tokens = np.mean([np.diff(m.ctx.cu.numpy()).mean() for m in timed])
-    return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens,
+    return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens, warmup_s=warmup_s,
                 gflop=flops / args.steps / 1e9, peak_ms=flops / args.steps / args.peak * 1e3 if args.peak else None,
                 mfu=100 * flops / dt / args.peak if args.peak else None,
-                mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if args.cuda else None)
+                mem_gib=torch.cuda.max_memory_allocated(args.dev) / 2**30 if args.cuda else None)
 
 
 def bench_step(args):
-    print(f"\n== training step: avjepa.train_step{' (torch.compile)' * args.compile}, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} timed steps; "
-          f"'ms at peak' is the step's FLOPs at the bf16 peak")
+    print(f"\n== training step: avjepa.train_step, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} "
+          f"timed steps; 'auto' is the path training takes; 'ms at peak' is the step's FLOPs at the bf16 peak; "
+          f"'warmup s' includes compiling")
     results = []
     for model_name in args.models:
-        for audio in (True,) if args.compile else (True, False):
-            for truncate in (False,) if args.compile else (False, True):
-                for path in ("triton", "torch"):
-                    row = dict(model=model_name, input="AV" if audio else "V", masks="truncate" if truncate else "varlen",
-                               path=path, note="")
-                    results.append(row)
-                    if path == "triton" and not args.triton:
-                        row["note"] = SKIP
-                        continue
-                    res, why = attempt(lambda: time_steps(args, model_name, audio, truncate, path), args)
-                    row.update(res or dict(note=why))
-                    if args.cuda:
-                        torch.cuda.empty_cache()
-                    if args.cuda and res and (model_name, audio, truncate, path) == ("vit_base", True, False, "triton"):
-                        row["target"] = verdict(res["mfu"], 100 * TARGETS["mfu"], "{:.1f}%") if res["mfu"] else None
+        for audio in (True, False):
+            for truncate in (False, True):
+                for path in ("auto", "triton", "torch"):
+                    for compiled in (False, True) if args.compile and audio and not truncate else (False,):
+                        row = dict(model=model_name, input="AV" if audio else "V", masks="truncate" if truncate else "varlen",
+                                   path=path, compiled="compiled" if compiled else "eager", note="")
+                        results.append(row)
+                        if path == "triton" and not args.triton:
+                            row["note"] = SKIP
+                            continue
+                        res, why = attempt(lambda: time_steps(args, model_name, audio, truncate, path, compiled), args)
+                        row.update(res or dict(note=why))
+                        if args.cuda:
+                            torch.cuda.empty_cache()
+                        if args.cuda and res and (model_name, audio, truncate, path) == ("vit_base", True, False, "auto"):
+                            row["target"] = verdict(res["mfu"], 100 * TARGETS["mfu"], "{:.1f}%") if res["mfu"] else None
     table([("model", "model", None), ("input", "input", None), ("masks", "masks", None), ("path", "kernels", None),
-           ("ctx_tokens", "ctx tok/seg", "{:.0f}"), ("gflop", "GFLOP/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"),
-           ("peak_ms", "ms at peak", "{:.1f}"), ("clips_s", "clips/s", "{:.1f}"), ("mfu", "MFU %", "{:.1f}"),
-           ("mem_gib", "peak GiB", "{:.1f}"), ("target", "target (MFU)", None), ("note", "note", None)], results)
+           ("compiled", "", None), ("ctx_tokens", "ctx tok/seg", "{:.0f}"), ("gflop", "GFLOP/step", "{:.1f}"),
+           ("step_ms", "ms/step", "{:.1f}"), ("peak_ms", "ms at peak", "{:.1f}"), ("clips_s", "clips/s", "{:.1f}"),
+           ("mfu", "MFU %", "{:.1f}"), ("mem_gib", "peak GiB", "{:.1f}"), ("warmup_s", "warmup s", "{:.1f}"),
+           ("target", "target (MFU)", None), ("note", "note", None)], results)
     return results
+
+# -----------------------------------------------------------------------------
+# 4. Where the step's time goes: torch.profiler over the timed steps of one AV varlen step row (auto path)
+
+CATEGORIES = [   # (category, substrings of kernel or op names), first match wins; the rest is "other"
+    ("attention", ("attn", "attention", "flash", "fmha", "cudnn")),
+    ("gather/scatter", ("_rows_kernel", "index", "gather", "scatter")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("matmul", ("gemm", "mm", "matmul", "linear", "xmma", "nvjet", "cutlass", "conv")),
+    ("norm and elementwise", ("norm", "elementwise", "vectorized", "reduce", "add", "mul", "sub", "div", "gelu",
+                              "softmax", "exp", "copy", "fill", "where", "triton_")),
+]
+
+
+def category(name):
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_step(args):
+    """The top kernels (CUDA) or ops (CPU) by self time, and each category's share of the step's wall time;
+    idle is the wall time no kernel ran in (on a CPU: no op's own code ran in, e.g. the Python between)."""
+    from torch.profiler import ProfilerActivity, profile
+    model_name, compiled = args.models[-1], args.compile
+    run, _, masks, *_ = step_setup(args, model_name, True, False, compiled)
+    for m in masks[:args.warmup_steps]:
+        run(m)
+    if args.cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * args.cuda
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for m in masks[args.warmup_steps:]:
+            run(m)
+        if args.cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    key = "self_device_time_total" if args.cuda else "self_cpu_time_total"
+    # on CUDA only the kernels (device-side events) count, so CPU-side ops are not counted twice
+    leaves = [e for e in events if getattr(e, key) > 0 and (not args.cuda or e.device_type.name == "CUDA")]
+    print(f"\n== profile: {model_name} AV varlen, auto path, {'compiled' if compiled else 'eager'}, {args.steps} steps "
+          f"of batch {args.batch_size}, {wall_us / args.steps / 1e3:.1f} ms/step")
+    print(events.table(sort_by=key, row_limit=15))
+    shares = {c: 0.0 for c, _ in CATEGORIES}
+    shares["other"] = 0.0
+    for e in leaves:
+        shares[category(e.key)] += getattr(e, key)
+    shares["idle"] = max(wall_us - sum(shares.values()), 0.0)
+    rows = [dict(category=c, ms=us / args.steps / 1e3, pct=100 * us / wall_us) for c, us in shares.items()]
+    table([("category", "category", None), ("ms", "ms/step", "{:.2f}"), ("pct", "% of step", "{:.0f}")], rows)
+    return rows
+
 
 # -----------------------------------------------------------------------------
 # 4. --tune: every kernel's tiles swept at the bench's shapes. A config must first compute what the
@@ -599,6 +668,8 @@ def main(argv=None):
     for section, fn in (("attention", bench_attention), ("gather", bench_gather), ("step", bench_step)):
         if args.only in (None, section) and not args.tune:
             results[section] = fn(args)
+    if args.profile:
+        results["profile"] = profile_step(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1204,13 +1204,24 @@ def test_step_quick(tmp_path, monkeypatch):
     res = bench.main(["--quick", "--only", "step", "--models", "vit_micro", "--device", "cpu", "--batch-size", "1",
                       "--steps", "1", "--json", str(out)])
     rows = res["step"]
-    assert len(rows) == 8 and {r["model"] for r in rows} == {"vit_micro"}   # AV/V x varlen/truncate x triton/torch
+    assert len(rows) == 12 and {r["model"] for r in rows} == {"vit_micro"}   # AV/V x varlen/truncate x 3 paths
     for r in rows:
-        if r["path"] == "torch":
+        if r["path"] in ("auto", "torch"):   # on a CPU, auto is the torch path
             assert r["note"] == "" and r["clips_s"] > 0 and r["gflop"] > 0, r
         else:
             assert r["note"] == bench.SKIP and "clips_s" not in r
     assert json.loads(out.read_text())["step"] == rows
+
+
+def test_profile_quick_splits_the_step_into_its_kinds_of_work(monkeypatch, capsys):
+    monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))
+    res = bench.main(["--quick", "--only", "gather", "--profile", "--models", "vit_micro", "--device", "cpu",
+                      "--batch-size", "1", "--steps", "1", "--repeats", "1"])
+    shares = {r["category"]: r["pct"] for r in res["profile"]}
+    assert set(shares) == {"attention", "matmul", "norm and elementwise", "gather/scatter", "optimizer", "other", "idle"}
+    assert shares["matmul"] > 0 and shares["attention"] > 0 and shares["optimizer"] > 0
+    assert sum(shares.values()) >= 99   # idle is what the rest leaves of the wall time
+    assert "Self CPU" in capsys.readouterr().out   # the profiler's table of top ops
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the CPU rehearsal of --tune; on a GPU, --tune runs for real")
