@@ -150,7 +150,7 @@ def make_parser():
     p.add_argument("--save-every", type=COUNT, default=200, help="checkpoint every this many steps (and at the end)")
     p.add_argument("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
     p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder and predictor")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's forward (EMA target pass, context pass, predictor, loss) as one graph")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
                         "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5%% slower)")
@@ -835,11 +835,9 @@ def ema_update(target_encoder, encoder, momentum):
     torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
 
 
-def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
-    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped).
-    Returns (loss, video loss, audio loss, target features [B, N, D]). Nothing here waits for the device:
-    whether the loss stayed finite is checked by the loop on log and checkpoint steps."""
-    jepa = getattr(model, "module", model)
+def step_loss(model, target_encoder, video, audio, masks, args):
+    """The forward half of a step: targets -> prediction -> loss. What --compile compiles, as one graph.
+    Returns (loss, video loss, audio loss, target features [B, N, D])."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate", args.target_layers)
         pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
@@ -849,6 +847,16 @@ def train_step(model, target_encoder, opt, video, audio, masks, momentum, args):
             loss = loss + args.reg_weight * sigreg(context)
         if args.nce_weight:        # predictions that tell clips apart
             loss = loss + args.nce_weight * clip_contrast(pred, targets, masks, video.shape[0])
+    return loss, loss_v, loss_a, target_feats
+
+
+def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, loss_fn=step_loss):
+    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped);
+    loss_fn is step_loss, or its compiled self. Returns (loss, video loss, audio loss, target features
+    [B, N, D]). Nothing here waits for the device: whether the loss stayed finite is checked by the loop on
+    log and checkpoint steps."""
+    jepa = getattr(model, "module", model)
+    loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, args)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad:
@@ -1080,8 +1088,8 @@ def train(argv=None):
     if torch.distributed.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if args.compile:
-        trained = torch.compile(trained, dynamic=True)
+    # --compile: the whole forward (EMA target pass, context pass, predictor, loss) as one graph
+    loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
     B = args.batch_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
@@ -1122,7 +1130,7 @@ def train(argv=None):
             video = augment_video(batch["video"], cfg["crop"], theta)
             audio = normalize_audio(batch["audio"], meta) if args.audio else None
             loss, loss_v, loss_a, target_feats = train_step(
-                trained, target_encoder, opt, video, audio, masks, momentum, args)
+                trained, target_encoder, opt, video, audio, masks, momentum, args, loss_fn)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
             clips += B * world
             bar.update(1)

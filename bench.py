@@ -418,13 +418,13 @@ def step_setup(args, model_name, audio, truncate, compiled):
     encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(targs, meta))
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target_encoder.to(dev)
-    trained = torch.compile(model, dynamic=True) if compiled else model   # what avjepa.train does
+    loss_fn = torch.compile(avjepa.step_loss, dynamic=True) if compiled else avjepa.step_loss   # as avjepa.train
     opt = avjepa.make_optimizer(model, targs.lr)
     video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
     host = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
     def run(m):
-        return avjepa.train_step(trained, target_encoder, opt, video, sound, m, 0.998, targs)[0]
+        return avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs, loss_fn)[0]
     return run, host, [m.to(dev) for m in host], targs, encoder, predictor   # training prefetches the masks
 
 
