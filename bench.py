@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import avjepa
+import common
 import kernels
 
 FRAME_SECONDS, HOP_SECONDS = 4 / 30, 0.01   # prepare.py's defaults: every 4th frame at 30 fps, 10 ms mel hop
@@ -50,14 +51,14 @@ def get_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
                    "proves the script runs, on a CPU too; the numbers mean nothing")
-    p.add_argument("--batch-size", type=avjepa.NONNEG_INT, default=0,
+    p.add_argument("--batch-size", type=common.NONNEG_INT, default=0,
                    help="clips per batch in every section (0: 32, or 2 with --quick)")
-    p.add_argument("--steps", type=avjepa.NONNEG_INT, default=0,
+    p.add_argument("--steps", type=common.NONNEG_INT, default=0,
                    help="timed training steps per step row, after warmup (0: 10, or 2 with --quick)")
     p.add_argument("--models", default="",
                    help="comma list of encoders for the step section (default: vit_tiny,vit_small,vit_base; "
                    "vit_tiny with --quick)")
-    p.add_argument("--repeats", type=avjepa.NONNEG_INT, default=0,
+    p.add_argument("--repeats", type=common.NONNEG_INT, default=0,
                    help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
     p.add_argument("--compile", action="store_true",
                    help="step section: also time the AV rows with varlen masks under torch.compile, as avjepa.py "
@@ -71,7 +72,7 @@ def get_args(argv=None):
                    "stages of each attention kernel and the tiles of gather/scatter, check each config against the "
                    "reference, time it, and print the winners as kernels._attn_config's table")
     args = p.parse_args(argv)
-    avjepa.check_device(p, args.device)
+    common.check_device(p, args.device)
     q = args.quick
     args.batch_size = args.batch_size or (2 if q else 32)
     args.steps = args.steps or (2 if q else 10)
@@ -88,7 +89,7 @@ def get_args(argv=None):
     args.dtype = torch.bfloat16 if args.cuda else torch.float32   # what training computes in (autocast on CUDA only)
     name = torch.cuda.get_device_name(args.dev) if args.cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     args.device_name = name
-    args.peak = next((v for k, v in avjepa.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
+    args.peak = next((v for k, v in common.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
     args.video_grid = (args.frames // avjepa.TUBELET, args.crop // avjepa.PATCH, args.crop // avjepa.PATCH)
     args.audio_grid = (128 // avjepa.PATCH, args.audio_frames // avjepa.PATCH)
     args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)   # video and audio tokens per clip
@@ -657,7 +658,7 @@ def main(argv=None):
                   frames=args.frames, crop=args.crop, audio_frames=args.audio_frames, quick=args.quick, compile=args.compile)
     print(f"avjepa bench  {header['date']}  {header['device']}")
     print(f"torch {header['torch']} (CUDA {header['cuda']}), triton {header['triton']}, {header['dtype']}; "
-          f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in avjepa.GPU_PEAK_FLOPS)'}")
+          f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in common.GPU_PEAK_FLOPS)'}")
     print(f"clips: {args.frames} frames x {args.crop}^2 px -> {args.nv} video tokens, "
           f"{args.audio_frames} audio frames -> {args.na} audio tokens; batch {args.batch_size}")
     if not args.cuda and not args.quick:

@@ -37,7 +37,7 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from avjepa import COUNT, NONNEG_INT, PATCH, TUBELET, remove_stale
+from common import COUNT, NONNEG_INT, PATCH, TUBELET, remove_stale
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}

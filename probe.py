@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
-from avjepa import COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, write_atomic
+from common import COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, read_checkpoint, write_atomic
 
 
 def get_args(argv=None):
@@ -79,7 +79,7 @@ def get_args(argv=None):
                    help="deterministic kernels: a rerun with the same seed gives bit-identical probes and scores")
     p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for masks, random init and probe training")
     args = p.parse_args(argv)
-    avjepa.check_device(p, args.device)
+    check_device(p, args.device)
     return args
 
 # -----------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def newest_checkpoint(runs):
 
 def open_run(args):
     path = Path(args.ckpt) if args.ckpt else newest_checkpoint(args.runs)
-    ckpt = avjepa.read_checkpoint(path)   # exits with a message if missing or unreadable
+    ckpt = read_checkpoint(path)   # exits with a message if missing or unreadable
     if not (isinstance(ckpt, dict) and {"config", "encoder", "predictor", "target_encoder"} <= ckpt.keys()):
         raise SystemExit(f"{path} is not an avjepa checkpoint (no encoder/predictor/target_encoder/config): "
                          f"pass a ckpt.pt written by avjepa.py")

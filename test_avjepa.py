@@ -698,6 +698,13 @@ def test_every_script_prints_a_clean_help(script):
     assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout   # an unescaped % prints argparse's dict
 
 
+@needs_av
+def test_prepare_imports_no_trainer_and_no_triton():
+    code = "import sys; import prepare; assert 'avjepa' not in sys.modules and 'triton' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_no_flag_of_avjepa_is_a_prefix_of_a_torchrun_option():
     from torch.distributed.run import get_args_parser
     theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
