@@ -576,15 +576,16 @@ class Encoder(nn.Module):
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N], fused
-        hidden = []
+        earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), layer-normed
         for i, block in enumerate(self.blocks):
             if i == self.fuse_from and fused is not None:   # late fusion: the senses of a clip meet from here on
                 cu, max_len = fused.cu, fused.max_len
             x = block(x, cu, max_len)
-            hidden.append(x)
+            if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
+                earlier.append(F.layer_norm(x, (D,)))
         x = self.norm(x)
-        if average_last > 1:
-            x = torch.stack([F.layer_norm(h, (D,)) for h in hidden[-average_last:-1] + [x]]).mean(0)
+        if earlier:
+            x = torch.stack(earlier + [F.layer_norm(x, (D,))]).mean(0)
         return x.view(B, N, D) if keep is None else x
 
 
@@ -861,7 +862,12 @@ def setup_process(args):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device", "resume", "name", "out")   # the rest is refused
+RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # printed; any other changed flag is refused
+RESUME_WHERE = ("resume", "name", "out")   # where the run is, not how it trains: not compared
+
+
+def flag(key):
+    return f"--{key.replace('_', '-')}"
 
 
 def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
@@ -870,16 +876,16 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
     if args.resume:
         ck = read_checkpoint(ckpt_path)
         old = ck.get("flags", {})   # checkpoints from before flags were recorded: the config alone is compared
-        changed = {f"--{k.replace('_', '-')}": (old[k], v) for k, v in args.flags.items()
-                   if k in old and old[k] != v and k not in RESUME_MAY_CHANGE}
+        changed = {flag(k): (old[k], v) for k, v in args.flags.items()
+                   if k in old and old[k] != v and k not in RESUME_MAY_CHANGE + RESUME_WHERE}
         changed.update({k: (ck["config"].get(k), v) for k, v in cfg.items()
-                        if k != "data" and ck["config"].get(k) != v and f"--{k.replace('_', '-')}" not in changed})
+                        if k != "data" and ck["config"].get(k) != v and flag(k) not in changed})
         if changed:
             raise SystemExit(f"{ckpt_path} was trained with other settings: "
                              + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())
                              + ". Resume with the flags it was trained with, or start a new --name")
-        moved = [f"--{k.replace('_', '-')} {old[k]} -> {args.flags[k]}" for k in RESUME_MAY_CHANGE
-                 if k in old and old[k] != args.flags[k] and k != "resume"]
+        moved = [f"{flag(k)} {old[k]} -> {args.flags[k]}" for k in RESUME_MAY_CHANGE
+                 if k in old and old[k] != args.flags[k]]
         print(f"resuming {ckpt_path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
         jepa.encoder.load_state_dict(ck["encoder"])
         jepa.predictor.load_state_dict(ck["predictor"])
@@ -956,8 +962,8 @@ def train(argv=None):
         the device without waiting (pinned memory). Everything random comes from (seed, step, rank): resume
         replays it exactly."""
         rng = np.random.default_rng([args.seed, s, rank])
-        idx = batch_indices(data["n"], B, s, args.seed, rank, world)
-        has_audio = data["has_audio"][np.sort(idx)].astype(bool) if args.audio else np.zeros(B, bool)
+        idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # the order get_batch reads in
+        has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
         masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio, args.truncate,
                              args.context_pass == "separate", args.audio_weight)
         theta = crop_params(rng, B)
@@ -992,7 +998,8 @@ def train(argv=None):
             clips += B * world
             bar.update(1)
             log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
-            if (log_step or save_step) and first_bad.item() >= 0:   # .item(): the only sync, and only on these steps
+            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM: this step is the last
+            if (log_step or save_step or stop) and first_bad.item() >= 0:   # .item(): the only sync, on these steps
                 stop_non_finite(first_bad.item(), ckpt_path)
             if log_step:
                 dt = time.time() - t0
@@ -1007,13 +1014,11 @@ def train(argv=None):
                 if master:
                     write_log_line(log, rec)
                 last, t0, clips = rec, time.time(), 0
-            if save_step and s + 1 < args.steps:
-                save(s + 1)
-            if stop_requested(caught, log_step, world, device):   # Ctrl-C or SIGTERM: save this step, then exit
-                if first_bad.item() >= 0:
-                    stop_non_finite(first_bad.item(), ckpt_path)
+            if stop:   # saved below, with the plot and the summary, then exit 128 + the signal
                 end = s + 1
                 break
+            if save_step and s + 1 < args.steps:
+                save(s + 1)
     finally:   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
         restore_signals()
     bar.close()

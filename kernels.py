@@ -287,6 +287,13 @@ def _rows_heads(x):
     return x.stride(0), x.stride(1)
 
 
+def _attn_scales(hd):
+    """(padded head dim, softmax scale, the same times log2(e)): one place, so that the backward recomputes
+    exactly the scores whose log-sum-exp the forward stored."""
+    sm_scale = 1.0 / math.sqrt(hd)
+    return max(16, triton.next_power_of_2(hd)), sm_scale, sm_scale * 1.4426950408889634   # scores in base 2
+
+
 def _attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen):
     """(out [total, H, hd], lse [H, total] fp32, the log2-sum-exp of each row's scores, for the backward)."""
     assert q.shape == k.shape == v.shape and q.dim() == 3, "q, k, v: [total, H, hd] each"
@@ -297,8 +304,7 @@ def _attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen):
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     total, H, hd = q.shape
     B = cu_seqlens.numel() - 1
-    hd_pad = max(16, triton.next_power_of_2(hd))
-    qk_scale = 1.4426950408889634 / math.sqrt(hd)                      # log2(e) / sqrt(hd): scores in base 2
+    hd_pad, _, qk_scale = _attn_scales(hd)
     o = _empty(total, H, hd, like=q)
     lse = _empty(H, total, like=q, dtype=torch.float32)
     BM, BN, warps, stages = _attn_config(hd_pad, "fwd", q.element_size())
@@ -312,9 +318,8 @@ def _attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen):
 def _attention_bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
     q, k, v, do = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(do)
     total, H, hd = q.shape
-    B, hd_pad = cu_seqlens.numel() - 1, max(16, triton.next_power_of_2(hd))
-    sm_scale = 1.0 / math.sqrt(hd)
-    qk_scale = sm_scale * 1.4426950408889634
+    B = cu_seqlens.numel() - 1
+    hd_pad, sm_scale, qk_scale = _attn_scales(hd)
     delta = _empty(H, total, like=q, dtype=torch.float32)
     BM = 16 if INTERPRET else max(16, 2048 // hd_pad)
     _attn_bwd_delta_kernel[(triton.cdiv(total, BM), H)](
@@ -400,7 +405,7 @@ def attention(q, k, v, cu_seqlens, max_seqlen=None):
     if BACKEND == "auto" and n_clips * max_seqlen == q.shape[0]:
         return attention_dense(q, k, v, n_clips)
     if _use_triton(q, k, v):
-        return _attention_op(q, k, v, cu_seqlens.to(device=q.device, dtype=torch.int32), max_seqlen)[0]
+        return _attention_op(q, k, v, cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous(), max_seqlen)[0]
     return attention_torch(q, k, v, cu_seqlens, max_seqlen)
 
 

@@ -365,6 +365,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     res["linear"] = dict(top1=right.all(1).float().mean().item())
     if "class_factors" in meta:
         res["linear"]["factors"] = {f: right[:, j].float().mean().item() for j, f in enumerate(meta["factors"])}
+        res["chance_factors"] = {f: 1 / len(v["values"]) for f, v in meta["factors"].items()}
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_classify_{name}.json")
     return res
@@ -391,12 +392,6 @@ def with_baseline(task_one, args, path, ckpt, data_dir, device):
     return res, describe, res["seconds"] + res.get("random", {}).get("seconds", 0)
 
 
-def factor_chance(data_dir):
-    """', each factor 1 / its values' for a dataset whose label is a product of factors, else ''."""
-    factors = avjepa.load_split(data_dir, "val")["meta"].get("factors", {})
-    return "".join(f", {k} {100 / len(f['values']):.0f}%" for k, f in factors.items())
-
-
 def classify(args, path, ckpt, data_dir, device):
     """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
     encoder of the same config read the same way; one summary line with both."""
@@ -411,9 +406,10 @@ def classify(args, path, ckpt, data_dir, device):
     seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
         "1 probe seed"
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
+    factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {describe(scores)}, "
           f"{seeds}; linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
-          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance(data_dir)}) in {secs:.0f} s")
+          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s")
     return res
 
 # -----------------------------------------------------------------------------
