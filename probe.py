@@ -54,9 +54,9 @@ def get_args(argv=None):
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="classify, retrieve: also run the identical probe on a random encoder of the same config "
                         "and print its figure beside the pretrained one")
-    p.add_argument("--probe-seeds", type=COUNT, default=3,
+    p.add_argument("--probe-seeds", type=NONNEG_INT, default=3,
                    help="classify: train the attentive probe this many times (seeds --seed, --seed + 1, ...) and "
-                        "report the mean and the spread")
+                        "report the mean and the spread (0: the seedless linear readout alone, in seconds)")
     p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
                    help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
     p.add_argument("--read", choices=["separate", "joint", "both"], default="separate",
@@ -356,8 +356,9 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
                modalities=args.modalities, read=read, init=init, epochs=args.epochs, classes=classes,
                train_clips=len(train_ids), val_clips=len(labels), chance_top1=1 / classes, probe_runs=runs,
-               **mean_of(runs))
-    res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
+               **(mean_of(runs) if runs else {}))
+    if runs:
+        res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
     # the seedless readout: each head's value from a linear map of the mean-pooled features
     head_pred = linear_readout(pooled(feats["train"], bounds), targets[feats["train"]["y"]], pooled(feats["val"], bounds),
                                outputs)
@@ -405,10 +406,11 @@ def classify(args, path, ckpt, data_dir, device):
         return f"top-1 {100 * r['top1']:.1f}%" + (f" ({factors})" if factors else "")
     seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
         "1 probe seed"
+    attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
-    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: attentive probe {describe(scores)}, "
-          f"{seeds}; linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
+    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}"
+          f"linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
           f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s")
     return res
 
