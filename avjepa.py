@@ -4,21 +4,20 @@ AV-JEPA: audio-video joint-embedding predictive architecture, in one file.
 A clip is cut into tokens: tubelets of 2 frames x 16 x 16 pixels for the video, 16 x 16 patches of
 its log-mel spectrogram for the sound. Each step hides blocks of tokens (the *targets*). A shared
 ViT, the *encoder*, sees only what is left (the *context*). A narrow ViT, the *predictor*, is asked
-to fill in, in embedding space, what an *EMA* copy of the encoder says about the targets when it
-sees the whole clip. Nothing is ever reconstructed in pixels. Without --audio this is V-JEPA.
+to fill in, in embedding space, what an *EMA* copy of the encoder (the *target encoder*) says about
+the targets when it sees the whole clip. No gradient reaches the target encoder (stop-gradient): it
+only follows the encoder, slowly. Nothing is ever reconstructed in pixels. Without --audio: V-JEPA.
 
-Read top to bottom: config -> data -> masks -> model -> loss -> loop, then checkpoints.
+Read top to bottom: config -> data -> masks -> model -> loss -> loop, then checkpoints. What is only
+plumbing (the dataset reader, checkpoints, logs, locks, signals) lives in common.py.
 
     python avjepa.py --model vit_tiny --audio           # AV-JEPA on data/synthetic
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
 """
 import argparse
-import json
 import math
 import os
-import queue
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common import (COUNT, FRACTION, GPU_PEAK_FLOPS, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, catch_stop_signals,
-                    check_device, lock_run, number, plot_log, read_checkpoint, start_log, stop_requested, unlock_run,
+from common import (COUNT, FRACTION, GPU_PEAK_FLOPS, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
+                    catch_stop_signals, check_device, check_resume, encoder_weights, load_split,
+                    lock_run, number, plot_log, plot_masks, prefetch, read_checkpoint, setup_process,
+                    start_log, stop_non_finite, stop_requested, unlock_run, vjepa_encoder_shape,
                     write_atomic, write_log_line)
 
 # -----------------------------------------------------------------------------
@@ -47,96 +48,96 @@ MODELS = {
 }
 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
-# vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that strong
-# can solve the task by itself, and the encoder, the part we keep, learns less.
+# vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that
+# strong can solve the task by itself, and the encoder, the part we keep, learns less.
 def predictor_size(width, depth):
     return min(width // 2, 384), (12 if depth >= 24 else 6)
 
-# Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and "long"
-# every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse; "future" hides the
-# second half of the clip in both senses, so the predictor must carry the motion (and the sound) forward;
-# "window" hides one sense (either, at random) in half the clip's time, with both senses seen elsewhere: what
-# is hidden is then pinned down by the other sense at the same moment, a question about timing.
-MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time", "window": "window"}
+# Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and
+# "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse; "future"
+# hides the second half of the clip in both senses; "window" hides one sense (either, at random) in
+# half the clip's time, with both senses seen elsewhere: what is hidden is then pinned down by the
+# other sense at the same moment, a question about timing.
+MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time",
+         "window": "window"}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
-# TUBELET, PATCH = 2, 16 (from common.py): video tubelets of 2 frames x 16 x 16 pixels, audio patches of 16 x 16
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# TUBELET, PATCH = 2, 16 (common.py): video tubelets of 2 frames x 16 x 16 px, audio patches 16 x 16
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (or V-JEPA without --audio) on prepare.py's arrays.")
-    p.add_argument("--data", default="data/synthetic", help="dataset folder written by prepare.py")
-    p.add_argument("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
-    p.add_argument("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
-    p.add_argument("--masks", default="short,long",
-                   help=f"comma list of mask configs used every step, from {list(MASKS)}")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
-    p.add_argument("--audio-weight", type=NONNEG, default=1.0,
-                   help="weight of the audio loss; the video loss has weight 1")
-    p.add_argument("--pred-width", type=NONNEG_INT, default=0,
-                   help="predictor width (0: half the encoder's, at most 384)")
-    p.add_argument("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
-    p.add_argument("--crop", type=NONNEG_INT, default=0,
-                   help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
-    p.add_argument("--batch-size", type=COUNT, default=16, help="clips per step per process")
-    p.add_argument("--steps", type=COUNT, default=600,
-                   help="optimizer steps (600 x 16 clips: about 8 minutes of vit_tiny on a 2-core CPU)")
-    p.add_argument("--context-pass", choices=["joint", "separate"], default="separate",
-                   help="encode each clip's context in one attention pass per modality (separate: the senses meet "
-                        "in the predictor only) or in one pass over both (joint)")
-    p.add_argument("--target-pass", choices=["joint", "separate"], default="separate",
-                   help="EMA target features from one pass per modality (separate) or one over the whole clip (joint)")
-    p.add_argument("--fuse", type=NONNEG_INT, default=0,
-                   help="with separate passes, the encoder's last this many blocks attend across both senses of a "
-                        "clip (late fusion, as CAV-MAE); 0: the senses meet in the predictor only")
-    p.add_argument("--target-layers", type=COUNT, default=1,
-                   help="targets: the mean of the EMA encoder's last this many blocks, each layer-normed (data2vec 2.0)")
-    p.add_argument("--nce-weight", type=NONNEG, default=0.0,
-                   help="weight of an InfoNCE term that asks each clip's pooled prediction of its hidden part to be "
-                        "closer to its own pooled target than to the other clips' (CAV-MAE weighs its term 0.01)")
-    p.add_argument("--reg", choices=["none", "sigreg"], default="sigreg",
-                   help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards an "
-                        "isotropic Gaussian (none: V-JEPA's loss alone, which collapses at small scale, see README)")
-    p.add_argument("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg next to the prediction loss")
-    p.add_argument("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
-                   help="vjepa1: warmup, cosine lr, EMA rising linearly; vjepa2: warmup, constant lr and EMA "
-                        "(the first --ema value), then a linear cool-down")
-    p.add_argument("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of the steps spent cooling down")
-    p.add_argument("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
-    p.add_argument("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
-    p.add_argument("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end of the cosine or cool-down")
-    p.add_argument("--warmup", type=FRACTION, default=40 / 300,
-                   help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
-    p.add_argument("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4),
-                   help="weight decay, cosine from the first to the second value")
-    p.add_argument("--ema", type=FRACTION, nargs=2, default=None,
-                   help="EMA momentum of the target encoder, linear from/to (default: from min(0.998, 1 - 6 / "
-                        "steps) to 1, so that the teacher moves within the run: see ema_range)")
-    p.add_argument("--schedule-scale", type=number(float, 1.0), default=1.25,
-                   help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
-    p.add_argument("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
-    p.add_argument("--init", default="",
-                   help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
-    p.add_argument("--out", default="out", help="folder for runs")
+    p = argparse.ArgumentParser(
+        description="Pretrain AV-JEPA (or V-JEPA without --audio) on prepare.py's arrays.")
+    add = p.add_argument
+    add("--data", default="data/synthetic", help="dataset folder written by prepare.py")
+    add("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
+    add("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
+    add("--masks", default="short,long", help=f"comma list of mask configs used every step, from {list(MASKS)}")
+    add("--truncate", action="store_true",
+        help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
+    add("--audio-weight", type=NONNEG, default=1.0, help="weight of the audio loss; the video loss has weight 1")
+    add("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's, at most 384)")
+    add("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
+    add("--crop", type=NONNEG_INT, default=0,
+        help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
+    add("--batch-size", type=COUNT, default=16, help="clips per step per process")
+    add("--steps", type=COUNT, default=600,
+        help="optimizer steps (600 x 16 clips: about 10 minutes of vit_tiny on a 2-core CPU)")
+    add("--context-pass", choices=["joint", "separate"], default="separate",
+        help="encode each clip's context in one attention pass per modality (separate: the senses meet "
+             "in the predictor only) or in one pass over both (joint)")
+    add("--target-pass", choices=["joint", "separate"], default="separate",
+        help="EMA target features from one pass per modality (separate) or one over the whole clip (joint)")
+    add("--fuse", type=NONNEG_INT, default=0,
+        help="with separate passes, the encoder's last this many blocks attend across both senses of a "
+             "clip (late fusion, as CAV-MAE); 0: the senses meet in the predictor only")
+    add("--target-layers", type=COUNT, default=1,
+        help="targets: the mean of the EMA encoder's last this many blocks, each layer-normed (data2vec 2.0)")
+    add("--nce-weight", type=NONNEG, default=0.0,
+        help="weight of an InfoNCE term that asks each clip's pooled prediction of its hidden part to be "
+             "closer to its own pooled target than to the other clips' (CAV-MAE weighs its term 0.01)")
+    add("--reg", choices=["none", "sigreg"], default="sigreg",
+        help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards an "
+             "isotropic Gaussian (none: V-JEPA's loss alone, which collapses at small scale, see README)")
+    add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg next to the prediction loss")
+    add("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
+        help="vjepa1: warmup, cosine lr, EMA rising linearly; vjepa2: warmup, constant lr and EMA "
+             "(the first --ema value), then a linear cool-down")
+    add("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of the steps spent cooling down")
+    add("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
+    add("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
+    add("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end of the cosine or cool-down")
+    add("--warmup", type=FRACTION, default=40 / 300,
+        help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
+    add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4),
+        help="weight decay, cosine from the first to the second value")
+    add("--ema", type=FRACTION, nargs=2, default=None,
+        help="EMA momentum of the target encoder, linear from/to (default: from min(0.998, 1 - 6 / "
+             "steps) to 1, so that the teacher moves within the run: see ema_range)")
+    add("--schedule-scale", type=number(float, 1.0), default=1.25,
+        help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
+    add("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
+    add("--init", default="", help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
+    add("--out", default="out", help="folder for runs")
     # not --run: torchrun's parser would take it for an abbreviation of its own --run-path
-    p.add_argument("--name", default="", help="run name, the folder under --out (default: <model>-av or <model>-v)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
-    p.add_argument("--save-every", type=COUNT, default=200, help="checkpoint every this many steps (and at the end)")
-    p.add_argument("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
-    p.add_argument("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the step's forward (EMA target pass, context pass, predictor, loss) as one graph")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
-                        "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5%% slower)")
-    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
+    add("--name", default="", help="run name, the folder under --out (default: <model>-av or <model>-v)")
+    add("--resume", action="store_true", help="continue the run from its checkpoint")
+    add("--save-every", type=COUNT, default=200, help="checkpoint every this many steps (and at the end)")
+    add("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
+    add("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add("--compile", action="store_true",
+        help="torch.compile the step's forward (EMA target pass, context pass, predictor, loss) as one graph")
+    add("--deterministic", action="store_true",
+        help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
+             "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5%% slower)")
+    add("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
     return p
 
 
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    args.flags = dict(vars(args))   # as given, before the defaults below are filled in: what a checkpoint records
+    args.flags = dict(vars(args))   # as given, before the defaults below: what a checkpoint records
     if args.model not in MODELS:
         p.error(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
     args.masks = args.masks.split(",")
@@ -145,15 +146,15 @@ def get_args(argv=None):
             p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
         if MASKS[m] == "cross" and not args.audio:
             p.error(f"mask config {m!r} is cross-modal and needs --audio")
-    heads = MODELS[args.model][2]
+    _, depth, heads = MODELS[args.model]
     if args.pred_width % heads:
         p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
     if args.crop % PATCH:
         p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
-    if args.fuse > MODELS[args.model][1]:
-        p.error(f"argument --fuse: {args.fuse} is more than {args.model}'s {MODELS[args.model][1]} blocks")
-    if args.target_layers > MODELS[args.model][1]:
-        p.error(f"argument --target-layers: {args.target_layers} is more than {args.model}'s {MODELS[args.model][1]} blocks")
+    for name in ("fuse", "target_layers"):
+        if getattr(args, name) > depth:
+            p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} is more than "
+                    f"{args.model}'s {depth} blocks")
     args.ema = args.ema or ema_range(args.steps)
     check_device(p, args.device)
     args.name = args.name or f"{args.model}-{'av' if args.audio else 'v'}"
@@ -161,45 +162,15 @@ def get_args(argv=None):
 
 
 def ema_range(steps):
-    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m) steps,
-    and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998 suits its 90k
-    steps; over a 600-step run it would leave a third of the teacher random. So the teacher averages over at
-    most a sixth of the run (a random share of e^-6 at the end), never less than V-JEPA's 500 steps, and no less
-    than 10 steps in a very short run."""
+    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m)
+    steps, and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998
+    suits its 90k steps; over 600 steps it would leave a third of the teacher random. So the teacher
+    averages over at most a sixth of the run (a random share of e^-6 at the end), never less than
+    V-JEPA's 500 steps, and no less than 10 steps in a very short run."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
-
 # -----------------------------------------------------------------------------
-# Data: prepare.py's flat memmaps. Video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta].
-
-def load_split(root, split):
-    """Memmaps of one split of a prepare.py dataset, plus its meta.json."""
-    root = Path(root)
-    if not (root / "meta.json").exists():
-        raise SystemExit(f"no dataset at {root}: run `python prepare.py` (synthetic default) "
-                         f"or `python prepare.py --videos PATH --out {root}` first")
-    try:
-        meta = json.loads((root / "meta.json").read_text())
-        n = meta["splits"][split]
-        T, H, W, C = meta["video_shape"]
-        if (T, H, W, C) != (meta["frames"], meta["size"], meta["size"], 3) or meta["audio_shape"][0] != 128:
-            raise ValueError(f"meta.json's video_shape {meta['video_shape']} and audio_shape {meta['audio_shape']} "
-                             f"do not match its frames {meta['frames']} and size {meta['size']} "
-                             f"(expected [{meta['frames']}, {meta['size']}, {meta['size']}, 3] and [128, time])")
-        def mm(name, dtype, shape=()):
-            path = root / f"{split}_{name}.bin"
-            if path.stat().st_size != n * math.prod(shape) * np.dtype(dtype).itemsize:
-                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not the {n} clips of "
-                                 f"{shape} {np.dtype(dtype).name} that meta.json describes")
-            return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape)) if n else np.zeros((0, *shape), dtype)
-        return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
-                    audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
-                    has_audio=mm("has_audio", np.uint8))
-    except (OSError, ValueError, KeyError) as e:   # a missing file, a short array, a meta.json without a key
-        why = f"{root / 'meta.json'} has no {e}" if isinstance(e, KeyError) else str(e)
-        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. "
-                         f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
-
+# Data: prepare.py's memmaps (common.load_split), video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta]
 
 def get_batch(data, idx, device):
     """Clips idx of a split as tensors on the device (video still uint8; augmentation runs there)."""
@@ -216,37 +187,19 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
     Stateless, so a resumed run reads exactly the batches it would have read."""
     per_step = batch_size * world
-    steps_per_epoch = max(n // per_step, 1)
-    epoch, i = divmod(step, steps_per_epoch)
+    epoch, i = divmod(step, max(n // per_step, 1))
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     start = i * per_step + rank * batch_size
     return perm[np.arange(start, start + batch_size) % n]
 
 
-def prefetch(make, steps, depth=2):
-    """Yield make(step) for each step, built one ahead in a background thread (reads overlap compute)."""
-    q = queue.Queue(depth)
-    def worker():
-        try:
-            for s in steps:
-                q.put(make(s))
-            q.put(None)
-        except BaseException as e:   # handed to the main thread, which would otherwise wait forever
-            q.put(e)
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not None:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def crop_params(rng, B):
-    """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect 0.75-1.35)
-    and horizontal flip, one per clip and the same for all its frames, as affine maps theta [B, 2, 3]."""
+    """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect
+    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps theta [B, 2, 3]."""
     theta = torch.zeros(B, 2, 3)
     area = rng.uniform(0.3, 1.0, B)
     ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
-    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # fractions of the frame
+    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # of the frame
     flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
     theta[:, 0, 0] = torch.tensor(w * flip)
     theta[:, 1, 1] = torch.tensor(h)
@@ -256,9 +209,9 @@ def crop_params(rng, B):
 
 
 def augment_video(video, size, theta=None):
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3] (from
-    crop_params, on the video's device): each clip's crop and flip, done as one batched affine resample on
-    the device. None: resize only."""
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3]
+    (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
+    None: resize only."""
     B, T, H, W, _ = video.shape
     x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)   # frames as channels
     if theta is None:
@@ -297,37 +250,36 @@ def sample_targets(rng, config, video_grid, audio_grid):
     """Target mask [Nv + Na] of one clip. Video blocks span all time (V-JEPA's temporal scale 1.0);
     audio blocks are rectangles over (mel, time)."""
     T, H, W = video_grid
+    Fa, Ca = audio_grid or (0, 0)
     if MASKS[config] == "cross":   # one modality is the whole target
-        v = np.full(T * H * W, config == "a2v")
-        a = np.full(audio_grid[0] * audio_grid[1], config == "v2a") if audio_grid else np.zeros(0, bool)
-    elif MASKS[config] == "time":   # the later tubelets and audio columns: [t, h, w] and [mel, time] rasters
+        v, a = np.full(T * H * W, config == "a2v"), np.full(Fa * Ca, config == "v2a")
+    elif MASKS[config] == "time":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
-        a = np.tile(np.arange(audio_grid[1]) >= audio_grid[1] - audio_grid[1] // 2, audio_grid[0]) \
-            if audio_grid else np.zeros(0, bool)
-    elif MASKS[config] == "window":   # tokens whose centre, as a fraction of the clip's time, is in [u, u + 1/2)
+        a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
+    elif MASKS[config] == "window":   # tokens whose centre, as a fraction of the clip, is in [u, u + 1/2)
         u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
         def in_window(n):
             centre = (np.arange(n) + 0.5) / n
             return (centre >= u) & (centre < u + 0.5)
         v = np.repeat(in_window(T) & hide_video, H * W)
-        a = np.tile(in_window(audio_grid[1]) & (not hide_video), audio_grid[0]) if audio_grid else np.zeros(0, bool)
+        a = np.tile(in_window(Ca) & (not hide_video), Fa)
     else:
         blocks, scale = MASKS[config]
         v = np.broadcast_to(block_mask(rng, H, W, blocks, scale), (T, H, W)).reshape(-1)
-        a = block_mask(rng, *audio_grid, blocks, scale).reshape(-1) if audio_grid else np.zeros(0, bool)
+        a = block_mask(rng, Fa, Ca, blocks, scale).reshape(-1) if audio_grid else np.zeros(0, bool)
     return np.concatenate([v, a])
 
 
 class Packed(NamedTuple):
-    """Rows of several segments in one flat sequence, the way variable-length attention takes them: segments
-    of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded, nothing is cut."""
+    """Rows of several segments in one flat sequence, the way variable-length attention takes them:
+    segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded, nothing is cut."""
     index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment after segment
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
     def to(self, device, non_blocking=False):
-        return Packed(self.index.to(device, non_blocking=non_blocking), self.cu.to(device, non_blocking=non_blocking),
-                      self.max_len)
+        return Packed(self.index.to(device, non_blocking=non_blocking),
+                      self.cu.to(device, non_blocking=non_blocking), self.max_len)
 
     def pin_memory(self):
         return Packed(self.index.pin_memory(), self.cu.pin_memory(), self.max_len)
@@ -339,8 +291,8 @@ class Packed(NamedTuple):
 
 def pack(lists, n_tokens, batch, split_at=None):
     """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) -> Packed
-    rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list where its audio
-    starts: the same rows, attended as one segment per modality (empty pieces are dropped)."""
+    rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list where its
+    audio starts: the same rows, attended as one segment per modality (empty pieces are dropped)."""
     index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens for s, x in enumerate(lists)])
     if split_at is None:
         lengths = [len(x) for x in lists]
@@ -351,8 +303,8 @@ def pack(lists, n_tokens, batch, split_at=None):
 
 
 def whole_clips(batch, nv, n_tokens, device, separate):
-    """Every token of every clip, packed: one segment per clip, or (separate) one per clip and modality, so
-    that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
+    """Every token of every clip, packed: one segment per clip, or (separate) one per clip and modality,
+    so that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
         return Packed(index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens)
@@ -365,32 +317,32 @@ def whole_clips(batch, nv, n_tokens, device, separate):
 class Masks:
     """One step's masks, packed. Segment s of ctx and tgt is (mask config s // B, clip s % B)."""
     ctx: Packed                 # the context: the tokens the encoder sees
-    enc: Packed                 # the same rows, cut where the encoder's attention stops (per modality if separate)
+    enc: Packed                 # the same rows, cut where the encoder's attention stops
     tgt: Packed                 # the targets: the tokens the predictor fills in
     tgt_config: torch.Tensor    # [Tt] each target's mask config: it picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
-    pred_max_len: int           # the longest [context ; targets] segment of the predictor, known on the host
+    pred_max_len: int           # the longest [context ; targets] segment of the predictor
 
     def to(self, device, non_blocking=False):
-        return Masks(**{name: x if isinstance(x, int) else x.to(device, non_blocking=non_blocking)
-                        for name, x in vars(self).items()})
+        return Masks(**{k: x if isinstance(x, int) else x.to(device, non_blocking=non_blocking)
+                        for k, x in vars(self).items()})
 
     def pin_memory(self):   # page-locked host memory: the copy to the GPU can then run without a sync
-        return Masks(**{name: x if isinstance(x, int) else x.pin_memory() for name, x in vars(self).items()})
+        return Masks(**{k: x if isinstance(x, int) else x.pin_memory() for k, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
-    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights: every mask
-    config counts the same, and within a config, video and audio (times audio_weight) each count the same
-    whatever their token counts, so that the few audio tokens are not drowned by the many video ones."""
+    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights: every
+    mask config counts the same, and within a config, video and audio (times audio_weight) each count
+    the same whatever their token counts, so the few audio tokens are not drowned by the video ones."""
     n_configs, packed_tgt = len(tgt) // batch, pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
     group = config * 2 + modality                                                        # (config, modality)
     count = np.bincount(group, minlength=2 * n_configs)                                  # targets per group
     scale = np.array([1.0, audio_weight])
-    per_config = (count.reshape(n_configs, 2) > 0) @ scale                               # what each config shares
+    per_config = (count.reshape(n_configs, 2) > 0) @ scale                               # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
     return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
                  tgt=packed_tgt, tgt_config=torch.from_numpy(config),
@@ -449,15 +401,14 @@ def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_s
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
     if audio_grid:
-        F_, C = audio_grid
-        mel, col = torch.meshgrid(torch.arange(F_), torch.arange(C), indexing="ij")
+        mel, col = torch.meshgrid(torch.arange(audio_grid[0]), torch.arange(audio_grid[1]), indexing="ij")
         # centre of audio column c, in tubelet units (tubelet t is centred at t + 0.5)
         t_audio = (col.double() + 0.5) * audio_patch_seconds / tubelet_seconds - 0.5
         coords.append(torch.stack([t_audio, mel.double(), torch.zeros_like(t_audio)], -1).reshape(-1, 3))
     return torch.cat(coords)
 
 # -----------------------------------------------------------------------------
-# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each clip starts.
+# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment starts.
 
 class Attention(nn.Module):
     def __init__(self, dim, heads):
@@ -468,7 +419,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cu_seqlens, max_seqlen):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(1)   # 3 x [total, H, hd]
-        x = kernels.attention(q, k, v, cu_seqlens, max_seqlen)               # each clip attends to itself
+        x = kernels.attention(q, k, v, cu_seqlens, max_seqlen)               # each segment to itself
         return self.proj(x.flatten(1))
 
 
@@ -515,8 +466,8 @@ class PatchEmbed(nn.Module):
 
 
 def check_shape(name, x, expected):
-    """A clip must fit the grid the model was built for: positions are looked up by token number, so a clip
-    with more or fewer tokens would otherwise run on, silently wrong."""
+    """A clip must fit the grid the model was built for: positions are looked up by token number, so a
+    clip with more or fewer tokens would otherwise run on, silently wrong."""
     if tuple(x.shape[1:]) != tuple(expected):
         raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
                          f"[batch, {', '.join(map(str, expected))}]")
@@ -527,8 +478,9 @@ class Encoder(nn.Module):
     def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0, tubelet_seconds=1.0,
                  audio_patch_seconds=0.16, fuse=0):
         super().__init__()
-        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size, audio_frames=audio_frames,
-                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds, fuse=fuse)
+        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size,
+                           audio_frames=audio_frames, tubelet_seconds=tubelet_seconds,
+                           audio_patch_seconds=audio_patch_seconds, fuse=fuse)
         self.fuse_from = depth - fuse   # blocks from here on attend across both senses (late fusion)
         self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
         self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
@@ -569,16 +521,18 @@ class Encoder(nn.Module):
     def forward(self, video=None, audio=None, keep=None, fused=None, average_last=1):
         """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
         keep=None: all tokens, returns [B, N, D]. keep=Packed: only those rows of the flattened [B * N]
-        tokens, each segment attending within itself, returns [total, D]. fused: the same rows cut into
-        whole-clip segments, for the last `fuse` blocks (keep's segments may be one per modality).
-        average_last=k > 1: the mean of the last k blocks' outputs, each layer-normed (data2vec's targets)."""
+        tokens, each segment attending within itself, returns [total, D]. fused: the same rows cut
+        into whole-clip segments, for the last `fuse` blocks (keep's may be one per modality).
+        average_last=k > 1: the mean of the last k blocks' outputs, each layer-normed (data2vec)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
-        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N], fused
-        earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), layer-normed
+        # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
+        # hidden pixels can reach the context features (a test checks it)
+        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N]
+        earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
-            if i == self.fuse_from and fused is not None:   # late fusion: the senses of a clip meet from here on
+            if i == self.fuse_from and fused is not None:   # late fusion: a clip's senses meet from here
                 cu, max_len = fused.cu, fused.max_len
             x = block(x, cu, max_len)
             if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
@@ -609,15 +563,15 @@ class Predictor(nn.Module):
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.ctx, masks.tgt
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
-            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this predictor, "
-                             f"which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
-        # kernels.gather(x, rows) is x[rows], fused: the context with its positions, and a mask token (of the
-        # target's config and modality) with its position in place of each target
+            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
+                             f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
+        # the context with its positions; a mask token (of the target's config and modality) with its
+        # position in place of each target. kernels.gather(x, rows) is x[rows], fused
         x_ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ctx.index % N)   # [Tc, Dp]
         x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + kernels.gather(self.pos_embed, tgt.index % N)
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]), len(ctx_slot) + len(tgt_slot))
-        cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len   # exact: when all are equal, the dense path takes them
+        cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))                   # [Tt, D]
@@ -625,10 +579,10 @@ class Predictor(nn.Module):
 
 def predictor_slots(ctx, tgt):
     """Where each context and target row goes when every segment becomes [its context ; its targets].
-    A row's slot is its place among its own kind plus the rows of the other kind that come before it: for
-    a context row of segment s, every target of the segments before s (tgt.cu[s]); for a target row, every
-    context row up to and including its own segment (ctx.cu[s + 1]). Two segments, contexts of 3 and 2
-    rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
+    A row's slot is its place among its own kind plus the rows of the other kind before it: for a
+    context row of segment s, every target of the segments before s (tgt.cu[s]); for a target row,
+    every context row up to and including its own segment (ctx.cu[s + 1]). Two segments, contexts of
+    3 and 2 rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
         packed sequence  c0 c1 c2 t0 | c3 c4 t1 t2    cu = ctx.cu + tgt.cu = [0, 4, 8]
         ctx_slot = [0, 1, 2, 3, 4] + [0, 0, 0, 1, 1] = [0, 1, 2, 4, 5]
         tgt_slot = [0, 1, 2] + [3, 5, 5]             = [3, 6, 7]"""
@@ -657,7 +611,7 @@ def build(cfg):
     predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
     target_encoder = Encoder(**encoder.config)
     target_encoder.load_state_dict(encoder.state_dict())
-    target_encoder.requires_grad_(False)
+    target_encoder.requires_grad_(False)   # stop-gradient: the optimizer never updates it, the EMA does
     return encoder, predictor, target_encoder
 
 # -----------------------------------------------------------------------------
@@ -665,20 +619,20 @@ def build(cfg):
 
 def jepa_loss(pred, targets, masks):
     """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the target
-    tokens (masks.tgt_weight: each config, and each modality within it, counts the same). Returns it and, for
-    the log, the plain mean per modality (video, audio), nan for a modality that has no targets this step."""
-    err = (pred.float() - targets.float()).abs().mean(-1)                    # [Tt] L1 of each target token
+    tokens (masks.tgt_weight: each config, and each modality within it, counts the same). Returns it and,
+    for the log, the plain mean per modality (video, audio), nan for a modality without targets."""
+    err = (pred.float() - targets.float()).abs().mean(-1)                    # [Tt] L1 of each target
     audio = masks.tgt_modality.float()
     video = 1 - audio
     return (masks.tgt_weight * err).sum(), (err * video).sum() / video.sum(), (err * audio).sum() / audio.sum()
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
-    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the mean of a
-    clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its own targets than
-    to those of the batch's other clips, both ways (CAV-MAE's audio-visual term). An L1 loss alone is content
-    with the median of what the context allows, which for a hidden sense is nearly the same for every clip;
-    this term asks each prediction to tell its clip apart. The method stays a JEPA: the targets are the EMA
+    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the mean
+    of a clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its own
+    targets than to those of the batch's other clips, both ways (CAV-MAE's audio-visual term). L1 alone
+    is content with the median of what the context allows, which for a hidden sense is nearly the same
+    for every clip; this asks each prediction to tell its clip apart. The targets stay the EMA
     encoder's features, and no gradient flows into them."""
     group = masks.tgt.segment_ids() * 2 + masks.tgt_modality                 # [Tt] (config, clip, modality)
     G = len(masks.tgt.cu) - 1                                               # configs x clips
@@ -686,9 +640,9 @@ def clip_contrast(pred, targets, masks, batch, temperature=0.05):
     def pool(x):                                                             # [Tt, d] -> [configs, 2, B, d]
         s = x.new_zeros(2 * G, x.shape[-1]).index_add_(0, group, x)
         return s.view(G // batch, batch, 2, -1).transpose(1, 2)
-    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0   # [configs, 2, B]: hidden?
+    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0   # [configs, 2, B]
     p, t = F.normalize(pool(pred.float()), dim=-1), F.normalize(pool(targets.float()), dim=-1)
-    both = count[..., :, None] & count[..., None, :]                          # a pair of clips with that part
+    both = count[..., :, None] & count[..., None, :]                          # both clips have that part
     logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, B, B]
     pair = count & (count.sum(-1, keepdim=True) > 1)                        # a clip with others to tell from
     labels = torch.arange(batch, device=pred.device).expand_as(count)
@@ -698,11 +652,11 @@ def clip_contrast(pred, targets, masks, batch, temperature=0.05):
 
 
 def sigreg(x, directions=256, knots=17):
-    """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is projected
-    on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley statistic
-    n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic function with
-    the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w. Collapsed features (all
-    rows alike, or a few directions only) are far from it, so this term keeps the features spread out."""
+    """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is
+    projected on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley
+    statistic n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic
+    function with the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w.
+    Collapsed features (all rows alike, or a few directions only) are far from it."""
     x = x.float()
     a = torch.randn(x.shape[1], directions, device=x.device)
     proj = x @ (a / a.norm(dim=0))                                        # [n, M]
@@ -710,7 +664,7 @@ def sigreg(x, directions=256, knots=17):
     xt = proj[..., None] * t                                              # [n, M, K]
     gauss = torch.exp(-t ** 2 / 2)
     err = (xt.cos().mean(0) - gauss) ** 2 + xt.sin().mean(0) ** 2          # [M, K]
-    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of how many tokens a batch has
+    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of the batch's token count
     return torch.trapezoid(err * gauss, t, dim=-1).mean()
 
 
@@ -742,8 +696,8 @@ def schedules(step, args):
 @torch.no_grad()
 def rankme(x):
     """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
-    how many directions the features really use: up to min(n, D) when healthy, falling towards 1 as they
-    collapse. Costs an SVD and a host sync, so it runs on log steps only."""
+    how many directions the features use: up to min(n, D) when healthy, towards 1 as they collapse.
+    Costs an SVD and a host sync, so it runs on log steps only."""
     if len(x) < 2:
         return math.nan
     s = torch.linalg.svdvals(x.float())
@@ -753,8 +707,8 @@ def rankme(x):
 
 def collapse_monitor(target_feats, nv, heard, rows=4096):
     """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
-    the clips that have sound (heard [B] bool). nan for a modality that is absent. At most `rows` evenly
-    spaced tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
+    the clips with sound (heard [B] bool); nan for an absent modality. At most `rows` evenly spaced
+    tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
     D = target_feats.shape[-1]
     def sample(x):
         return x[::max(1, len(x) // rows)][:rows]
@@ -764,28 +718,28 @@ def collapse_monitor(target_feats, nv, heard, rows=4096):
 
 
 def step_flops(encoder, predictor, masks, batch, separate_targets=True):
-    """Matmul FLOPs of one training step: 6 per weight per trained token (fwd + bwd), 2 per target
-    token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if trained),
-    over the segments each pass really attends within. masks on the CPU."""
+    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
+    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
+    trained), over the segments each pass really attends within. masks on the CPU."""
     def lin(m):   # weights applied per token
         return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
     def attn(m, cu):
         L = (cu[1:] - cu[:-1]).double()
         return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    N, ctx_cu, tgt_cu = encoder.n_tokens(), masks.ctx.cu, masks.tgt.cu
-    tc, tt = int(ctx_cu[-1]), int(tgt_cu[-1])
+    N, tc, tt = encoder.n_tokens(), int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
     whole_cu = whole_clips(batch, encoder.nv, N, "cpu", separate_targets).cu
     return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, ctx_cu + tgt_cu) + 2 * lin(encoder) * batch * N + attn(encoder, whole_cu))
+            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
+            + attn(encoder, whole_cu))
 
 # -----------------------------------------------------------------------------
 # Training loop
 
-@torch.no_grad()
+@torch.no_grad()   # stop-gradient: the targets are constants to the loss, the target encoder gets no grad
 def target_features(target_encoder, video, audio, separate, layers=1):
     """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
-    modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the last
-    `layers` blocks (data2vec 2.0), which holds lower-level detail that the last block alone may drop."""
+    modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the
+    last `layers` blocks (data2vec 2.0), which holds detail that the last block alone may drop."""
     B, N, D = video.shape[0], target_encoder.n_tokens(audio is not None), target_encoder.config["width"]
     whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
     joint = whole_clips(B, target_encoder.nv, N, video.device, False)
@@ -803,9 +757,10 @@ def step_loss(model, target_encoder, video, audio, masks, args):
     """The forward half of a step: targets -> prediction -> loss. What --compile compiles, as one graph.
     Returns (loss, video loss, audio loss, target features [B, N, D])."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
-        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate", args.target_layers)
-        pred, context = model(video, audio, masks)                                   # [Tt, D], [Tc, D]
-        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D]: feats[tgt.index], fused
+        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate",
+                                       args.target_layers)
+        pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
         if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + args.reg_weight * sigreg(context)
@@ -815,18 +770,17 @@ def step_loss(model, target_encoder, video, audio, masks, args):
 
 
 def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, loss_fn=step_loss):
-    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe DDP-wrapped);
-    loss_fn is step_loss, or its compiled self. Returns (loss, video loss, audio loss, target features
-    [B, N, D]). Nothing here waits for the device: whether the loss stayed finite is checked by the loop on
-    log and checkpoint steps."""
+    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe in DDP);
+    loss_fn is step_loss, or its compiled self. Returns what step_loss does. Nothing here waits for the
+    device: the loop checks that the loss stayed finite on log and checkpoint steps."""
     jepa = getattr(model, "module", model)
     loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, args)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()   # into the encoder and the predictor only: the targets carry no graph
     if args.clip_grad:
         torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
     opt.step()
-    ema_update(target_encoder, jepa.encoder, momentum)
+    ema_update(target_encoder, jepa.encoder, momentum)   # the teacher follows the student, slowly
     return loss, loss_v, loss_a, target_feats
 
 
@@ -834,63 +788,32 @@ def run_config(args, meta):
     """Everything build() needs, and a checkpoint records: the flags and the dataset's clip geometry."""
     return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
                 crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
-                tubelet_seconds=TUBELET * meta["frame_seconds"], audio_patch_seconds=PATCH * meta["audio_hop_seconds"],
-                pred_width=args.pred_width, pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
+                tubelet_seconds=TUBELET * meta["frame_seconds"],
+                audio_patch_seconds=PATCH * meta["audio_hop_seconds"], pred_width=args.pred_width,
+                pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
                 target_pass=args.target_pass, data=str(args.data))
 
 
 def make_optimizer(model, lr):
-    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is False).
-    On CUDA the fused kernel: one launch for the whole update instead of several per tensor."""
+    """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is
+    False). On CUDA the fused kernel: one launch for the whole update instead of several per tensor."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
     return torch.optim.AdamW([{"params": decay, "decay": True},
-                              {"params": no_decay, "decay": False, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999),
-                             fused=next(model.parameters()).is_cuda or None)
-
-
-def setup_process(args):
-    """(device, rank, world size): one process, or under torchrun one per GPU (gloo when on CPUs)."""
-    if "RANK" not in os.environ:
-        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # printed; any other changed flag is refused
-RESUME_WHERE = ("resume", "name", "out")   # where the run is, not how it trains: not compared
-
-
-def flag(key):
-    return f"--{key.replace('_', '-')}"
+                              {"params": no_decay, "decay": False, "weight_decay": 0.0}], lr=lr,
+                             betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
 def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
-    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG; else 0,
-    after --init's encoder weights if given. Never overwrites a run by accident."""
+    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG; else
+    0, after --init's encoder weights if given. Never overwrites a run by accident."""
     if args.resume:
         ck = read_checkpoint(ckpt_path)
-        old = ck.get("flags", {})   # checkpoints from before flags were recorded: the config alone is compared
-        changed = {flag(k): (old[k], v) for k, v in args.flags.items()
-                   if k in old and old[k] != v and k not in RESUME_MAY_CHANGE + RESUME_WHERE}
-        changed.update({k: (ck["config"].get(k), v) for k, v in cfg.items()
-                        if k != "data" and ck["config"].get(k) != v and flag(k) not in changed})
-        if changed:
-            raise SystemExit(f"{ckpt_path} was trained with other settings: "
-                             + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())
-                             + ". Resume with the flags it was trained with, or start a new --name")
-        moved = [f"{flag(k)} {old[k]} -> {args.flags[k]}" for k in RESUME_MAY_CHANGE
-                 if k in old and old[k] != args.flags[k]]
-        print(f"resuming {ckpt_path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
-        jepa.encoder.load_state_dict(ck["encoder"])
-        jepa.predictor.load_state_dict(ck["predictor"])
-        target_encoder.load_state_dict(ck["target_encoder"])
-        opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags with them
+        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or a clear exit
+        for module, key in ((jepa.encoder, "encoder"), (jepa.predictor, "predictor"),
+                            (target_encoder, "target_encoder")):
+            module.load_state_dict(ck[key])
+        opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
         for group, decay in zip(opt.param_groups, (True, False)):
             group.setdefault("decay", decay)   # a checkpoint from before the groups carried the flag
         torch.set_rng_state(ck["rng"]["torch"])
@@ -903,26 +826,28 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
     return 0
 
 
-def stop_non_finite(step, ckpt_path):
-    kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
-        if ckpt_path.exists() else "no checkpoint was written yet"
-    raise SystemExit(f"loss became non-finite at step {step}; stopping, {kept}. "
-                     f"Try a lower --lr or a higher --ema start.")
+def draw_masks(path, data, args, encoder):
+    """masks.png: clip 0's frames and spectrogram under each mask config's targets (common.plot_masks)."""
+    rng = np.random.default_rng(args.seed)
+    targets = {c: sample_targets(rng, c, encoder.video_grid, encoder.audio_grid) for c in args.masks}
+    plot_masks(path, np.asarray(data["video"][0]), np.asarray(data["audio"][0], np.float32) if args.audio
+               else None, encoder.video_grid, encoder.audio_grid, targets)
 
 
 def summary_line(args, last, width, run_dir, end):
-    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, and where its files are."""
+    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its files."""
     audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
     audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
     stopped = f" (stopped of {args.steps}: --resume continues)" if end < args.steps else ""
-    return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video {last['loss_video']:.4f}"
-            f"{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of {width}, "
-            f"{last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves {run_dir / 'training.png'}")
+    return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video "
+            f"{last['loss_video']:.4f}{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of "
+            f"{width}, {last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves "
+            f"{run_dir / 'training.png'}, masks {run_dir / 'masks.png'}")
 
 
 def train(argv=None):
     args = get_args(argv)
-    device, rank, world = setup_process(args)
+    device, rank, world = setup_process(args.device)
     master = rank == 0
     torch.manual_seed(args.seed)
     if args.deterministic:   # cuBLAS needs a fixed workspace to be deterministic; set before its first use
@@ -945,27 +870,28 @@ def train(argv=None):
     encoder, predictor, target_encoder = build(cfg)
     model = JEPA(encoder, predictor).to(device)
     target_encoder.to(device)
-    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs its parameters in place
+    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs its parameters there
     step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
+    if master:
+        draw_masks(run_dir / "masks.png", data, args, encoder)
     trained = model
     if torch.distributed.is_initialized():
-        ids = [device.index] if device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    # --compile: the whole forward (EMA target pass, context pass, predictor, loss) as one graph
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
     B = args.batch_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
 
     def make_batch(s):
-        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and sent to
-        the device without waiting (pinned memory). Everything random comes from (seed, step, rank): resume
-        replays it exactly."""
+        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and sent
+        to the device without waiting (pinned memory). Everything random comes from (seed, step, rank):
+        resume replays it exactly."""
         rng = np.random.default_rng([args.seed, s, rank])
-        idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # the order get_batch reads in
+        idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # get_batch's order
         has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
-        masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio, args.truncate,
-                             args.context_pass == "separate", args.audio_weight)
+        masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio,
+                             args.truncate, args.context_pass == "separate", args.audio_weight)
         theta = crop_params(rng, B)
         if device.type == "cuda":
             masks, theta = masks.pin_memory(), theta.pin_memory()
@@ -974,17 +900,16 @@ def train(argv=None):
     def save(s):
         if master:
             ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
-                        target_encoder=target_encoder.state_dict(), opt=opt.state_dict(), step=s, config=cfg,
-                        flags=args.flags, rng=dict(torch=torch.get_rng_state()))
+                        target_encoder=target_encoder.state_dict(), opt=opt.state_dict(), step=s,
+                        config=cfg, flags=args.flags, rng=dict(torch=torch.get_rng_state()))
             write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
 
     log, last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
-    t0, clips = time.time(), 0
+    t0, clips, end = time.time(), 0, args.steps
     caught, restore_signals = catch_stop_signals()
-    end = args.steps
-    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, kept on the device
+    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, on the device
     try:
         for s, (batch, masks, theta) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
             lr, wd, momentum = schedules(s, args)
@@ -998,8 +923,8 @@ def train(argv=None):
             clips += B * world
             bar.update(1)
             log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
-            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM: this step is the last
-            if (log_step or save_step or stop) and first_bad.item() >= 0:   # .item(): the only sync, on these steps
+            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM: the last step
+            if (log_step or save_step or stop) and first_bad.item() >= 0:   # the only sync, on these steps
                 stop_non_finite(first_bad.item(), ckpt_path)
             if log_step:
                 dt = time.time() - t0
@@ -1033,38 +958,18 @@ def train(argv=None):
         raise SystemExit(128 + (caught[0] if caught else signal.SIGTERM))
     return encoder, predictor, target_encoder
 
-
 # -----------------------------------------------------------------------------
-# Checkpoints: ours, and V-JEPA's (.pth.tar: 'target_encoder' / 'encoder', 'module.'/'backbone.' prefixes).
-
-
-def encoder_weights(ckpt, path):
-    """The EMA target encoder's state dict from either kind of checkpoint, prefixes stripped."""
-    for key in ("target_encoder", "encoder"):
-        if isinstance(ckpt, dict) and key in ckpt:
-            sd = ckpt[key]
-            break
-    else:
-        raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA checkpoint")
-    return {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd.items()}
-
+# Checkpoints: ours, and V-JEPA's (.pth.tar; common.encoder_weights strips its key prefixes)
 
 def load_encoder(path, device="cpu"):
-    """The frozen target encoder of a checkpoint, in eval mode: for features, `load_encoder(p)(video, audio)`.
-    Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its tensor shapes."""
+    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)` gives
+    features. Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its tensor shapes."""
     ckpt = read_checkpoint(path)
     sd = encoder_weights(ckpt, path)
     if "config" in ckpt:
         encoder = build(ckpt["config"])[2]
     else:
-        if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-            raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
-        width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        heads = {w: h for w, _, h in MODELS.values()}.get(width, width // 64)
-        frames = 16                                           # every released V-JEPA model sees 16 frames
-        size = int(math.isqrt(sd["pos_embed"].shape[1] // (frames // tubelet))) * patch
-        encoder = Encoder(width, depth, heads, frames, size)
+        encoder = Encoder(*vjepa_encoder_shape(sd, path, {w: h for w, _, h in MODELS.values()}))
     try:
         encoder.load_state_dict(sd)
     except RuntimeError as e:
@@ -1078,8 +983,9 @@ def init_from(encoder, path):
     own = encoder.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but {list(own[k].shape)} "
-                             f"here (width {encoder.config['width']}); pick the --model and --crop it was trained with")
+            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but "
+                             f"{list(own[k].shape)} here (width {encoder.config['width']}); pick the "
+                             f"--model and --crop it was trained with")
     missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
     if missing:
         raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "

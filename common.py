@@ -1,6 +1,7 @@
 """
 What every avjepa script shares, and none of it is the method: argparse range types and device checks,
-atomic writes, reading checkpoints, the run lock, run logs and their plot, and stop signals. As nanoGPT
+the dataset reader, atomic writes, checkpoints (reading, resuming, V-JEPA's format), processes under
+torchrun, the run lock, run logs and their plot, and stop signals. As nanoGPT
 keeps configurator.py beside train.py, this keeps the plumbing beside avjepa.py, so that the method reads
 without it, and so that prepare.py and probe.py need not import the trainer for it.
 """
@@ -11,11 +12,14 @@ import json
 import math
 import os
 import pickle
+import queue
 import shutil
 import signal
 import socket
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # The clip geometry every script agrees on: a video tubelet is 2 frames x 16 x 16 pixels, an audio
@@ -60,6 +64,71 @@ def check_device(p, device):
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         p.error(f"argument --device: {device} is not available here "
                 f"({torch.cuda.device_count()} CUDA devices): use cpu")
+
+
+# -----------------------------------------------------------------------------
+# Data: prepare.py's flat memmaps, video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta]
+
+def load_split(root, split):
+    """Memmaps of one split of a prepare.py dataset, plus its meta.json; a clear exit if it is not one."""
+    root = Path(root)
+    if not (root / "meta.json").exists():
+        raise SystemExit(f"no dataset at {root}: run `python prepare.py` (synthetic default) "
+                         f"or `python prepare.py --videos PATH --out {root}` first")
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+        n = meta["splits"][split]
+        T, H, W, C = meta["video_shape"]
+        if (T, H, W, C) != (meta["frames"], meta["size"], meta["size"], 3) or meta["audio_shape"][0] != 128:
+            raise ValueError(f"meta.json's video_shape {meta['video_shape']} and audio_shape "
+                             f"{meta['audio_shape']} do not match its frames {meta['frames']} and size "
+                             f"{meta['size']} (expected [{meta['frames']}, {meta['size']}, {meta['size']}, 3] "
+                             f"and [128, time])")
+        def mm(name, dtype, shape=()):
+            path = root / f"{split}_{name}.bin"
+            if path.stat().st_size != n * math.prod(shape) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not the {n} clips of "
+                                 f"{shape} {np.dtype(dtype).name} that meta.json describes")
+            if not n:
+                return np.zeros((0, *shape), dtype)
+            return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))
+        return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
+                    audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
+                    has_audio=mm("has_audio", np.uint8))
+    except (OSError, ValueError, KeyError) as e:   # a missing file, a short array, a missing key
+        why = f"{root / 'meta.json'} has no {e}" if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. "
+                         f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
+
+
+def prefetch(make, steps, depth=2):
+    """Yield make(step) for each step, built ahead in a background thread (reads overlap compute)."""
+    q = queue.Queue(depth)
+    def worker():
+        try:
+            for s in steps:
+                q.put(make(s))
+            q.put(None)
+        except BaseException as e:   # handed to the main thread, which would otherwise wait forever
+            q.put(e)
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def setup_process(device_flag):
+    """(device, rank, world size): one process, or under torchrun one per GPU (gloo on CPUs)."""
+    if "RANK" not in os.environ:
+        return torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
 
 
 # -----------------------------------------------------------------------------
@@ -109,6 +178,61 @@ def read_checkpoint(path):
                              f"alone with torch.save") from None
         raise SystemExit(f"{path} is not a checkpoint: it is not a file written by torch.save, or it was cut "
                          f"short. Pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar") from None
+
+
+RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # printed; others are refused
+RESUME_WHERE = ("resume", "name", "out")   # where the run is, not how it trains: not compared
+
+
+def flag(key):
+    return f"--{key.replace('_', '-')}"
+
+
+def check_resume(ck, path, flags, cfg):
+    """A run resumes only with the flags it was trained with: exit naming each changed flag's old and new
+    value, except the RESUME_MAY_CHANGE ones, which are printed. Checkpoints from before flags were
+    recorded: their config alone is compared."""
+    old = ck.get("flags", {})
+    changed = {flag(k): (old[k], v) for k, v in flags.items()
+               if k in old and old[k] != v and k not in RESUME_MAY_CHANGE + RESUME_WHERE}
+    changed.update({k: (ck["config"].get(k), v) for k, v in cfg.items()
+                    if k != "data" and ck["config"].get(k) != v and flag(k) not in changed})
+    if changed:
+        raise SystemExit(f"{path} was trained with other settings: "
+                         + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())
+                         + ". Resume with the flags it was trained with, or start a new --name")
+    moved = [f"{flag(k)} {old[k]} -> {flags[k]}" for k in RESUME_MAY_CHANGE if k in old and old[k] != flags[k]]
+    print(f"resuming {path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
+
+
+def stop_non_finite(step, ckpt_path):
+    kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
+        if ckpt_path.exists() else "no checkpoint was written yet"
+    raise SystemExit(f"loss became non-finite at step {step}; stopping, {kept}. "
+                     f"Try a lower --lr or a higher --ema start.")
+
+
+def encoder_weights(ckpt, path):
+    """The EMA target encoder's state dict from our checkpoints or V-JEPA's (.pth.tar: 'target_encoder'
+    or 'encoder', under 'module.' and 'backbone.' prefixes), prefixes stripped."""
+    for key in ("target_encoder", "encoder"):
+        if isinstance(ckpt, dict) and key in ckpt:
+            sd = ckpt[key]
+            break
+    else:
+        raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA checkpoint")
+    return {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd.items()}
+
+
+def vjepa_encoder_shape(sd, path, heads_of_width):
+    """(width, depth, heads, frames, size) of a V-JEPA video ViT, read off its tensor shapes."""
+    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
+    width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    frames = 16                                           # every released V-JEPA model sees 16 frames
+    size = int(math.isqrt(sd["pos_embed"].shape[1] // (frames // tubelet))) * patch
+    return width, depth, heads_of_width.get(width, width // 64), frames, size
 
 
 # -----------------------------------------------------------------------------
@@ -166,34 +290,93 @@ def write_log_line(log, rec):
     log.flush()
 
 
-def plot_log(log_path, png_path, size=(360, 240)):
-    """Loss and RankMe against steps, one panel each, video in blue and audio in orange: a PNG next to the
-    log, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank falling)."""
-    from PIL import Image, ImageDraw
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: plots are written as PNG, never shown."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, png_path):
+    plt = pyplot()
+    write_atomic(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_log(log_path, png_path):
+    """training.png: loss per modality, RankMe of the targets per modality, and the lr and EMA schedules
+    against steps, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank
+    falling towards 1)."""
+    plt = pyplot()
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    panels = [("loss", "loss_video", "loss_audio"), ("RankMe of the targets", "rank_video", "rank_audio")]
-    W, H = size
-    img = Image.new("RGB", (W * len(panels), H), "white")
-    draw = ImageDraw.Draw(img)
     steps = [r["step"] for r in recs]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    for i, (title, *keys) in enumerate(panels):
-        left, top, right, bottom = i * W + 40, 20, i * W + W - 10, H - 25
-        values = [r[k] for r in recs for k in keys if r.get(k) is not None]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, 4), f"{title}: video blue, audio orange", fill="black")
-        draw.text((i * W + 2, top), f"{hi:.3g}", fill="black")
-        draw.text((i * W + 2, bottom - 10), f"{lo:.3g}", fill="black")
-        draw.text((left, bottom + 5), f"step {x0}", fill="black")
-        draw.text((right - 60, bottom + 5), f"step {x1}", fill="black")
-        for key, colour in zip(keys, ("#1f77b4", "#ff7f0e")):
-            pts = [(left + (r["step"] - x0) / (x1 - x0) * (right - left),
-                    bottom - (r[key] - lo) / (hi - lo) * (bottom - top)) for r in recs if r.get(key) is not None]
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2)
-    write_atomic(png_path, lambda tmp: img.save(tmp, format="PNG"))
+    def curve(ax, key, label, **kw):
+        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, **kw)
+    fig, (loss, rank, sched) = plt.subplots(1, 3, figsize=(13, 3.6))
+    curve(loss, "loss", "total (with the regulariser)", color="0.4", lw=1)
+    curve(loss, "loss_video", "video", color="C0")
+    curve(loss, "loss_audio", "audio", color="C1")
+    loss.set(title="prediction loss (L1 to the targets)", xlabel="step", ylabel="loss")
+    curve(rank, "rank_video", "video", color="C0")
+    curve(rank, "rank_audio", "audio", color="C1")
+    rank.set(title="RankMe of the target features", xlabel="step", ylabel="effective rank")
+    curve(sched, "lr", "learning rate", color="C2")
+    sched.set(title="schedules", xlabel="step", ylabel="learning rate")
+    ema = sched.twinx()
+    curve(ema, "ema", "EMA momentum", color="C3")
+    ema.set_ylabel("EMA momentum")
+    sched.legend(handles=sched.lines + ema.lines, loc="center right")
+    for ax in (loss, rank):
+        ax.legend()
+    for ax in (loss, rank, sched):
+        ax.set_xlim(min(steps, default=0), max(max(steps, default=0), 1))
+        ax.grid(alpha=0.3)
+    save_figure(fig, png_path)
+
+
+# each mask config's colour; the cross-modal ones stand apart (reds and purples)
+MASK_COLOURS = {"short": "#1f77b4", "long": "#2ca02c", "future": "#ff7f0e", "window": "#8c564b",
+                "v2a": "#d62728", "a2v": "#9467bd"}
+
+
+def plot_masks(png_path, frames, mel, video_grid, audio_grid, targets):
+    """masks.png: one row per mask config, of one clip's frames (the first of each tubelet) and its
+    log-mel spectrogram; the targets, which the predictor must fill in, are painted in the config's
+    colour, and the context, what the encoder sees, is left clear. frames uint8 [T, H, W, 3],
+    mel [128, Ta] or None, targets {config: bool [Nv + Na]}."""
+    plt = pyplot()
+    from matplotlib.colors import to_rgb
+    T, H, W = video_grid
+    nv = T * H * W
+    cols = T + (mel is not None)
+    fig, axes = plt.subplots(len(targets), cols, figsize=(1.7 * cols + 1.3 * (mel is not None),
+                             1.8 * len(targets)), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[1] * T + ([2] if mel is not None else [])))
+    for i, (row, (config, is_target)) in enumerate(zip(axes, targets.items())):
+        colour = np.array(to_rgb(MASK_COLOURS.get(config, "#7f7f7f")))
+        hidden = is_target[:nv].reshape(T, H, W)
+        for t in range(T):
+            img = frames[t * len(frames) // T].astype(np.float32) / 255
+            # each token's cell of pixels (the grid is the crop's; the frame is shown whole)
+            cover = np.repeat(np.repeat(hidden[t], -(-img.shape[0] // H), 0), -(-img.shape[1] // W), 1)
+            cover = cover[:img.shape[0], :img.shape[1], None]
+            row[t].imshow(np.where(cover, 0.35 * img + 0.65 * colour, img))
+            row[t].set(xticks=[], yticks=[], title="" if i else f"tubelet {t}")
+        row[0].set_ylabel(config, color=colour, fontsize=12, fontweight="bold")
+        if mel is not None:
+            Fa, Ca = audio_grid
+            ax = row[-1]
+            ax.imshow(mel[:Fa * 16, :Ca * 16], origin="lower", aspect="auto", cmap="gray")
+            hidden_a = is_target[nv:].reshape(Fa, Ca)
+            paint = np.zeros((Fa, Ca, 4))
+            paint[hidden_a] = (*colour, 0.6)
+            ax.imshow(paint, origin="lower", aspect="auto", extent=(-0.5, Ca * 16 - 0.5, -0.5, Fa * 16 - 0.5))
+            ax.set(xticks=[], yticks=[], title="" if i else "log-mel spectrogram")
+    fig.suptitle("what the encoder sees (clear) and the targets the predictor fills in (coloured), per mask config")
+    save_figure(fig, png_path)
 
 
 def catch_stop_signals():

@@ -486,7 +486,8 @@ def test_log_records_the_target_rank_per_modality_and_plots_it(fake_data, tmp_pa
     assert 4 < av["rank_video"] <= 32 and 4 < av["rank_audio"] <= 32
     assert 4 < v["rank_video"] <= 32 and v["rank_audio"] is None
     from PIL import Image
-    assert Image.open(tmp_path / "av" / "training.png").size == (720, 240)
+    w, h = Image.open(tmp_path / "av" / "training.png").size   # three panels side by side
+    assert w > 2.5 * h > 500
 
 
 def test_rankme_counts_the_directions_features_use():
