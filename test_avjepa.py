@@ -182,6 +182,85 @@ def test_varlen_keeps_every_token_but_truncate_cuts_to_the_batch_minimum():
     assert (cut_len == full_len.min()).all() and full_len.sum() > cut_len.sum()
 
 # -----------------------------------------------------------------------------
+# The JEPA invariants: what makes it a joint-embedding predictive architecture
+
+def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
+    """A micro encoder, predictor and target encoder, as training builds them."""
+    torch.manual_seed(seed)
+    cfg = dict(model="vit_micro", audio=audio, masks=list(masks), frames=4, crop=32, audio_frames=32,
+               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0, fuse=fuse)
+    return avjepa.build(cfg)
+
+
+def micro_step_inputs(config="long", batch=3, seed=0):
+    """A random batch for micro_jepa and its masks (separate passes, as the defaults)."""
+    g = torch.Generator().manual_seed(seed)
+    video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32, generator=g)
+    masks = avjepa.sample_masks(np.random.default_rng(seed), [config], batch, (2, 2, 2), (8, 2),
+                                np.ones(batch, bool), separate=True)
+    return video, audio, masks
+
+
+def test_no_gradient_reaches_the_target_encoder():
+    encoder, predictor, target_encoder = micro_jepa()
+    jepa = avjepa.JEPA(encoder, predictor)
+    video, audio, masks = micro_step_inputs()
+    args = avjepa.get_args(["--audio", "--device", "cpu"])
+    opt = avjepa.make_optimizer(jepa, 1e-3)
+    before = [p.clone() for p in target_encoder.parameters()]
+    _, _, _, target_feats = avjepa.train_step(jepa, target_encoder, opt, video, audio, masks, 1.0, args)
+    assert not target_feats.requires_grad                                     # the targets carry no graph
+    assert all(p.grad is None and not p.requires_grad for p in target_encoder.parameters())
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)   # the encoder learns
+    # at momentum 1 the EMA leaves it as it was: nothing but the EMA ever changes the target encoder
+    assert all(torch.equal(p, b) for p, b in zip(target_encoder.parameters(), before))
+
+
+def hide(video, audio, masks, clip, noise):
+    """Copies of video and audio in which the pixels of clip's target tokens are replaced by noise."""
+    video, audio = video.clone(), audio.clone()
+    nv, n = 8, 8 + 16   # micro grid: 2 x 2 x 2 tubelets, 8 x 2 audio patches
+    for i in masks.tgt.index[masks.tgt.cu[clip]:masks.tgt.cu[clip + 1]].tolist():
+        i -= clip * n
+        if i < nv:   # tubelet (t, h, w): frames 2t, 2t + 1, rows 16h.., columns 16w..
+            t, h, w = i // 4, i // 2 % 2, i % 2
+            video[clip, :, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16] = noise
+        else:        # audio patch (mel band m, time column c)
+            m, c = (i - nv) // 2, (i - nv) % 2
+            audio[clip, :, 16 * m:16 * m + 16, 16 * c:16 * c + 16] = noise
+    return video, audio
+
+
+def test_context_features_and_predictions_do_not_change_when_the_target_pixels_do():
+    encoder, predictor, target_encoder = micro_jepa()
+    jepa = avjepa.JEPA(encoder, predictor).eval()
+    video, audio, masks = micro_step_inputs()
+    changed_video, changed_audio = video, audio
+    for clip in range(3):
+        changed_video, changed_audio = hide(changed_video, changed_audio, masks, clip, noise=5.0)
+    with torch.no_grad():
+        pred, context = jepa(video, audio, masks)
+        pred2, context2 = jepa(changed_video, changed_audio, masks)
+        feats = avjepa.target_features(target_encoder, video, audio, separate=True)
+        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, separate=True)
+    torch.testing.assert_close(context2, context, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pred2, pred, atol=1e-6, rtol=0)
+    # while the target encoder, which sees whole clips, does see the change: the test is not vacuous
+    assert (feats2 - feats).abs().max() > 0.1
+
+
+def test_ema_update_moves_the_target_encoder_a_fraction_towards_the_encoder():
+    encoder, _, target_encoder = micro_jepa(audio=False)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in target_encoder.parameters()]
+    avjepa.ema_update(target_encoder, encoder, 0.9)
+    for t, b, e in zip(target_encoder.parameters(), before, encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * e)
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 def test_packed_encoder_equals_each_clip_encoded_alone():
@@ -292,14 +371,6 @@ def test_load_encoder_reads_a_vjepa_checkpoint_with_prefixes(tmp_path):
     assert loaded.video_grid == (8, 2, 2)
     video = torch.randn(1, 3, 16, 32, 32)
     torch.testing.assert_close(loaded(video), enc.eval()(video))
-
-def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
-    """A micro encoder, predictor and target encoder, as training builds them."""
-    torch.manual_seed(seed)
-    cfg = dict(model="vit_micro", audio=audio, masks=list(masks), frames=4, crop=32, audio_frames=32,
-               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0, fuse=fuse)
-    return avjepa.build(cfg)
-
 
 @pytest.mark.parametrize("fuse", [0, 1])
 def test_video_features_see_the_audio_only_in_the_fused_blocks(fuse):
@@ -443,16 +514,6 @@ def test_vjepa2_schedule_holds_lr_and_ema_then_cools_down_to_the_final_lr():
     assert avjepa.schedules(80, args)[0] == pytest.approx(args.lr)
     assert avjepa.schedules(100, args)[0] == pytest.approx(args.final_lr)
 
-
-def test_ema_update_moves_the_target_encoder_a_fraction_towards_the_encoder():
-    encoder, _, target_encoder = micro_jepa(audio=False)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(1.0)
-    before = [p.clone() for p in target_encoder.parameters()]
-    avjepa.ema_update(target_encoder, encoder, 0.9)
-    for t, b, e in zip(target_encoder.parameters(), before, encoder.parameters(), strict=True):
-        torch.testing.assert_close(t, 0.9 * b + 0.1 * e)
 
 # -----------------------------------------------------------------------------
 # Training
