@@ -30,15 +30,16 @@ import torch.nn.functional as F
 
 import kernels
 from common import (COUNT, FRACTION, GPU_PEAK_FLOPS, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
-                    catch_stop_signals, check_device, check_resume, encoder_weights, load_split,
-                    lock_run, number, plot_log, plot_masks, prefetch, read_checkpoint, setup_process,
-                    start_log, stop_non_finite, stop_requested, unlock_run, vjepa_encoder_shape,
-                    write_atomic, write_log_line)
+                    catch_stop_signals, check_device, check_resume, collapse_monitor, encoder_weights,
+                    load_split, lock_run, number, plot_log, plot_masks, prefetch, rankme,
+                    read_checkpoint, setup_process, start_log, step_flops, stop_non_finite,
+                    stop_requested, summary_line, unlock_run, vjepa_encoder_shape, write_atomic,
+                    write_log_line)
 
 # -----------------------------------------------------------------------------
 # Config
 
-# name: (width, depth, heads), V-JEPA's encoders. mlp ratio 4, qkv bias, LayerNorm eps 1e-6, exact GELU.
+# name: (width, depth, heads), V-JEPA's encoders: mlp ratio 4, qkv bias, LayerNorm eps 1e-6, GELU.
 MODELS = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
@@ -54,8 +55,8 @@ def predictor_size(width, depth):
     return min(width // 2, 384), (12 if depth >= 24 else 6)
 
 # Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and
-# "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse; "future"
-# hides the second half of the clip in both senses; "window" hides one sense (either, at random) in
+# "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse;
+# "future" hides the second half of the clip in both senses; "window" hides one sense (either, at random) in
 # half the clip's time, with both senses seen elsewhere: what is hidden is then pinned down by the
 # other sense at the same moment, a question about timing.
 MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time",
@@ -162,18 +163,18 @@ def get_args(argv=None):
 
 
 def ema_range(steps):
-    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m)
-    steps, and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998
-    suits its 90k steps; over 600 steps it would leave a third of the teacher random. So the teacher
-    averages over at most a sixth of the run (a random share of e^-6 at the end), never less than
-    V-JEPA's 500 steps, and no less than 10 steps in a very short run."""
+    """The EMA momentum's default start and end. An EMA of momentum m averages about the last
+    1 / (1 - m) steps, and the initial (random) weights keep a share of about m^steps of the teacher.
+    V-JEPA's 0.998 suits its 90k steps; over 600 steps it would leave a third of the teacher random.
+    So the teacher averages over at most a sixth of the run (a random share of e^-6 at the end),
+    never less than V-JEPA's 500 steps, and no less than 10 steps in a very short run."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
 # Data: prepare.py's memmaps (common.load_split), video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta]
 
 def get_batch(data, idx, device):
-    """Clips idx of a split as tensors on the device (video still uint8; augmentation runs there)."""
+    """Clips idx of a split as tensors on the device (video still uint8; augmented there)."""
     idx = np.sort(idx)  # sorted reads are kinder to a memmap
     pin = device.type == "cuda"
     def t(a):
@@ -195,11 +196,12 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
 
 def crop_params(rng, B):
     """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect
-    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps theta [B, 2, 3]."""
+    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps
+    theta [B, 2, 3]."""
     theta = torch.zeros(B, 2, 3)
     area = rng.uniform(0.3, 1.0, B)
     ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
-    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)   # of the frame
+    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
     flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
     theta[:, 0, 0] = torch.tensor(w * flip)
     theta[:, 1, 1] = torch.tensor(h)
@@ -213,7 +215,7 @@ def augment_video(video, size, theta=None):
     (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
     None: resize only."""
     B, T, H, W, _ = video.shape
-    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)   # frames as channels
+    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)  # frames as channels
     if theta is None:
         theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
     grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
@@ -256,7 +258,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
     elif MASKS[config] == "time":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
-    elif MASKS[config] == "window":   # tokens whose centre, as a fraction of the clip, is in [u, u + 1/2)
+    elif MASKS[config] == "window":   # tokens whose centre (a fraction of the clip) is in [u, u + 1/2)
         u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
         def in_window(n):
             centre = (np.arange(n) + 0.5) / n
@@ -273,7 +275,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
 class Packed(NamedTuple):
     """Rows of several segments in one flat sequence, the way variable-length attention takes them:
     segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded, nothing is cut."""
-    index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment after segment
+    index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment by segment
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
@@ -290,9 +292,10 @@ class Packed(NamedTuple):
 
 
 def pack(lists, n_tokens, batch, split_at=None):
-    """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) -> Packed
-    rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list where its
-    audio starts: the same rows, attended as one segment per modality (empty pieces are dropped)."""
+    """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) ->
+    Packed rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list
+    where its audio starts: the same rows, attended as one segment per modality (empty pieces are
+    dropped)."""
     index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens for s, x in enumerate(lists)])
     if split_at is None:
         lengths = [len(x) for x in lists]
@@ -303,8 +306,9 @@ def pack(lists, n_tokens, batch, split_at=None):
 
 
 def whole_clips(batch, nv, n_tokens, device, separate):
-    """Every token of every clip, packed: one segment per clip, or (separate) one per clip and modality,
-    so that video and audio are encoded without seeing each other: cu = [0, nv, N, N + nv, 2N, ...]."""
+    """Every token of every clip, packed: one segment per clip, or (separate) one per clip and
+    modality, so that video and audio are encoded without seeing each other: cu = [0, nv, N,
+    N + nv, 2N, ...]."""
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
         return Packed(index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens)
@@ -328,21 +332,22 @@ class Masks:
         return Masks(**{k: x if isinstance(x, int) else x.to(device, non_blocking=non_blocking)
                         for k, x in vars(self).items()})
 
-    def pin_memory(self):   # page-locked host memory: the copy to the GPU can then run without a sync
+    def pin_memory(self):   # page-locked host memory: the copy to the GPU then needs no sync
         return Masks(**{k: x if isinstance(x, int) else x.pin_memory() for k, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
-    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights: every
-    mask config counts the same, and within a config, video and audio (times audio_weight) each count
-    the same whatever their token counts, so the few audio tokens are not drowned by the video ones."""
+    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
+    every mask config counts the same, and within a config, video and audio (times audio_weight)
+    each count the same whatever their token counts, so the few audio tokens are not drowned by the
+    video ones."""
     n_configs, packed_tgt = len(tgt) // batch, pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
-    group = config * 2 + modality                                                        # (config, modality)
-    count = np.bincount(group, minlength=2 * n_configs)                                  # targets per group
+    group = config * 2 + modality  # (config, modality)
+    count = np.bincount(group, minlength=2 * n_configs)  # targets per group
     scale = np.array([1.0, audio_weight])
-    per_config = (count.reshape(n_configs, 2) > 0) @ scale                               # what a config shares
+    per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
     return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
                  tgt=packed_tgt, tgt_config=torch.from_numpy(config),
@@ -365,7 +370,7 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
                 is_target = sample_targets(rng, config, video_grid, audio_grid) & exists
                 if (exists & ~is_target).any():
                     break
-            else:                                 # only a2v on a silent clip: keep one video token visible
+            else:  # only a2v on a silent clip: keep one video token visible
                 is_target[rng.choice(np.flatnonzero(is_target))] = False
             ctx.append(np.flatnonzero(exists & ~is_target))
             tgt.append(np.flatnonzero(is_target))
@@ -384,8 +389,9 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
 # the two apart.
 
 def sincos(coords, dim):
-    """coords [N, 3] (t, h, w) -> [N, dim]. Each axis gets 2*ceil(dim/6) dims of [sin(p w), cos(p w)],
-    w_i = 1/10000^(i/(d/2)); concatenated (t, h, w) and cut to dim (V-JEPA, uniform_power=True)."""
+    """coords [N, 3] (t, h, w) -> [N, dim]. Each axis gets 2*ceil(dim/6) dims of [sin(p w), cos(p
+    w)], w_i = 1/10000^(i/(d/2)); concatenated (t, h, w) and cut to dim (V-JEPA,
+    uniform_power=True)."""
     d = 2 * math.ceil(dim / 6)
     omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
     parts = []
@@ -396,7 +402,8 @@ def sincos(coords, dim):
 
 
 def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_seconds=1.0):
-    """(t, h, w) coordinates of every token, video [t, h, w] raster then audio [mel, time] raster."""
+    """(t, h, w) coordinates of every token, video [t, h, w] raster then audio [mel, time] raster.
+    """
     T, H, W = video_grid
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
@@ -408,7 +415,8 @@ def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_s
     return torch.cat(coords)
 
 # -----------------------------------------------------------------------------
-# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment starts.
+# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment
+# starts.
 
 class Attention(nn.Module):
     def __init__(self, dim, heads):
@@ -419,7 +427,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cu_seqlens, max_seqlen):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(1)   # 3 x [total, H, hd]
-        x = kernels.attention(q, k, v, cu_seqlens, max_seqlen)               # each segment to itself
+        x = kernels.attention(q, k, v, cu_seqlens, max_seqlen)  # each segment to itself
         return self.proj(x.flatten(1))
 
 
@@ -444,7 +452,8 @@ class Block(nn.Module):
 
 
 def init_weights(module, blocks):
-    """V-JEPA's init: trunc-normal(0.02) weights, zero biases, block outputs scaled by 1/sqrt(2 layer)."""
+    """V-JEPA's init: trunc-normal(0.02) weights, zero biases, block outputs scaled by 1/sqrt(2
+    layer)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -456,18 +465,19 @@ def init_weights(module, blocks):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets or Conv2d patches)."""
+    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets or Conv2d
+    patches)."""
     def __init__(self, conv, in_ch, dim, kernel):
         super().__init__()
         self.proj = conv(in_ch, dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)                        # [B, N, D] in raster order
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D] in raster order
 
 
 def check_shape(name, x, expected):
-    """A clip must fit the grid the model was built for: positions are looked up by token number, so a
-    clip with more or fewer tokens would otherwise run on, silently wrong."""
+    """A clip must fit the grid the model was built for: positions are looked up by token number, so
+    a clip with more or fewer tokens would otherwise run on, silently wrong."""
     if tuple(x.shape[1:]) != tuple(expected):
         raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
                          f"[batch, {', '.join(map(str, expected))}]")
@@ -481,13 +491,14 @@ class Encoder(nn.Module):
         self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size,
                            audio_frames=audio_frames, tubelet_seconds=tubelet_seconds,
                            audio_patch_seconds=audio_patch_seconds, fuse=fuse)
-        self.fuse_from = depth - fuse   # blocks from here on attend across both senses (late fusion)
+        self.fuse_from = depth - fuse  # blocks from here on attend across both senses (late fusion)
         self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
         self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
         self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
         pos = sincos(token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds), width)
         self.nv = math.prod(self.video_grid)
-        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)     # [1, Nv, D], as V-JEPA
+        # [1, Nv, D], as V-JEPA
+        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)
         if audio_frames:
             self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, width, (PATCH, PATCH))
             self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
@@ -503,7 +514,8 @@ class Encoder(nn.Module):
         return self.nv + (math.prod(self.audio_grid) if audio and self.audio_grid else 0)
 
     def embed(self, video=None, audio=None):
-        """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them."""
+        """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them.
+        """
         tokens, pos = [], []
         c = self.config
         if video is not None:
@@ -519,17 +531,17 @@ class Encoder(nn.Module):
         return torch.cat(tokens, 1), torch.cat(pos, 0)
 
     def forward(self, video=None, audio=None, keep=None, fused=None, average_last=1):
-        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta].
-        keep=None: all tokens, returns [B, N, D]. keep=Packed: only those rows of the flattened [B * N]
-        tokens, each segment attending within itself, returns [total, D]. fused: the same rows cut
-        into whole-clip segments, for the last `fuse` blocks (keep's may be one per modality).
-        average_last=k > 1: the mean of the last k blocks' outputs, each layer-normed (data2vec)."""
+        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta]. keep=None: all tokens, returns [B, N,
+        D]. keep=Packed: only those rows of the flattened [B * N] tokens, each segment attending
+        within itself, returns [total, D]. fused: the same rows cut into whole-clip segments, for
+        the last `fuse` blocks (keep's may be one per modality). average_last=k > 1: the mean of the
+        last k blocks' outputs, each layer-normed (data2vec)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
         index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
-        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))   # x[index] + pos[index % N]
+        x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
             if i == self.fuse_from and fused is not None:   # late fusion: a clip's senses meet from here
@@ -549,7 +561,7 @@ class Predictor(nn.Module):
         super().__init__()
         e = encoder.config
         coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"], e["audio_patch_seconds"])
-        self.register_buffer("pos_embed", sincos(coords, width), persistent=False)          # [N, Dp]
+        self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
         self.predictor_embed = nn.Linear(enc_width, width)
         # one learned mask token per mask config and modality, zero at start (V-JEPA)
         self.mask_tokens = nn.Parameter(torch.zeros(n_configs, 2 if encoder.audio_grid else 1, width))
@@ -574,15 +586,15 @@ class Predictor(nn.Module):
         cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
-        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))                   # [Tt, D]
+        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
 
 
 def predictor_slots(ctx, tgt):
-    """Where each context and target row goes when every segment becomes [its context ; its targets].
-    A row's slot is its place among its own kind plus the rows of the other kind before it: for a
-    context row of segment s, every target of the segments before s (tgt.cu[s]); for a target row,
-    every context row up to and including its own segment (ctx.cu[s + 1]). Two segments, contexts of
-    3 and 2 rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
+    """Where each context and target row goes when every segment becomes [its context ; its
+    targets]. A row's slot is its place among its own kind plus the rows of the other kind before
+    it: for a context row of segment s, every target of the segments before s (tgt.cu[s]); for a
+    target row, every context row up to and including its own segment (ctx.cu[s + 1]). Two segments,
+    contexts of 3 and 2 rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
         packed sequence  c0 c1 c2 t0 | c3 c4 t1 t2    cu = ctx.cu + tgt.cu = [0, 4, 8]
         ctx_slot = [0, 1, 2, 3, 4] + [0, 0, 0, 1, 1] = [0, 1, 2, 4, 5]
         tgt_slot = [0, 1, 2] + [3, 5, 5]             = [3, 6, 7]"""
@@ -603,7 +615,7 @@ class JEPA(nn.Module):
 
 
 def build(cfg):
-    """Encoder, predictor and EMA target encoder from a run config (a dict; saved in checkpoints)."""
+    """Encoder, predictor and EMA target encoder from a run config (saved in checkpoints)."""
     width, depth, heads = MODELS[cfg["model"]]
     encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if cfg["audio"] else 0,
                       cfg["tubelet_seconds"], cfg["audio_patch_seconds"], cfg.get("fuse", 0) if cfg["audio"] else 0)
@@ -611,40 +623,41 @@ def build(cfg):
     predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
     target_encoder = Encoder(**encoder.config)
     target_encoder.load_state_dict(encoder.state_dict())
-    target_encoder.requires_grad_(False)   # stop-gradient: the optimizer never updates it, the EMA does
+    target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
 
 # -----------------------------------------------------------------------------
 # Loss and schedules
 
 def jepa_loss(pred, targets, masks):
-    """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the target
-    tokens (masks.tgt_weight: each config, and each modality within it, counts the same). Returns it and,
-    for the log, the plain mean per modality (video, audio), nan for a modality without targets."""
-    err = (pred.float() - targets.float()).abs().mean(-1)                    # [Tt] L1 of each target
+    """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the
+    target tokens (masks.tgt_weight: each config, and each modality within it, counts the same).
+    Returns it and, for the log, the plain mean per modality (video, audio), nan for a modality
+    without targets."""
+    err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
     audio = masks.tgt_modality.float()
     video = 1 - audio
     return (masks.tgt_weight * err).sum(), (err * video).sum() / video.sum(), (err * audio).sum() / audio.sum()
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
-    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the mean
-    of a clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its own
-    targets than to those of the batch's other clips, both ways (CAV-MAE's audio-visual term). L1 alone
-    is content with the median of what the context allows, which for a hidden sense is nearly the same
-    for every clip; this asks each prediction to tell its clip apart. The targets stay the EMA
-    encoder's features, and no gradient flows into them."""
-    group = masks.tgt.segment_ids() * 2 + masks.tgt_modality                 # [Tt] (config, clip, modality)
+    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the
+    mean of a clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its
+    own targets than to those of the batch's other clips, both ways (CAV-MAE's audio-visual term).
+    L1 alone is content with the median of what the context allows, which for a hidden sense is
+    nearly the same for every clip; this asks each prediction to tell its clip apart. The targets
+    stay the EMA encoder's features, and no gradient flows into them."""
+    group = masks.tgt.segment_ids() * 2 + masks.tgt_modality  # [Tt] (config, clip, modality)
     G = len(masks.tgt.cu) - 1                                               # configs x clips
 
-    def pool(x):                                                             # [Tt, d] -> [configs, 2, B, d]
+    def pool(x):  # [Tt, d] -> [configs, 2, B, d]
         s = x.new_zeros(2 * G, x.shape[-1]).index_add_(0, group, x)
         return s.view(G // batch, batch, 2, -1).transpose(1, 2)
-    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0   # [configs, 2, B]
+    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0  # [configs, 2, B]
     p, t = F.normalize(pool(pred.float()), dim=-1), F.normalize(pool(targets.float()), dim=-1)
-    both = count[..., :, None] & count[..., None, :]                          # both clips have that part
+    both = count[..., :, None] & count[..., None, :]  # both clips have that part
     logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, B, B]
-    pair = count & (count.sum(-1, keepdim=True) > 1)                        # a clip with others to tell from
+    pair = count & (count.sum(-1, keepdim=True) > 1)  # a clip with others to tell from
     labels = torch.arange(batch, device=pred.device).expand_as(count)
     loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none") + \
         F.cross_entropy(logits.transpose(-1, -2).flatten(0, 2), labels.flatten(), reduction="none")
@@ -653,10 +666,10 @@ def clip_contrast(pred, targets, masks, batch, temperature=0.05):
 
 def sigreg(x, directions=256, knots=17):
     """LeJEPA's SIGReg: how far the rows of x [n, D] are from an isotropic standard Gaussian. x is
-    projected on random unit directions (new ones each call); for each 1-D projection the Epps-Pulley
-    statistic n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical characteristic
-    function with the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian window w.
-    Collapsed features (all rows alike, or a few directions only) are far from it."""
+    projected on random unit directions (new ones each call); for each 1-D projection the
+    Epps-Pulley statistic n * integral |phi_hat(t) - exp(-t^2/2)|^2 w(t) dt compares its empirical
+    characteristic function with the Gaussian's, on 17 trapezoid knots over [0, 3] with the Gaussian
+    window w. Collapsed features (all rows alike, or a few directions only) are far from it."""
     x = x.float()
     a = torch.randn(x.shape[1], directions, device=x.device)
     proj = x @ (a / a.norm(dim=0))                                        # [n, M]
@@ -664,15 +677,15 @@ def sigreg(x, directions=256, knots=17):
     xt = proj[..., None] * t                                              # [n, M, K]
     gauss = torch.exp(-t ** 2 / 2)
     err = (xt.cos().mean(0) - gauss) ** 2 + xt.sin().mean(0) ** 2          # [M, K]
-    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of the batch's token count
+    # LeJEPA multiplies by n; the mean alone keeps --reg-weight independent of the token count
     return torch.trapezoid(err * gauss, t, dim=-1).mean()
 
 
 def schedules(step, args):
-    """lr, weight decay and EMA momentum at `step`.
-    vjepa1: warmup then cosine lr, cosine weight decay up, linear EMA up, over steps * schedule_scale
-    (V-JEPA stretches by 1.25 and stops at 80%). vjepa2: warmup, then a constant lr, weight decay and
-    EMA (V-JEPA 2), and a linear cool-down of the lr over the last --cooldown of the steps."""
+    """lr, weight decay and EMA momentum at `step`. vjepa1: warmup then cosine lr, cosine weight
+    decay up, linear EMA up, over steps * schedule_scale (V-JEPA stretches by 1.25 and stops at
+    80%). vjepa2: warmup, then a constant lr, weight decay and EMA (V-JEPA 2), and a linear
+    cool-down of the lr over the last --cooldown of the steps."""
     if args.schedule == "vjepa2":
         warm, cool = args.warmup * args.steps, (1 - args.cooldown) * args.steps
         if step < warm:
@@ -693,49 +706,10 @@ def schedules(step, args):
     return lr, wd, ema
 
 
-@torch.no_grad()
-def rankme(x):
-    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
-    how many directions the features use: up to min(n, D) when healthy, towards 1 as they collapse.
-    Costs an SVD and a host sync, so it runs on log steps only."""
-    if len(x) < 2:
-        return math.nan
-    s = torch.linalg.svdvals(x.float())
-    p = s / s.sum() + 1e-7
-    return math.exp(-(p * p.log()).sum().item())
-
-
-def collapse_monitor(target_feats, nv, heard, rows=4096):
-    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
-    the clips with sound (heard [B] bool); nan for an absent modality. At most `rows` evenly spaced
-    tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
-    D = target_feats.shape[-1]
-    def sample(x):
-        return x[::max(1, len(x) // rows)][:rows]
-    video = rankme(sample(target_feats[:, :nv].reshape(-1, D)))
-    audio = rankme(sample(target_feats[heard, nv:].reshape(-1, D))) if target_feats.shape[1] > nv else math.nan
-    return video, audio
-
-
-def step_flops(encoder, predictor, masks, batch, separate_targets=True):
-    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
-    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
-    trained), over the segments each pass really attends within. masks on the CPU."""
-    def lin(m):   # weights applied per token
-        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
-    def attn(m, cu):
-        L = (cu[1:] - cu[:-1]).double()
-        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    N, tc, tt = encoder.n_tokens(), int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
-    whole_cu = whole_clips(batch, encoder.nv, N, "cpu", separate_targets).cu
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
-            + attn(encoder, whole_cu))
-
 # -----------------------------------------------------------------------------
 # Training loop
 
-@torch.no_grad()   # stop-gradient: the targets are constants to the loss, the target encoder gets no grad
+@torch.no_grad()   # stop-gradient: the targets are constants to the loss; no grad reaches them
 def target_features(target_encoder, video, audio, separate, layers=1):
     """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
     modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the
@@ -749,13 +723,13 @@ def target_features(target_encoder, video, audio, separate, layers=1):
 
 @torch.no_grad()
 def ema_update(target_encoder, encoder, momentum):
-    """target_encoder <- momentum * target_encoder + (1 - momentum) * encoder, all weights in one call."""
+    """target_encoder <- momentum * target_encoder + (1 - momentum) * encoder, in one call."""
     torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
 
 
 def step_loss(model, target_encoder, video, audio, masks, args):
-    """The forward half of a step: targets -> prediction -> loss. What --compile compiles, as one graph.
-    Returns (loss, video loss, audio loss, target features [B, N, D])."""
+    """The forward half of a step: targets -> prediction -> loss. What --compile compiles, as one
+    graph. Returns (loss, video loss, audio loss, target features [B, N, D])."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate",
                                        args.target_layers)
@@ -770,9 +744,9 @@ def step_loss(model, target_encoder, video, audio, masks, args):
 
 
 def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, loss_fn=step_loss):
-    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe in DDP);
-    loss_fn is step_loss, or its compiled self. Returns what step_loss does. Nothing here waits for the
-    device: the loop checks that the loss stayed finite on log and checkpoint steps."""
+    """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe in
+    DDP); loss_fn is step_loss, or its compiled self. Returns what step_loss does. Nothing here
+    waits for the device: the loop checks that the loss stayed finite on log and checkpoint steps."""
     jepa = getattr(model, "module", model)
     loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, args)
     opt.zero_grad(set_to_none=True)
@@ -785,7 +759,7 @@ def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, 
 
 
 def run_config(args, meta):
-    """Everything build() needs, and a checkpoint records: the flags and the dataset's clip geometry."""
+    """Everything build() needs, and a checkpoint records: the flags and the clip geometry."""
     return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
                 crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
                 tubelet_seconds=TUBELET * meta["frame_seconds"],
@@ -805,17 +779,17 @@ def make_optimizer(model, lr):
 
 
 def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
-    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG; else
-    0, after --init's encoder weights if given. Never overwrites a run by accident."""
+    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG;
+    else 0, after --init's encoder weights if given. Never overwrites a run by accident."""
     if args.resume:
         ck = read_checkpoint(ckpt_path)
-        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or a clear exit
+        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or an exit
         for module, key in ((jepa.encoder, "encoder"), (jepa.predictor, "predictor"),
                             (target_encoder, "target_encoder")):
             module.load_state_dict(ck[key])
         opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
         for group, decay in zip(opt.param_groups, (True, False)):
-            group.setdefault("decay", decay)   # a checkpoint from before the groups carried the flag
+            group.setdefault("decay", decay)  # a checkpoint from before the groups carried the flag
         torch.set_rng_state(ck["rng"]["torch"])
         return ck["step"]
     if ckpt_path.exists():
@@ -827,22 +801,11 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
 
 
 def draw_masks(path, data, args, encoder):
-    """masks.png: clip 0's frames and spectrogram under each mask config's targets (common.plot_masks)."""
+    """masks.png: clip 0's frames and spectrogram under each mask config's targets."""
     rng = np.random.default_rng(args.seed)
     targets = {c: sample_targets(rng, c, encoder.video_grid, encoder.audio_grid) for c in args.masks}
     plot_masks(path, np.asarray(data["video"][0]), np.asarray(data["audio"][0], np.float32) if args.audio
                else None, encoder.video_grid, encoder.audio_grid, targets)
-
-
-def summary_line(args, last, width, run_dir, end):
-    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its files."""
-    audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
-    audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
-    stopped = f" (stopped of {args.steps}: --resume continues)" if end < args.steps else ""
-    return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video "
-            f"{last['loss_video']:.4f}{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of "
-            f"{width}, {last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves "
-            f"{run_dir / 'training.png'}, masks {run_dir / 'masks.png'}")
 
 
 def train(argv=None):
@@ -850,7 +813,7 @@ def train(argv=None):
     device, rank, world = setup_process(args.device)
     master = rank == 0
     torch.manual_seed(args.seed)
-    if args.deterministic:   # cuBLAS needs a fixed workspace to be deterministic; set before its first use
+    if args.deterministic:   # cuBLAS needs a fixed workspace for it; set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
 
@@ -870,7 +833,7 @@ def train(argv=None):
     encoder, predictor, target_encoder = build(cfg)
     model = JEPA(encoder, predictor).to(device)
     target_encoder.to(device)
-    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs its parameters there
+    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs them there
     step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
     if master:
         draw_masks(run_dir / "masks.png", data, args, encoder)
@@ -881,12 +844,12 @@ def train(argv=None):
     loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
     B = args.batch_size
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU, on known GPUs
+    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU
 
     def make_batch(s):
-        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and sent
-        to the device without waiting (pinned memory). Everything random comes from (seed, step, rank):
-        resume replays it exactly."""
+        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and
+        sent to the device without waiting (pinned memory). Everything random comes from (seed,
+        step, rank): resume replays it exactly."""
         rng = np.random.default_rng([args.seed, s, rank])
         idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # get_batch's order
         has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
@@ -909,7 +872,7 @@ def train(argv=None):
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
     t0, clips, end = time.time(), 0, args.steps
     caught, restore_signals = catch_stop_signals()
-    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite, on the device
+    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
     try:
         for s, (batch, masks, theta) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
             lr, wd, momentum = schedules(s, args)
@@ -923,8 +886,8 @@ def train(argv=None):
             clips += B * world
             bar.update(1)
             log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
-            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM: the last step
-            if (log_step or save_step or stop) and first_bad.item() >= 0:   # the only sync, on these steps
+            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM came
+            if (log_step or save_step or stop) and first_bad.item() >= 0:   # the one sync, on these
                 stop_non_finite(first_bad.item(), ckpt_path)
             if log_step:
                 dt = time.time() - t0
@@ -962,8 +925,9 @@ def train(argv=None):
 # Checkpoints: ours, and V-JEPA's (.pth.tar; common.encoder_weights strips its key prefixes)
 
 def load_encoder(path, device="cpu"):
-    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)` gives
-    features. Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its tensor shapes."""
+    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)`
+    gives features. Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its
+    tensor shapes."""
     ckpt = read_checkpoint(path)
     sd = encoder_weights(ckpt, path)
     if "config" in ckpt:
@@ -978,7 +942,7 @@ def load_encoder(path, device="cpu"):
 
 
 def init_from(encoder, path):
-    """--init: copy a checkpoint's video encoder weights into ours, or say clearly why they don't fit."""
+    """--init: copy a checkpoint's video encoder weights into ours, or say why they don't fit."""
     sd = encoder_weights(read_checkpoint(path), path)
     own = encoder.state_dict()
     for k, v in sd.items():

@@ -236,7 +236,59 @@ def vjepa_encoder_shape(sd, path, heads_of_width):
 
 
 # -----------------------------------------------------------------------------
-# Runs: one process per run folder, its log and plot, and stopping on a signal
+# Runs: what they log besides the loss (collapse monitor, MFU, summary), one process per run
+# folder, the log and its plot, and stopping on a signal
+
+@torch.no_grad()
+def rankme(x):
+    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
+    how many directions the features use: up to min(n, D) when healthy, towards 1 as they collapse.
+    Costs an SVD and a host sync, so it runs on log steps only."""
+    if len(x) < 2:
+        return math.nan
+    s = torch.linalg.svdvals(x.float())
+    p = s / s.sum() + 1e-7
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def collapse_monitor(target_feats, nv, heard, rows=4096):
+    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
+    the clips with sound (heard [B] bool); nan for an absent modality. At most `rows` evenly spaced
+    tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
+    D = target_feats.shape[-1]
+    def sample(x):
+        return x[::max(1, len(x) // rows)][:rows]
+    video = rankme(sample(target_feats[:, :nv].reshape(-1, D)))
+    audio = rankme(sample(target_feats[heard, nv:].reshape(-1, D))) if target_feats.shape[1] > nv else math.nan
+    return video, audio
+
+
+def step_flops(encoder, predictor, masks, batch, separate_targets=True):
+    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
+    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
+    trained), over the segments each pass really attends within. masks on the CPU."""
+    def lin(m):   # weights applied per token
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
+    def attn(m, cu):
+        L = (cu[1:] - cu[:-1]).double()
+        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
+    N, nv, tc, tt = encoder.n_tokens(), encoder.nv, int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
+    parts = [nv, N - nv] if separate_targets and N > nv else [N]      # the target pass's segments per clip
+    whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
+            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
+            + attn(encoder, whole_cu))
+
+def summary_line(args, last, width, run_dir, end):
+    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its files."""
+    audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
+    audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
+    stopped = f" (stopped of {args.steps}: --resume continues)" if end < args.steps else ""
+    return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video "
+            f"{last['loss_video']:.4f}{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of "
+            f"{width}, {last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves "
+            f"{run_dir / 'training.png'}, masks {run_dir / 'masks.png'}")
+
 
 HELD_LOCKS = {}   # run folder -> the lock file this process holds on it
 
