@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 import kernels
 from common import (COUNT, FRACTION, GPU_PEAK_FLOPS, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
-                    catch_stop_signals, check_device, check_resume, collapse_monitor, encoder_weights,
-                    load_split, lock_run, number, plot_log, plot_masks, prefetch, rankme,
-                    read_checkpoint, setup_process, start_log, step_flops, stop_non_finite,
+                    catch_stop_signals, check_device, check_resume, collapse_monitor,
+                    encoder_weights, load_split, lock_run, number, plot_log, plot_masks, prefetch,
+                    rankme, read_checkpoint, setup_process, start_log, step_flops, stop_non_finite,
                     stop_requested, summary_line, unlock_run, vjepa_encoder_shape, write_atomic,
                     write_log_line)
 
@@ -56,8 +56,8 @@ def predictor_size(width, depth):
 
 # Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and
 # "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse;
-# "future" hides the second half of the clip in both senses; "window" hides one sense (either, at random) in
-# half the clip's time, with both senses seen elsewhere: what is hidden is then pinned down by the
+# "future" hides the second half of the clip in both senses; "window" hides one sense (either, at
+# random) in half the clip's time, with both senses seen elsewhere: what is hidden is then pinned down by the
 # other sense at the same moment, a question about timing.
 MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time",
          "window": "window"}
@@ -67,71 +67,64 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_parser():
-    p = argparse.ArgumentParser(
-        description="Pretrain AV-JEPA (or V-JEPA without --audio) on prepare.py's arrays.")
+    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (or V-JEPA without --audio) on "
+                                            "prepare.py's arrays.")
     add = p.add_argument
     add("--data", default="data/synthetic", help="dataset folder written by prepare.py")
     add("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
     add("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
-    add("--masks", default="short,long", help=f"comma list of mask configs used every step, from {list(MASKS)}")
-    add("--truncate", action="store_true",
-        help="cut every mask to the batch minimum, as V-JEPA does (for comparison)")
-    add("--audio-weight", type=NONNEG, default=1.0, help="weight of the audio loss; the video loss has weight 1")
-    add("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's, at most 384)")
-    add("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12 from vit_large up)")
-    add("--crop", type=NONNEG_INT, default=0,
-        help="training crop size in pixels, a multiple of 16 (0: the dataset's size)")
+    add("--masks", default="short,long", help=f"mask configs used every step, from {list(MASKS)}")
+    add("--truncate", action="store_true", help="cut masks to the batch minimum, as V-JEPA does")
+    add("--audio-weight", type=NONNEG, default=1.0, help="audio loss weight (video's is 1)")
+    add("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's)")
+    add("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12)")
+    add("--crop", type=NONNEG_INT, default=0, help="crop size, a multiple of 16 (0: none)")
     add("--batch-size", type=COUNT, default=16, help="clips per step per process")
-    add("--steps", type=COUNT, default=600,
-        help="optimizer steps (600 x 16 clips: about 10 minutes of vit_tiny on a 2-core CPU)")
+    add("--steps", type=COUNT, default=600, help="optimizer steps (600: ~10 min on a 2-core CPU)")
     add("--context-pass", choices=["joint", "separate"], default="separate",
-        help="encode each clip's context in one attention pass per modality (separate: the senses meet "
-             "in the predictor only) or in one pass over both (joint)")
+        help="encode the context in one attention pass per modality (the senses meet in the "
+             "predictor only) or in one over both")
     add("--target-pass", choices=["joint", "separate"], default="separate",
-        help="EMA target features from one pass per modality (separate) or one over the whole clip (joint)")
+        help="EMA targets from one pass per modality, or from one over the whole clip")
     add("--fuse", type=NONNEG_INT, default=0,
-        help="with separate passes, the encoder's last this many blocks attend across both senses of a "
-             "clip (late fusion, as CAV-MAE); 0: the senses meet in the predictor only")
+        help="with separate passes, the last this many encoder blocks attend across both senses "
+             "(late fusion, as CAV-MAE)")
     add("--target-layers", type=COUNT, default=1,
-        help="targets: the mean of the EMA encoder's last this many blocks, each layer-normed (data2vec 2.0)")
+        help="targets: the mean of the EMA encoder's last this many blocks, normed (data2vec 2.0)")
     add("--nce-weight", type=NONNEG, default=0.0,
-        help="weight of an InfoNCE term that asks each clip's pooled prediction of its hidden part to be "
-             "closer to its own pooled target than to the other clips' (CAV-MAE weighs its term 0.01)")
+        help="weight of an InfoNCE term: each clip's pooled prediction nearer its own pooled "
+             "target than the other clips' (CAV-MAE: 0.01)")
     add("--reg", choices=["none", "sigreg"], default="sigreg",
-        help="anti-collapse term on the context features: SIGReg (LeJEPA) pushes them towards an "
-             "isotropic Gaussian (none: V-JEPA's loss alone, which collapses at small scale, see README)")
-    add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg next to the prediction loss")
+        help="anti-collapse term on the context features: SIGReg (LeJEPA), or none (V-JEPA's loss "
+             "alone, which collapses at small scale)")
+    add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg")
     add("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
-        help="vjepa1: warmup, cosine lr, EMA rising linearly; vjepa2: warmup, constant lr and EMA "
-             "(the first --ema value), then a linear cool-down")
-    add("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of the steps spent cooling down")
+        help="vjepa1: warmup, cosine lr, rising EMA; vjepa2: warmup, constant lr and EMA (the "
+             "first --ema), linear cool-down")
+    add("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of steps cooling down")
     add("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
     add("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
-    add("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end of the cosine or cool-down")
-    add("--warmup", type=FRACTION, default=40 / 300,
-        help="fraction of the schedule spent warming up (V-JEPA: 40 of 300 epochs)")
-    add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4),
-        help="weight decay, cosine from the first to the second value")
+    add("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end")
+    add("--warmup", type=FRACTION, default=40 / 300, help="warmup fraction (V-JEPA: 40/300)")
+    add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from/to")
     add("--ema", type=FRACTION, nargs=2, default=None,
-        help="EMA momentum of the target encoder, linear from/to (default: from min(0.998, 1 - 6 / "
-             "steps) to 1, so that the teacher moves within the run: see ema_range)")
+        help="EMA momentum, linear from/to (default: min(0.998, 1 - 6 / steps) to 1: ema_range)")
     add("--schedule-scale", type=number(float, 1.0), default=1.25,
-        help="schedules span steps x this (>= 1) and training stops at steps, as V-JEPA")
+        help="schedules span steps x this (>= 1), training stops at steps (V-JEPA)")
     add("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
-    add("--init", default="", help="start the video encoder from this checkpoint (ours or a V-JEPA .pth.tar)")
+    add("--init", default="", help="video encoder to start from (ours, or V-JEPA's)")
     add("--out", default="out", help="folder for runs")
     # not --run: torchrun's parser would take it for an abbreviation of its own --run-path
-    add("--name", default="", help="run name, the folder under --out (default: <model>-av or <model>-v)")
+    add("--name", default="", help="run name, its folder under --out (default: <model>-av or -v)")
     add("--resume", action="store_true", help="continue the run from its checkpoint")
-    add("--save-every", type=COUNT, default=200, help="checkpoint every this many steps (and at the end)")
-    add("--log-every", type=COUNT, default=10, help="write a log.jsonl line every this many steps")
+    add("--save-every", type=COUNT, default=200, help="checkpoint every this many steps")
+    add("--log-every", type=COUNT, default=10, help="a log.jsonl line every this many steps")
     add("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
-    add("--compile", action="store_true",
-        help="torch.compile the step's forward (EMA target pass, context pass, predictor, loss) as one graph")
+    add("--compile", action="store_true", help="torch.compile the step's forward as one graph")
     add("--deterministic", action="store_true",
-        help="deterministic kernels: two runs with one seed, or a killed run and its --resume, give "
-             "bit-identical weights (measured on vit_tiny AV, 2-core CPU: about 5%% slower)")
-    add("--seed", type=NONNEG_INT, default=0, help="seed for init, data order, masks and augmentation")
+        help="deterministic kernels: a run and its rerun, or its --resume, give bit-identical "
+             "weights (about 5%% slower)")
+    add("--seed", type=NONNEG_INT, default=0, help="seed: init, data order, masks, crops")
     return p
 
 
@@ -149,7 +142,8 @@ def get_args(argv=None):
             p.error(f"mask config {m!r} is cross-modal and needs --audio")
     _, depth, heads = MODELS[args.model]
     if args.pred_width % heads:
-        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
+        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s "
+                f"{heads} heads")
     if args.crop % PATCH:
         p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
     for name in ("fuse", "target_layers"):
@@ -164,7 +158,7 @@ def get_args(argv=None):
 
 def ema_range(steps):
     """The EMA momentum's default start and end. An EMA of momentum m averages about the last
-    1 / (1 - m) steps, and the initial (random) weights keep a share of about m^steps of the teacher.
+    1 / (1 - m) steps, and the initial (random) weights keep a share of about m^steps of the teacher
     V-JEPA's 0.998 suits its 90k steps; over 600 steps it would leave a third of the teacher random.
     So the teacher averages over at most a sixth of the run (a random share of e^-6 at the end),
     never less than V-JEPA's 500 steps, and no less than 10 steps in a very short run."""
@@ -180,8 +174,8 @@ def get_batch(data, idx, device):
     def t(a):
         x = torch.from_numpy(np.ascontiguousarray(a[idx]))
         return (x.pin_memory() if pin else x).to(device, non_blocking=True)
-    return dict(video=t(data["video"]), audio=t(data["audio"]), has_audio=t(data["has_audio"]).bool(),
-                label=t(data["label"]))
+    return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
+                has_audio=t(data["has_audio"]).bool())
 
 
 def batch_indices(n, batch_size, step, seed, rank=0, world=1):
@@ -222,7 +216,8 @@ def augment_video(video, size, theta=None):
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
     # per channel with Python scalars: no host-to-device copy of the constants
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+    mean_std = zip(IMAGENET_MEAN, IMAGENET_STD)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(mean_std)], 1)
 
 
 def normalize_audio(audio, meta):
@@ -258,7 +253,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
     elif MASKS[config] == "time":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
-    elif MASKS[config] == "window":   # tokens whose centre (a fraction of the clip) is in [u, u + 1/2)
+    elif MASKS[config] == "window":   # tokens centred (as a share of the clip) in [u, u + 1/2)
         u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
         def in_window(n):
             centre = (np.arange(n) + 0.5) / n
@@ -274,7 +269,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
 
 class Packed(NamedTuple):
     """Rows of several segments in one flat sequence, the way variable-length attention takes them:
-    segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded, nothing is cut."""
+    segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded or cut."""
     index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment by segment
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
@@ -296,11 +291,13 @@ def pack(lists, n_tokens, batch, split_at=None):
     Packed rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list
     where its audio starts: the same rows, attended as one segment per modality (empty pieces are
     dropped)."""
-    index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens for s, x in enumerate(lists)])
+    index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens
+                            for s, x in enumerate(lists)])
     if split_at is None:
         lengths = [len(x) for x in lists]
     else:
-        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at))) if n]
+        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at)))
+                   if n]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths))
 
@@ -311,7 +308,8 @@ def whole_clips(batch, nv, n_tokens, device, separate):
     N + nv, 2N, ...]."""
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
-        return Packed(index, torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens, n_tokens)
+        cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens
+        return Packed(index, cu, n_tokens)
     i = torch.arange(2 * batch + 1, device=device)
     cu = (i // 2 * n_tokens + i % 2 * nv).int()   # arithmetic on the device: no copy, no sync
     return Packed(index, cu, max(nv, n_tokens - nv))
@@ -323,7 +321,7 @@ class Masks:
     ctx: Packed                 # the context: the tokens the encoder sees
     enc: Packed                 # the same rows, cut where the encoder's attention stops
     tgt: Packed                 # the targets: the tokens the predictor fills in
-    tgt_config: torch.Tensor    # [Tt] each target's mask config: it picks the predictor's mask token
+    tgt_config: torch.Tensor    # [Tt] each target's mask config: picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
     pred_max_len: int           # the longest [context ; targets] segment of the predictor
@@ -333,7 +331,8 @@ class Masks:
                         for k, x in vars(self).items()})
 
     def pin_memory(self):   # page-locked host memory: the copy to the GPU then needs no sync
-        return Masks(**{k: x if isinstance(x, int) else x.pin_memory() for k, x in vars(self).items()})
+        return Masks(**{k: x if isinstance(x, int) else x.pin_memory()
+                        for k, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
@@ -349,14 +348,15 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     scale = np.array([1.0, audio_weight])
     per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
-    return Masks(ctx=pack(ctx, n_tokens, batch), enc=pack(ctx, n_tokens, batch, nv if separate else None),
-                 tgt=packed_tgt, tgt_config=torch.from_numpy(config),
-                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)),
+    return Masks(ctx=pack(ctx, n_tokens, batch), tgt=packed_tgt,
+                 enc=pack(ctx, n_tokens, batch, nv if separate else None),
+                 tgt_config=torch.from_numpy(config), tgt_modality=torch.from_numpy(modality),
+                 tgt_weight=torch.from_numpy(weight.astype(np.float32)),
                  pred_max_len=max(len(c) + len(t) for c, t in zip(ctx, tgt)))
 
 
-def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False, separate=False,
-                 audio_weight=1.0):
+def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False,
+                 separate=False, audio_weight=1.0):
     """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks).
     separate: the encoder attends over each clip's context one modality at a time."""
     nv = math.prod(video_grid)
@@ -374,7 +374,7 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
                 is_target[rng.choice(np.flatnonzero(is_target))] = False
             ctx.append(np.flatnonzero(exists & ~is_target))
             tgt.append(np.flatnonzero(is_target))
-    if truncate:   # V-JEPA's collation, for comparison: every list cut to its config's batch minimum
+    if truncate:   # V-JEPA's collation, for comparison: each list cut to its config's batch minimum
         for lists in (ctx, tgt):
             for c in range(len(configs)):
                 seg = lists[c * batch:(c + 1) * batch]
@@ -408,10 +408,11 @@ def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_s
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
     if audio_grid:
-        mel, col = torch.meshgrid(torch.arange(audio_grid[0]), torch.arange(audio_grid[1]), indexing="ij")
+        mel, col = torch.meshgrid(*map(torch.arange, audio_grid), indexing="ij")
         # centre of audio column c, in tubelet units (tubelet t is centred at t + 0.5)
         t_audio = (col.double() + 0.5) * audio_patch_seconds / tubelet_seconds - 0.5
-        coords.append(torch.stack([t_audio, mel.double(), torch.zeros_like(t_audio)], -1).reshape(-1, 3))
+        audio = torch.stack([t_audio, mel.double(), torch.zeros_like(t_audio)], -1)
+        coords.append(audio.reshape(-1, 3))
     return torch.cat(coords)
 
 # -----------------------------------------------------------------------------
@@ -485,8 +486,8 @@ def check_shape(name, x, expected):
 
 class Encoder(nn.Module):
     """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
-    def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0, tubelet_seconds=1.0,
-                 audio_patch_seconds=0.16, fuse=0):
+    def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0,
+                 tubelet_seconds=1.0, audio_patch_seconds=0.16, fuse=0):
         super().__init__()
         self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size,
                            audio_frames=audio_frames, tubelet_seconds=tubelet_seconds,
@@ -495,7 +496,8 @@ class Encoder(nn.Module):
         self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
         self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
         self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
-        pos = sincos(token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds), width)
+        coords = token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds)
+        pos = sincos(coords, width)
         self.nv = math.prod(self.video_grid)
         # [1, Nv, D], as V-JEPA
         self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)
@@ -538,13 +540,13 @@ class Encoder(nn.Module):
         last k blocks' outputs, each layer-normed (data2vec)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
-        index, cu, max_len = whole_clips(B, N, N, x.device, separate=False) if keep is None else keep
+        index, cu, max_len = keep or whole_clips(B, N, N, x.device, separate=False)
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
-            if i == self.fuse_from and fused is not None:   # late fusion: a clip's senses meet from here
+            if i == self.fuse_from and fused is not None:   # late fusion: the senses meet from here
                 cu, max_len = fused.cu, fused.max_len
             x = block(x, cu, max_len)
             if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
@@ -556,15 +558,17 @@ class Encoder(nn.Module):
 
 
 class Predictor(nn.Module):
-    """Narrow ViT over [context ; mask tokens] per segment, which predicts the targets' embeddings."""
+    """Narrow ViT over [context ; mask tokens] per segment: predicts the targets' embeddings."""
     def __init__(self, enc_width, width, depth, heads, n_configs, encoder):
         super().__init__()
         e = encoder.config
-        coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"], e["audio_patch_seconds"])
+        coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"],
+                              e["audio_patch_seconds"])
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
         self.predictor_embed = nn.Linear(enc_width, width)
         # one learned mask token per mask config and modality, zero at start (V-JEPA)
-        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, 2 if encoder.audio_grid else 1, width))
+        modalities = 2 if encoder.audio_grid else 1
+        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, modalities, width))
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.predictor_proj = nn.Linear(width, enc_width)
@@ -575,14 +579,18 @@ class Predictor(nn.Module):
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.ctx, masks.tgt
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
-            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
-                             f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
-        # the context with its positions; a mask token (of the target's config and modality) with its
-        # position in place of each target. kernels.gather(x, rows) is x[rows], fused
-        x_ctx = self.predictor_embed(context) + kernels.gather(self.pos_embed, ctx.index % N)   # [Tc, Dp]
-        x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + kernels.gather(self.pos_embed, tgt.index % N)
+            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and "
+                             f"this predictor, which expect [{len(ctx.index)}, "
+                             f"{self.predictor_embed.in_features}]")
+        # the context with its positions; a mask token (of the target's config and modality) with
+        # its position in place of each target. kernels.gather(x, rows) is x[rows], fused
+        pos_ctx = kernels.gather(self.pos_embed, ctx.index % N)
+        pos_tgt = kernels.gather(self.pos_embed, tgt.index % N)
+        x_ctx = self.predictor_embed(context) + pos_ctx                                   # [Tc, Dp]
+        x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + pos_tgt          # [Tt, Dp]
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
-        x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]), len(ctx_slot) + len(tgt_slot))
+        x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]),
+                            len(ctx_slot) + len(tgt_slot))
         cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
@@ -617,10 +625,12 @@ class JEPA(nn.Module):
 def build(cfg):
     """Encoder, predictor and EMA target encoder from a run config (saved in checkpoints)."""
     width, depth, heads = MODELS[cfg["model"]]
-    encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if cfg["audio"] else 0,
-                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"], cfg.get("fuse", 0) if cfg["audio"] else 0)
+    audio = cfg["audio"]
+    encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if audio else 0,
+                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"], cfg.get("fuse", 0) if audio else 0)
     pw, pd = predictor_size(width, depth)
-    predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads, len(cfg["masks"]), encoder)
+    predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads,
+                          len(cfg["masks"]), encoder)
     target_encoder = Encoder(**encoder.config)
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
@@ -637,7 +647,8 @@ def jepa_loss(pred, targets, masks):
     err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
     audio = masks.tgt_modality.float()
     video = 1 - audio
-    return (masks.tgt_weight * err).sum(), (err * video).sum() / video.sum(), (err * audio).sum() / audio.sum()
+    per_modality = [(err * m).sum() / m.sum() for m in (video, audio)]
+    return (masks.tgt_weight * err).sum(), *per_modality
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
@@ -700,7 +711,8 @@ def schedules(step, args):
     if step < warm:
         lr = args.start_lr + (args.lr - args.start_lr) * step / warm
     else:
-        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+        cos = math.cos(math.pi * (step - warm) / (total - warm))
+        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + cos)
     wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
     ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
     return lr, wd, ema
@@ -714,7 +726,8 @@ def target_features(target_encoder, video, audio, separate, layers=1):
     """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
     modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the
     last `layers` blocks (data2vec 2.0), which holds detail that the last block alone may drop."""
-    B, N, D = video.shape[0], target_encoder.n_tokens(audio is not None), target_encoder.config["width"]
+    B, D = video.shape[0], target_encoder.config["width"]
+    N = target_encoder.n_tokens(audio is not None)
     whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
     joint = whole_clips(B, target_encoder.nv, N, video.device, False)
     feats = target_encoder(video, audio, keep=whole, fused=joint, average_last=layers)
@@ -724,7 +737,8 @@ def target_features(target_encoder, video, audio, separate, layers=1):
 @torch.no_grad()
 def ema_update(target_encoder, encoder, momentum):
     """target_encoder <- momentum * target_encoder + (1 - momentum) * encoder, in one call."""
-    torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
+    torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()),
+                         1 - momentum)
 
 
 def step_loss(model, target_encoder, video, audio, masks, args):
@@ -746,7 +760,7 @@ def step_loss(model, target_encoder, video, audio, masks, args):
 def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, loss_fn=step_loss):
     """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe in
     DDP); loss_fn is step_loss, or its compiled self. Returns what step_loss does. Nothing here
-    waits for the device: the loop checks that the loss stayed finite on log and checkpoint steps."""
+    waits for the device: the loop checks that the loss stayed finite on log and save steps."""
     jepa = getattr(model, "module", model)
     loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, args)
     opt.zero_grad(set_to_none=True)
@@ -770,7 +784,7 @@ def run_config(args, meta):
 
 def make_optimizer(model, lr):
     """AdamW (0.9, 0.999); as V-JEPA, biases and norms get no weight decay (their group's "decay" is
-    False). On CUDA the fused kernel: one launch for the whole update instead of several per tensor."""
+    False). On CUDA the fused kernel: one launch for the update instead of several per tensor."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]   # biases, norms
     return torch.optim.AdamW([{"params": decay, "decay": True},
@@ -793,7 +807,8 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
         torch.set_rng_state(ck["rng"]["torch"])
         return ck["step"]
     if ckpt_path.exists():
-        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick "
+                         f"another --name")
     if args.init:
         init_from(jepa.encoder, args.init)
         target_encoder.load_state_dict(jepa.encoder.state_dict())
@@ -803,9 +818,10 @@ def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
 def draw_masks(path, data, args, encoder):
     """masks.png: clip 0's frames and spectrogram under each mask config's targets."""
     rng = np.random.default_rng(args.seed)
-    targets = {c: sample_targets(rng, c, encoder.video_grid, encoder.audio_grid) for c in args.masks}
-    plot_masks(path, np.asarray(data["video"][0]), np.asarray(data["audio"][0], np.float32) if args.audio
-               else None, encoder.video_grid, encoder.audio_grid, targets)
+    grids = encoder.video_grid, encoder.audio_grid
+    targets = {c: sample_targets(rng, c, *grids) for c in args.masks}
+    mel = np.asarray(data["audio"][0], np.float32) if args.audio else None
+    plot_masks(path, np.asarray(data["video"][0]), mel, *grids, targets)
 
 
 def train(argv=None):
@@ -823,7 +839,7 @@ def train(argv=None):
         raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
     cfg = run_config(args, meta)
     if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
-        raise SystemExit(f"--crop must be a multiple of {PATCH} and the dataset's frames of {TUBELET}")
+        raise SystemExit(f"--crop must be a multiple of {PATCH} and the data's frames of {TUBELET}")
     run_dir = Path(args.out) / args.name
     ckpt_path = run_dir / "ckpt.pt"
     if master:
@@ -858,7 +874,8 @@ def train(argv=None):
         theta = crop_params(rng, B)
         if device.type == "cuda":
             masks, theta = masks.pin_memory(), theta.pin_memory()
-        return get_batch(data, idx, device), masks.to(device, non_blocking=True), theta.to(device, non_blocking=True)
+        return (get_batch(data, idx, device), masks.to(device, non_blocking=True),
+                theta.to(device, non_blocking=True))
 
     def save(s):
         if master:
@@ -869,12 +886,14 @@ def train(argv=None):
 
     log, last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name,
+               dynamic_ncols=True)
     t0, clips, end = time.time(), 0, args.steps
     caught, restore_signals = catch_stop_signals()
     first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
     try:
-        for s, (batch, masks, theta) in zip(range(step, args.steps), prefetch(make_batch, range(step, args.steps))):
+        steps = range(step, args.steps)
+        for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):
             lr, wd, momentum = schedules(s, args)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
@@ -885,7 +904,8 @@ def train(argv=None):
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
             clips += B * world
             bar.update(1)
-            log_step, save_step = s % args.log_every == 0 or s == args.steps - 1, (s + 1) % args.save_every == 0
+            log_step = s % args.log_every == 0 or s == args.steps - 1
+            save_step = (s + 1) % args.save_every == 0
             stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM came
             if (log_step or save_step or stop) and first_bad.item() >= 0:   # the one sync, on these
                 stop_non_finite(first_bad.item(), ckpt_path)
@@ -894,9 +914,11 @@ def train(argv=None):
                 rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
                            loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
                            clips_per_s=clips / dt)
-                rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, batch["has_audio"])
-                if peak:   # this step's FLOPs per process, times the steps since the last log, over the peak
-                    flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
+                rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv,
+                                                                        batch["has_audio"])
+                if peak:   # this step's FLOPs per process, times the steps since the last log
+                    flops = step_flops(encoder, predictor, masks.to("cpu"), B,
+                                       args.target_pass == "separate")
                     rec["mfu"] = flops * (clips / (B * world)) / dt / peak
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
                 if master:

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
-from common import COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, read_checkpoint, write_atomic
+from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, pyplot, read_checkpoint,
+                    save_figure, write_atomic)
 
 
 def get_args(argv=None):
@@ -409,10 +410,36 @@ def classify(args, path, ckpt, data_dir, device):
     attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
+    chart = path.parent / f"probe_classify_{res['modalities']}.png"
+    plot_classify(res, chart)
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}"
           f"linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
-          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s")
+          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s; chart {chart}")
     return res
+
+
+def plot_classify(res, png_path):
+    """The classify chart: accuracy per factor (and top-1), pretrained beside random, for the attentive
+    probe (when it ran) and the linear readout, with chance marked."""
+    plt = pyplot()
+    readouts = [("attentive probe", lambda r: r)] if "top1" in res else []
+    readouts.append(("linear readout", lambda r: r["linear"]))
+    names = ["top-1"] + list(res.get("chance_factors", {}))
+    chance = [res["chance_top1"]] + list(res.get("chance_factors", {}).values())
+    fig, axes = plt.subplots(1, len(readouts), figsize=(1.2 * len(names) * len(readouts) + 2, 3.4), squeeze=False)
+    for ax, (title, pick) in zip(axes[0], readouts):
+        x = np.arange(len(names))
+        encoders = [(res["init"], res)] + ([("random", res["random"])] if "random" in res else [])
+        for i, (label, r) in enumerate(encoders):
+            scores = [pick(r)["top1"]] + [pick(r).get("factors", {}).get(f, 0) for f in names[1:]]
+            ax.bar(x + (i - (len(encoders) - 1) / 2) * 0.38, [100 * v for v in scores], 0.36, label=label,
+                   color="C0" if label == "pretrained" else "0.65")
+        ax.scatter(x, [100 * c for c in chance], marker="_", s=400, color="C3", label="chance", zorder=3)
+        ax.set(title=f"{title}, {res['modalities']}", xticks=x, xticklabels=names, ylabel="val accuracy (%)",
+               ylim=(0, 100))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, png_path)
 
 # -----------------------------------------------------------------------------
 # Cross-modal retrieval through the predictor: the JEPA way to ask "which sound goes with this picture?"
