@@ -1355,6 +1355,13 @@ def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, i
     assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
 
 
+def test_classify_with_no_probe_seeds_gives_the_linear_readout_alone_and_its_chart(probe_run):
+    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0"])
+    assert "top1" not in res and res["linear"]["top1"] == 1.0 and res["random"]["linear"]["top1"] <= 1.0
+    from PIL import Image
+    assert Image.open(probe_run["ckpt"].parent / "probe_classify_both.png").size[0] > 300
+
+
 def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     res = probe.main(["--task", "retrieve", "--runs", probe_run["runs"]])
     n = int(np.sum(np.fromfile(Path(probe_run["data"]) / "val_has_audio.bin", np.uint8)))
