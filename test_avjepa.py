@@ -573,6 +573,13 @@ def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     assert {"encoder", "predictor", "target_encoder", "opt", "step", "config", "rng"} <= set(ck) and ck["step"] == 2
 
 
+def test_training_draws_its_masks_at_the_start(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--name", "m", "--masks", "long,v2a"))
+    from PIL import Image
+    w, h = Image.open(tmp_path / "m" / "masks.png").size   # one row per config: tubelets, then the spectrogram
+    assert w > h > 200
+
+
 # The golden run: three steps at a fixed seed on the torch path, per recipe. A refactor that changes no
 # behaviour keeps these numbers (sum, sum of |w|, and a fixed random projection of every weight, in float64).
 GOLDEN = {
