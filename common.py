@@ -421,11 +421,11 @@ def plot_masks(png_path, frames, mel, video_grid, audio_grid, targets):
         if mel is not None:
             Fa, Ca = audio_grid
             ax = row[-1]
-            ax.imshow(mel[:Fa * 16, :Ca * 16], origin="lower", aspect="auto", cmap="gray")
+            ax.imshow(mel[:Fa * PATCH, :Ca * PATCH], origin="lower", aspect="auto", cmap="gray")
             hidden_a = is_target[nv:].reshape(Fa, Ca)
             paint = np.zeros((Fa, Ca, 4))
             paint[hidden_a] = (*colour, 0.6)
-            ax.imshow(paint, origin="lower", aspect="auto", extent=(-0.5, Ca * 16 - 0.5, -0.5, Fa * 16 - 0.5))
+            ax.imshow(paint, origin="lower", aspect="auto", extent=(-0.5, Ca * PATCH - 0.5, -0.5, Fa * PATCH - 0.5))
             ax.set(xticks=[], yticks=[], title="" if i else "log-mel spectrogram")
     fig.suptitle("what the encoder sees (clear) and the targets the predictor fills in (coloured), per mask config")
     save_figure(fig, png_path)
