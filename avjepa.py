@@ -16,7 +16,6 @@ plumbing (the dataset reader, checkpoints, logs, locks, signals) lives in common
 """
 import argparse
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -27,14 +26,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import kernels
-from common import (COUNT, FRACTION, GPU_PEAK_FLOPS, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
-                    catch_stop_signals, check_device, check_resume, collapse_monitor,
-                    encoder_weights, load_split, lock_run, number, plot_log, plot_masks, prefetch,
-                    rankme, read_checkpoint, setup_process, start_log, step_flops, stop_non_finite,
-                    stop_requested, summary_line, unlock_run, vjepa_encoder_shape, write_atomic,
-                    write_log_line)
+from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, batch_indices,
+                    catch_stop_signals, check_device, collapse_monitor, encoder_weights, get_batch,
+                    load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch,
+                    read_checkpoint, resume_or_init, save_checkpoint, setup_process, start_log,
+                    step_flops, stop_non_finite, stop_requested, summary_line, unlock_run,
+                    vjepa_encoder_shape, write_log_line)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -165,28 +165,8 @@ def ema_range(steps):
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
-# Data: prepare.py's memmaps (common.load_split), video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta]
-
-def get_batch(data, idx, device):
-    """Clips idx of a split as tensors on the device (video still uint8; augmented there)."""
-    idx = np.sort(idx)  # sorted reads are kinder to a memmap
-    pin = device.type == "cuda"
-    def t(a):
-        x = torch.from_numpy(np.ascontiguousarray(a[idx]))
-        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
-    return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
-                has_audio=t(data["has_audio"]).bool())
-
-
-def batch_indices(n, batch_size, step, seed, rank=0, world=1):
-    """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
-    Stateless, so a resumed run reads exactly the batches it would have read."""
-    per_step = batch_size * world
-    epoch, i = divmod(step, max(n // per_step, 1))
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    start = i * per_step + rank * batch_size
-    return perm[np.arange(start, start + batch_size) % n]
-
+# Data: prepare.py's memmaps, video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta], read in batches by
+# common.get_batch. The augmentation happens here, on the device.
 
 def crop_params(rng, B):
     """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect
@@ -792,29 +772,6 @@ def make_optimizer(model, lr):
                              betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
-def resume_or_init(args, cfg, ckpt_path, jepa, target_encoder, opt):
-    """The step to start from: a --resume'd run's, after loading its weights, optimizer and RNG;
-    else 0, after --init's encoder weights if given. Never overwrites a run by accident."""
-    if args.resume:
-        ck = read_checkpoint(ckpt_path)
-        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or an exit
-        for module, key in ((jepa.encoder, "encoder"), (jepa.predictor, "predictor"),
-                            (target_encoder, "target_encoder")):
-            module.load_state_dict(ck[key])
-        opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
-        for group, decay in zip(opt.param_groups, (True, False)):
-            group.setdefault("decay", decay)  # a checkpoint from before the groups carried the flag
-        torch.set_rng_state(ck["rng"]["torch"])
-        return ck["step"]
-    if ckpt_path.exists():
-        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick "
-                         f"another --name")
-    if args.init:
-        init_from(jepa.encoder, args.init)
-        target_encoder.load_state_dict(jepa.encoder.state_dict())
-    return 0
-
-
 def draw_masks(path, data, args, encoder):
     """masks.png: clip 0's frames and spectrogram under each mask config's targets."""
     rng = np.random.default_rng(args.seed)
@@ -826,12 +783,9 @@ def draw_masks(path, data, args, encoder):
 
 def train(argv=None):
     args = get_args(argv)
-    device, rank, world = setup_process(args.device)
+    device, rank, world = setup_process(args.device, args.deterministic)
     master = rank == 0
     torch.manual_seed(args.seed)
-    if args.deterministic:   # cuBLAS needs a fixed workspace for it; set before its first use
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
 
     data = load_split(args.data, "train")
     meta = data["meta"]
@@ -850,7 +804,8 @@ def train(argv=None):
     model = JEPA(encoder, predictor).to(device)
     target_encoder.to(device)
     opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs them there
-    step = resume_or_init(args, cfg, ckpt_path, model, target_encoder, opt)
+    modules = dict(encoder=encoder, predictor=predictor, target_encoder=target_encoder)
+    step = resume_or_init(args, cfg, ckpt_path, modules, opt)
     if master:
         draw_masks(run_dir / "masks.png", data, args, encoder)
     trained = model
@@ -859,8 +814,7 @@ def train(argv=None):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
     B = args.batch_size
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k in gpu), None)   # for the MFU
+    peak = peak_flops(device)   # for the MFU, on GPUs
 
     def make_batch(s):
         """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and
@@ -879,13 +833,9 @@ def train(argv=None):
 
     def save(s):
         if master:
-            ckpt = dict(encoder=encoder.state_dict(), predictor=predictor.state_dict(),
-                        target_encoder=target_encoder.state_dict(), opt=opt.state_dict(), step=s,
-                        config=cfg, flags=args.flags, rng=dict(torch=torch.get_rng_state()))
-            write_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+            save_checkpoint(ckpt_path, modules, opt, s, cfg, args.flags)
 
     log, last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
-    from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name,
                dynamic_ncols=True)
     t0, clips, end = time.time(), 0, args.steps
@@ -910,16 +860,14 @@ def train(argv=None):
             if (log_step or save_step or stop) and first_bad.item() >= 0:   # the one sync, on these
                 stop_non_finite(first_bad.item(), ckpt_path)
             if log_step:
-                dt = time.time() - t0
                 rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
                            loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
-                           clips_per_s=clips / dt)
+                           clips_per_s=clips / (time.time() - t0))
                 rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv,
                                                                         batch["has_audio"])
-                if peak:   # this step's FLOPs per process, times the steps since the last log
-                    flops = step_flops(encoder, predictor, masks.to("cpu"), B,
-                                       args.target_pass == "separate")
-                    rec["mfu"] = flops * (clips / (B * world)) / dt / peak
+                if peak:   # this step's FLOPs per process, times its steps per second
+                    flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
+                    rec["mfu"] = flops * rec["clips_per_s"] / (B * world) / peak
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
                 if master:
                     write_log_line(log, rec)
@@ -961,22 +909,6 @@ def load_encoder(path, device="cpu"):
     except RuntimeError as e:
         raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
     return encoder.to(device).eval().requires_grad_(False)
-
-
-def init_from(encoder, path):
-    """--init: copy a checkpoint's video encoder weights into ours, or say why they don't fit."""
-    sd = encoder_weights(read_checkpoint(path), path)
-    own = encoder.state_dict()
-    for k, v in sd.items():
-        if k in own and own[k].shape != v.shape:
-            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but "
-                             f"{list(own[k].shape)} here (width {encoder.config['width']}); pick the "
-                             f"--model and --crop it was trained with")
-    missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
-    if missing:
-        raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
-                         f"it was trained with a different --model")
-    encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
 if __name__ == "__main__":

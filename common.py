@@ -101,6 +101,27 @@ def load_split(root, split):
                          f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
 
 
+def batch_indices(n, batch_size, step, seed, rank=0, world=1):
+    """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
+    Stateless, so a resumed run reads exactly the batches it would have read."""
+    per_step = batch_size * world
+    epoch, i = divmod(step, max(n // per_step, 1))
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    start = i * per_step + rank * batch_size
+    return perm[np.arange(start, start + batch_size) % n]
+
+
+def get_batch(data, idx, device):
+    """Clips idx of a split as tensors on the device (video still uint8; augmented there)."""
+    idx = np.sort(idx)  # sorted reads are kinder to a memmap
+    pin = device.type == "cuda"
+    def t(a):
+        x = torch.from_numpy(np.ascontiguousarray(a[idx]))
+        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+    return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
+                has_audio=t(data["has_audio"]).bool())
+
+
 def prefetch(make, steps, depth=2):
     """Yield make(step) for each step, built ahead in a background thread (reads overlap compute)."""
     q = queue.Queue(depth)
@@ -118,8 +139,12 @@ def prefetch(make, steps, depth=2):
         yield item
 
 
-def setup_process(device_flag):
-    """(device, rank, world size): one process, or under torchrun one per GPU (gloo on CPUs)."""
+def setup_process(device_flag, deterministic=False):
+    """(device, rank, world size): one process, or under torchrun one per GPU (gloo on CPUs).
+    deterministic: kernels that give bit-identical results from run to run."""
+    if deterministic:   # cuBLAS needs a fixed workspace for it; set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if "RANK" not in os.environ:
         return torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu")), 0, 1
     import torch.distributed as dist
@@ -129,6 +154,12 @@ def setup_process(device_flag):
     if cuda:
         torch.cuda.set_device(device)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak (GPU_PEAK_FLOPS), None where unknown (CPUs): the MFU's denominator."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -203,6 +234,50 @@ def check_resume(ck, path, flags, cfg):
                          + ". Resume with the flags it was trained with, or start a new --name")
     moved = [f"{flag(k)} {old[k]} -> {flags[k]}" for k in RESUME_MAY_CHANGE if k in old and old[k] != flags[k]]
     print(f"resuming {path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
+
+
+def save_checkpoint(path, modules, opt, step, cfg, flags):
+    """modules (name -> nn.Module) by their state dicts, the optimizer, step, run config, flags and RNG."""
+    ckpt = {name: m.state_dict() for name, m in modules.items()}
+    ckpt.update(opt=opt.state_dict(), step=step, config=cfg, flags=flags, rng=dict(torch=torch.get_rng_state()))
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def resume_or_init(args, cfg, ckpt_path, modules, opt):
+    """The step to start from: a --resume'd run's, after loading its modules, optimizer and RNG; else 0,
+    after --init's encoder weights if given (the target encoder starts as the encoder). Never overwrites a
+    run by accident."""
+    if args.resume:
+        ck = read_checkpoint(ckpt_path)
+        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or an exit
+        for name, module in modules.items():
+            module.load_state_dict(ck[name])
+        opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
+        for group, decay in zip(opt.param_groups, (True, False)):
+            group.setdefault("decay", decay)  # a checkpoint from before the groups carried the flag
+        torch.set_rng_state(ck["rng"]["torch"])
+        return ck["step"]
+    if ckpt_path.exists():
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
+    if args.init:
+        init_from(modules["encoder"], args.init)
+        modules["target_encoder"].load_state_dict(modules["encoder"].state_dict())
+    return 0
+
+
+def init_from(encoder, path):
+    """--init: copy a checkpoint's video encoder weights into ours, or say why they don't fit."""
+    sd = encoder_weights(read_checkpoint(path), path)
+    own = encoder.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but {list(own[k].shape)} "
+                             f"here (width {encoder.config['width']}); pick the --model and --crop it was trained with")
+    missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
+    if missing:
+        raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
+                         f"it was trained with a different --model")
+    encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
 def stop_non_finite(step, ckpt_path):

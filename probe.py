@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
-from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, pyplot, read_checkpoint,
-                    save_figure, write_atomic)
+from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, get_batch, pyplot,
+                    read_checkpoint, save_figure, write_atomic)
 
 
 def get_args(argv=None):
@@ -174,7 +174,7 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
     read=both puts the separate-pass tokens and the joint-pass tokens side by side: [n, 2N, D]."""
     xs, valids = [], []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
-        b = avjepa.get_batch(data, ids[i:i + batch_size], device)
+        b = get_batch(data, ids[i:i + batch_size], device)
         video = avjepa.augment_video(b["video"], encoder.config["size"]) if modalities != "audio" else None
         audio = avjepa.normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
         with autocast(device):
@@ -524,7 +524,7 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     train_ids = clip_ids(train, args.clips or 1024, sounding=True)
     jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
-        b = avjepa.get_batch(data, batch_ids, device)
+        b = get_batch(data, batch_ids, device)
         video, audio = avjepa.augment_video(b["video"], cfg["crop"]), avjepa.normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
@@ -637,7 +637,7 @@ def predict(jepa, cfg, data, ids, rng, device):
     run the frozen encoder + predictor. Returns the clips' patches (pixels in [0, 1], normalised log-mel)
     and one row per hidden token: its config, clip, token number and predicted embedding."""
     encoder = jepa.encoder
-    b = avjepa.get_batch(data, ids, device)
+    b = get_batch(data, ids, device)
     video = avjepa.augment_video(b["video"], cfg["crop"])
     audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
     has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import avjepa
 import bench
+import common
 import kernels
 import probe
 
@@ -553,9 +554,9 @@ def test_log_records_the_target_rank_per_modality_and_plots_it(fake_data, tmp_pa
 
 def test_rankme_counts_the_directions_features_use():
     g = torch.Generator().manual_seed(0)
-    assert avjepa.rankme(torch.ones(100, 16)) < 1.01                                   # collapsed: one direction
-    assert 3.9 < avjepa.rankme(torch.randn(400, 4, generator=g) @ torch.eye(4, 16)) <= 4   # four directions
-    assert avjepa.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
+    assert common.rankme(torch.ones(100, 16)) < 1.01                                   # collapsed: one direction
+    assert 3.9 < common.rankme(torch.randn(400, 4, generator=g) @ torch.eye(4, 16)) <= 4   # four directions
+    assert common.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
 
 
 def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
@@ -704,7 +705,7 @@ def test_write_atomic_sweeps_the_temporaries_of_killed_processes(tmp_path):
     stale, live = Path(f"{path}.tmp-{dead.pid}"), Path(f"{path}.tmp-{os.getppid()}")   # the parent lives on
     for p in (stale, live):
         p.write_bytes(b"half a checkpoint")
-    avjepa.write_atomic(path, lambda tmp: Path(tmp).write_text("done"))
+    common.write_atomic(path, lambda tmp: Path(tmp).write_text("done"))
     assert path.read_text() == "done" and not stale.exists() and live.exists()
 
 # -----------------------------------------------------------------------------
@@ -719,7 +720,7 @@ def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
     root = write_fake_dataset(tmp_path / "d")
     os.truncate(os.path.join(root, "train_video.bin"), 100)
     with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python prepare.py`"):
-        avjepa.load_split(root, "train")
+        common.load_split(root, "train")
 
 
 def test_unknown_model_is_named(capsys):
@@ -798,13 +799,13 @@ def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
 def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data, tmp_path):
     run = tmp_path / "vit_micro-v"
     run.mkdir()
-    avjepa.lock_run(run)   # this process is "the running one"
+    common.lock_run(run)   # this process is "the running one"
     try:
         argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name", "vit_micro-v")
         r = subprocess.run([sys.executable, str(HERE / "avjepa.py"), *argv],
                            capture_output=True, text=True, timeout=120)
     finally:
-        avjepa.unlock_run(run)
+        common.unlock_run(run)
     assert r.returncode != 0 and f"in use by another run (pid {os.getpid()}" in r.stderr, r.stderr
     assert not (run / "ckpt.pt").exists()
 
@@ -909,7 +910,7 @@ def test_a_dataset_whose_arrays_do_not_match_its_meta_is_refused_before_training
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **edit}))
     with pytest.raises(SystemExit, match="meta.json"):
-        avjepa.load_split(root, "train")
+        common.load_split(root, "train")
 
 
 def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
@@ -1453,8 +1454,8 @@ def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
 
 
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
-    encoder = probe.frozen_models(avjepa.read_checkpoint(probe_run["ckpt"]), "pretrained", 0)[2]
-    data = avjepa.load_split(probe_run["data"], "val")
+    encoder = probe.frozen_models(common.read_checkpoint(probe_run["ckpt"]), "pretrained", 0)[2]
+    data = common.load_split(probe_run["data"], "val")
     feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
     silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
     assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
@@ -1646,7 +1647,7 @@ def run(tmp_path, src, **kw):
     out = tmp_path / "out"
     prepare.prepare(src, out, **{"frames": 8, "frame_step": 2, "size": 32, "workers": 1, **kw})
     report = json.loads((out / "report.json").read_text())
-    return avjepa.load_split(out, "train"), avjepa.load_split(out, "val"), report
+    return common.load_split(out, "train"), common.load_split(out, "val"), report
 
 
 @needs_av
@@ -1894,7 +1895,7 @@ def test_synthetic_set_records_its_factors(tmp_path):
                         "sync": "video against audio"}
     for name, idx in zip(meta["classes"], meta["class_factors"]):
         assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
-    train = avjepa.load_split(tmp_path / "synthetic", "train")
+    train = common.load_split(tmp_path / "synthetic", "train")
     assert train["video"].shape == (96, 8, 64, 64, 3) and train["has_audio"].all()
 
 
