@@ -20,7 +20,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -208,7 +207,8 @@ def normalize_audio(audio, meta):
 # -----------------------------------------------------------------------------
 # Masks. Tokens are numbered video first, then audio: [t, h, w] raster, then [mel, time] raster.
 # A mask config picks *target* tokens per clip; the *context* is everything else. The kept tokens of
-# every clip are packed into one flat index list with cu_seqlens offsets: nothing is truncated.
+# every clip are packed into one flat index list with cu_seqlens offsets (kernels.Packed, made by
+# kernels.pack): nothing is truncated or padded.
 
 def block_mask(rng, grid_h, grid_w, blocks, scale):
     """Union of `blocks` random rectangles of area scale*h*w on an [h, w] grid (True = target).
@@ -247,41 +247,6 @@ def sample_targets(rng, config, video_grid, audio_grid):
     return np.concatenate([v, a])
 
 
-class Packed(NamedTuple):
-    """Rows of several segments in one flat sequence, the way variable-length attention takes them:
-    segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded or cut."""
-    index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment by segment
-    cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
-    max_len: int          # the longest segment, a Python int: nobody has to ask the device
-
-    def to(self, device, non_blocking=False):
-        return Packed(self.index.to(device, non_blocking=non_blocking),
-                      self.cu.to(device, non_blocking=non_blocking), self.max_len)
-
-    def pin_memory(self):
-        return Packed(self.index.pin_memory(), self.cu.pin_memory(), self.max_len)
-
-    def segment_ids(self):
-        """[total]: the segment of each row."""
-        return kernels.segment_ids(self.cu, len(self.index))
-
-
-def pack(lists, n_tokens, batch, split_at=None):
-    """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) ->
-    Packed rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list
-    where its audio starts: the same rows, attended as one segment per modality (empty pieces are
-    dropped)."""
-    index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens
-                            for s, x in enumerate(lists)])
-    if split_at is None:
-        lengths = [len(x) for x in lists]
-    else:
-        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at)))
-                   if n]
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths))
-
-
 def whole_clips(batch, nv, n_tokens, device, separate):
     """Every token of every clip, packed: one segment per clip, or (separate) one per clip and
     modality, so that video and audio are encoded without seeing each other: cu = [0, nv, N,
@@ -289,18 +254,18 @@ def whole_clips(batch, nv, n_tokens, device, separate):
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
         cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens
-        return Packed(index, cu, n_tokens)
+        return kernels.Packed(index, cu, n_tokens)
     i = torch.arange(2 * batch + 1, device=device)
     cu = (i // 2 * n_tokens + i % 2 * nv).int()   # arithmetic on the device: no copy, no sync
-    return Packed(index, cu, max(nv, n_tokens - nv))
+    return kernels.Packed(index, cu, max(nv, n_tokens - nv))
 
 
 @dataclass
 class Masks:
     """One step's masks, packed. Segment s of ctx and tgt is (mask config s // B, clip s % B)."""
-    ctx: Packed                 # the context: the tokens the encoder sees
-    enc: Packed                 # the same rows, cut where the encoder's attention stops
-    tgt: Packed                 # the targets: the tokens the predictor fills in
+    ctx: kernels.Packed         # the context: the tokens the encoder sees
+    enc: kernels.Packed         # the same rows, cut where the encoder's attention stops
+    tgt: kernels.Packed         # the targets: the tokens the predictor fills in
     tgt_config: torch.Tensor    # [Tt] each target's mask config: picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
@@ -320,7 +285,7 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     every mask config counts the same, and within a config, video and audio (times audio_weight)
     each count the same whatever their token counts, so the few audio tokens are not drowned by the
     video ones."""
-    n_configs, packed_tgt = len(tgt) // batch, pack(tgt, n_tokens, batch)
+    n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
     group = config * 2 + modality  # (config, modality)
@@ -328,8 +293,8 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     scale = np.array([1.0, audio_weight])
     per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
-    return Masks(ctx=pack(ctx, n_tokens, batch), tgt=packed_tgt,
-                 enc=pack(ctx, n_tokens, batch, nv if separate else None),
+    return Masks(ctx=kernels.pack(ctx, n_tokens, batch), tgt=packed_tgt,
+                 enc=kernels.pack(ctx, n_tokens, batch, nv if separate else None),
                  tgt_config=torch.from_numpy(config), tgt_modality=torch.from_numpy(modality),
                  tgt_weight=torch.from_numpy(weight.astype(np.float32)),
                  pred_max_len=max(len(c) + len(t) for c, t in zip(ctx, tgt)))

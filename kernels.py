@@ -23,8 +23,9 @@ it. The references are plain torch that it traces into. So a compiled step has n
 """
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -72,13 +73,51 @@ def _unit_stride(x):
 
 
 # -----------------------------------------------------------------------------
-# Attention over packed variable-length sequences
+# Packed sequences: the rows of several segments (clips, or one sense of a clip) in one flat tensor
 
 def segment_ids(cu_seqlens, total):
     """The segment of each packed row: cu_seqlens [0, 3, 5] -> [0, 0, 0, 1, 1]. total = cu_seqlens[-1],
     passed in because reading it from the device would wait for the device."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+
+
+class Packed(NamedTuple):
+    """Rows of several segments in one flat sequence, the way variable-length attention takes them:
+    segments of 3 and 2 rows have cu = [0, 3, 5] and max_len = 3. Nothing is padded or cut."""
+    index: torch.Tensor   # [total] int64: rows of the flattened [B * N] tokens, segment by segment
+    cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
+    max_len: int          # the longest segment, a Python int: nobody has to ask the device
+
+    def to(self, device, non_blocking=False):
+        return Packed(self.index.to(device, non_blocking=non_blocking),
+                      self.cu.to(device, non_blocking=non_blocking), self.max_len)
+
+    def pin_memory(self):
+        return Packed(self.index.pin_memory(), self.cu.pin_memory(), self.max_len)
+
+    def segment_ids(self):
+        """[total]: the segment of each row."""
+        return segment_ids(self.cu, len(self.index))
+
+
+def pack(lists, n_tokens, batch, split_at=None):
+    """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) ->
+    Packed rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list
+    where its audio starts: the same rows, attended as one segment per modality (empty pieces are
+    dropped)."""
+    index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens
+                            for s, x in enumerate(lists)])
+    if split_at is None:
+        lengths = [len(x) for x in lists]
+    else:
+        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at)))
+                   if n]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths))
+
+# -----------------------------------------------------------------------------
+# Attention over packed variable-length sequences
 
 
 def attention_torch(q, k, v, cu_seqlens, max_seqlen=None):

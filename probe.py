@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import avjepa
+import kernels
 from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, get_batch, pyplot,
                     read_checkpoint, save_figure, write_atomic)
 
@@ -161,8 +162,8 @@ def encode(encoder, video, audio, has_audio, separate=False):
     if video is not None and audio is not None:
         valid[~has_audio, nv:] = False
     lists = [r.nonzero()[:, 0].cpu().numpy() for r in valid]
-    keep = avjepa.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
-    fused = avjepa.pack(lists, N, B).to(valid.device)   # whole clips, for the encoder's fused last blocks
+    keep = kernels.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
+    fused = kernels.pack(lists, N, B).to(valid.device)   # whole clips, for the encoder's fused last blocks
     out = encoder(video, audio, keep=keep, fused=fused)
     return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep.index, out).view(B, N, -1), valid
 

@@ -270,10 +270,10 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
     video, audio = torch.randn(3, 3, 4, 32, 32), torch.randn(3, 1, 128, 32)
     n = enc.nv + 16
     keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
-    packed = avjepa.pack(keep, n, 3)
+    packed = kernels.pack(keep, n, 3)
     out = enc(video, audio, keep=packed)
     for b in range(3):
-        alone = enc(video[b:b + 1], audio[b:b + 1], keep=avjepa.pack([keep[b]], n, 1))
+        alone = enc(video[b:b + 1], audio[b:b + 1], keep=kernels.pack([keep[b]], n, 1))
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -287,12 +287,12 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     torch.testing.assert_close(whole[:, enc.nv:], enc(None, audio), atol=1e-5, rtol=1e-5)
     # a context with both modalities, split at its first audio token, gives the same as each part alone
     keep = [np.array([0, 3, enc.nv + 1, enc.nv + 5]), np.array([1, 2])]
-    split = avjepa.pack(keep, n, 2, split_at=enc.nv)
-    assert torch.equal(split.index, avjepa.pack(keep, n, 2).index)
+    split = kernels.pack(keep, n, 2, split_at=enc.nv)
+    assert torch.equal(split.index, kernels.pack(keep, n, 2).index)
     assert split.cu.tolist() == [0, 2, 4, 6] and split.max_len == 2
     out = enc(video, audio, keep=split)
-    torch.testing.assert_close(out[:2], enc(video[:1], None, keep=avjepa.pack([keep[0][:2]], enc.nv, 1)))
-    torch.testing.assert_close(out[2:4], enc(None, audio[:1], keep=avjepa.pack([keep[0][2:] - enc.nv], 16, 1)))
+    torch.testing.assert_close(out[:2], enc(video[:1], None, keep=kernels.pack([keep[0][:2]], enc.nv, 1)))
+    torch.testing.assert_close(out[2:4], enc(None, audio[:1], keep=kernels.pack([keep[0][2:] - enc.nv], 16, 1)))
 
 
 class RefViT(nn.Module):
@@ -441,8 +441,8 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
 
 
 def test_predictor_slots_put_each_segments_targets_after_its_context():
-    ctx = avjepa.Packed(torch.arange(5), torch.tensor([0, 3, 5], dtype=torch.int32), 3)
-    tgt = avjepa.Packed(torch.arange(3), torch.tensor([0, 1, 3], dtype=torch.int32), 2)
+    ctx = kernels.Packed(torch.arange(5), torch.tensor([0, 3, 5], dtype=torch.int32), 3)
+    tgt = kernels.Packed(torch.arange(3), torch.tensor([0, 1, 3], dtype=torch.int32), 2)
     ctx_slot, tgt_slot = avjepa.predictor_slots(ctx, tgt)
     assert ctx_slot.tolist() == [0, 1, 2, 4, 5] and tgt_slot.tolist() == [3, 6, 7]
 
