@@ -16,8 +16,6 @@ plumbing (the dataset reader, checkpoints, logs, locks, signals) lives in common
 """
 import argparse
 import math
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +23,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import kernels
-from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, batch_indices,
-                    catch_stop_signals, check_device, collapse_monitor, encoder_weights, get_batch,
-                    load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch,
-                    read_checkpoint, resume_or_init, save_checkpoint, setup_process, start_log,
-                    step_flops, stop_non_finite, stop_requested, summary_line, unlock_run,
-                    vjepa_encoder_shape, write_log_line)
+from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Progress,
+                    batch_indices, check_device, collapse_monitor, ddp, encoder_weights, end_run,
+                    get_batch, load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch,
+                    read_checkpoint, resume_or_init, save_checkpoint, setup_process, step_flops,
+                    summary_line, to_device, vjepa_encoder_shape)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -66,8 +62,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (or V-JEPA without --audio) on "
-                                            "prepare.py's arrays.")
+    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (V-JEPA without --audio) on prepare.py's data.")
     add = p.add_argument
     add("--data", default="data/synthetic", help="dataset folder written by prepare.py")
     add("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
@@ -81,35 +76,30 @@ def make_parser():
     add("--batch-size", type=COUNT, default=16, help="clips per step per process")
     add("--steps", type=COUNT, default=600, help="optimizer steps (600: ~10 min on a 2-core CPU)")
     add("--context-pass", choices=["joint", "separate"], default="separate",
-        help="encode the context in one attention pass per modality (the senses meet in the "
-             "predictor only) or in one over both")
+        help="encode the context in one attention pass per sense (they meet in the predictor) or one")
     add("--target-pass", choices=["joint", "separate"], default="separate",
-        help="EMA targets from one pass per modality, or from one over the whole clip")
-    add("--fuse", type=NONNEG_INT, default=0,
-        help="with separate passes, the last this many encoder blocks attend across both senses "
-             "(late fusion, as CAV-MAE)")
-    add("--target-layers", type=COUNT, default=1,
-        help="targets: the mean of the EMA encoder's last this many blocks, normed (data2vec 2.0)")
-    add("--nce-weight", type=NONNEG, default=0.0,
-        help="weight of an InfoNCE term: each clip's pooled prediction nearer its own pooled "
-             "target than the other clips' (CAV-MAE: 0.01)")
-    add("--reg", choices=["none", "sigreg"], default="sigreg",
-        help="anti-collapse term on the context features: SIGReg (LeJEPA), or none (V-JEPA's loss "
-             "alone, which collapses at small scale)")
+        help="the EMA targets from one pass per sense, or from one over the whole clip")
+    add("--fuse", type=NONNEG_INT, default=0, help="the last this many encoder blocks attend across "
+        "both senses (late fusion, CAV-MAE)")
+    add("--target-layers", type=COUNT, default=1, help="targets: the mean of the EMA encoder's last "
+        "this many blocks (data2vec 2.0)")
+    add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
+        "predictions and targets, so that they tell clips apart (CAV-MAE: 0.01)")
+    add("--reg", choices=["none", "sigreg"], default="sigreg", help="anti-collapse term on the context "
+        "features: SIGReg (LeJEPA), or none (V-JEPA: collapses at small scale)")
     add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg")
-    add("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1",
-        help="vjepa1: warmup, cosine lr, rising EMA; vjepa2: warmup, constant lr and EMA (the "
-             "first --ema), linear cool-down")
+    add("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1", help="vjepa1: warmup, cosine lr, "
+        "rising EMA; vjepa2: warmup, constant lr and EMA (the first --ema), linear cool-down")
     add("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of steps cooling down")
     add("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
     add("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
     add("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end")
     add("--warmup", type=FRACTION, default=40 / 300, help="warmup fraction (V-JEPA: 40/300)")
     add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from/to")
-    add("--ema", type=FRACTION, nargs=2, default=None,
-        help="EMA momentum, linear from/to (default: min(0.998, 1 - 6 / steps) to 1: ema_range)")
-    add("--schedule-scale", type=number(float, 1.0), default=1.25,
-        help="schedules span steps x this (>= 1), training stops at steps (V-JEPA)")
+    add("--ema", type=FRACTION, nargs=2, default=None, help="EMA momentum, linear from/to (default: "
+        "min(0.998, 1 - 6 / steps) to 1: ema_range)")
+    add("--schedule-scale", type=number(float, 1.0), default=1.25, help="schedules span steps x this "
+        "(>= 1), training stops at steps (V-JEPA)")
     add("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
     add("--init", default="", help="video encoder to start from (ours, or V-JEPA's)")
     add("--out", default="out", help="folder for runs")
@@ -120,9 +110,8 @@ def make_parser():
     add("--log-every", type=COUNT, default=10, help="a log.jsonl line every this many steps")
     add("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
     add("--compile", action="store_true", help="torch.compile the step's forward as one graph")
-    add("--deterministic", action="store_true",
-        help="deterministic kernels: a run and its rerun, or its --resume, give bit-identical "
-             "weights (about 5%% slower)")
+    add("--deterministic", action="store_true", help="deterministic kernels: a run and its rerun, or "
+        "its --resume, give bit-identical weights (about 5%% slower)")
     add("--seed", type=NONNEG_INT, default=0, help="seed: init, data order, masks, crops")
     return p
 
@@ -271,13 +260,9 @@ class Masks:
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
     pred_max_len: int           # the longest [context ; targets] segment of the predictor
 
-    def to(self, device, non_blocking=False):
-        return Masks(**{k: x if isinstance(x, int) else x.to(device, non_blocking=non_blocking)
-                        for k, x in vars(self).items()})
-
-    def pin_memory(self):   # page-locked host memory: the copy to the GPU then needs no sync
-        return Masks(**{k: x if isinstance(x, int) else x.pin_memory()
-                        for k, x in vars(self).items()})
+    def to(self, device):   # without waiting for the device (common.to_device)
+        return Masks(**{k: x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
+                        else to_device(x, device) for k, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
@@ -642,22 +627,18 @@ def schedules(step, args):
     decay up, linear EMA up, over steps * schedule_scale (V-JEPA stretches by 1.25 and stops at
     80%). vjepa2: warmup, then a constant lr, weight decay and EMA (V-JEPA 2), and a linear
     cool-down of the lr over the last --cooldown of the steps."""
-    if args.schedule == "vjepa2":
-        warm, cool = args.warmup * args.steps, (1 - args.cooldown) * args.steps
-        if step < warm:
-            lr = args.start_lr + (args.lr - args.start_lr) * step / warm
-        elif step < cool:
-            lr = args.lr
-        else:
-            lr = args.lr + (args.final_lr - args.lr) * (step - cool) / max(args.steps - cool, 1)
-        return lr, args.wd[0], args.ema[0]
-    total = args.steps * args.schedule_scale
-    warm = args.warmup * total
+    v2 = args.schedule == "vjepa2"
+    total = args.steps * (1 if v2 else args.schedule_scale)
+    warm, cool = args.warmup * total, (1 - args.cooldown) * args.steps
     if step < warm:
         lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+    elif v2:   # constant, then the cool-down
+        lr = args.lr + (args.final_lr - args.lr) * max(step - cool, 0) / max(args.steps - cool, 1)
     else:
         cos = math.cos(math.pi * (step - warm) / (total - warm))
         lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + cos)
+    if v2:
+        return lr, args.wd[0], args.ema[0]
     wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
     ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
     return lr, wd, ema
@@ -762,7 +743,6 @@ def train(argv=None):
     run_dir = Path(args.out) / args.name
     ckpt_path = run_dir / "ckpt.pt"
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
         lock_run(run_dir)
 
     encoder, predictor, target_encoder = build(cfg)
@@ -773,39 +753,27 @@ def train(argv=None):
     step = resume_or_init(args, cfg, ckpt_path, modules, opt)
     if master:
         draw_masks(run_dir / "masks.png", data, args, encoder)
-    trained = model
-    if torch.distributed.is_initialized():
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    trained = ddp(model, device)   # under torchrun: gradients averaged across the processes
     loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
     B = args.batch_size
     peak = peak_flops(device)   # for the MFU, on GPUs
 
     def make_batch(s):
-        """Step s's clips, masks and augmentation, made in the prefetch thread from host copies and
-        sent to the device without waiting (pinned memory). Everything random comes from (seed,
-        step, rank): resume replays it exactly."""
+        """Step s's clips, masks and augmentation, made in the prefetch thread and sent to the device
+        without waiting. All that is random comes from (seed, step, rank): resume replays it exactly."""
         rng = np.random.default_rng([args.seed, s, rank])
         idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # get_batch's order
         has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
         masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio,
                              args.truncate, args.context_pass == "separate", args.audio_weight)
         theta = crop_params(rng, B)
-        if device.type == "cuda":
-            masks, theta = masks.pin_memory(), theta.pin_memory()
-        return (get_batch(data, idx, device), masks.to(device, non_blocking=True),
-                theta.to(device, non_blocking=True))
+        return get_batch(data, idx, device), masks.to(device), to_device(theta, device)
 
     def save(s):
         if master:
             save_checkpoint(ckpt_path, modules, opt, s, cfg, args.flags)
 
-    log, last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name,
-               dynamic_ncols=True)
-    t0, clips, end = time.time(), 0, args.steps
-    caught, restore_signals = catch_stop_signals()
-    first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
+    progress, end = Progress(args, run_dir, step, master, world, device), args.steps
     try:
         steps = range(step, args.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):
@@ -816,44 +784,31 @@ def train(argv=None):
             audio = normalize_audio(batch["audio"], meta) if args.audio else None
             loss, loss_v, loss_a, target_feats = train_step(
                 trained, target_encoder, opt, video, audio, masks, momentum, args, loss_fn)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), s, first_bad)
-            clips += B * world
-            bar.update(1)
-            log_step = s % args.log_every == 0 or s == args.steps - 1
-            save_step = (s + 1) % args.save_every == 0
-            stop = stop_requested(caught, log_step, world, device)   # Ctrl-C or SIGTERM came
-            if (log_step or save_step or stop) and first_bad.item() >= 0:   # the one sync, on these
-                stop_non_finite(first_bad.item(), ckpt_path)
+            log_step, save_step, stop = progress.step(s, loss)
             if log_step:
                 rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
                            loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
-                           clips_per_s=clips / (time.time() - t0))
+                           clips_per_s=progress.clips_per_s())
                 rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv,
                                                                         batch["has_audio"])
                 if peak:   # this step's FLOPs per process, times its steps per second
                     flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
                     rec["mfu"] = flops * rec["clips_per_s"] / (B * world) / peak
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
-                if master:
-                    write_log_line(log, rec)
-                last, t0, clips = rec, time.time(), 0
+                progress.write(rec)
             if stop:   # saved below, with the plot and the summary, then exit 128 + the signal
                 end = s + 1
                 break
             if save_step and s + 1 < args.steps:
                 save(s + 1)
-    finally:   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
-        restore_signals()
-    bar.close()
+    finally:
+        progress.close()
     save(end)
-    if master and last:
+    if master and progress.last:
         plot_log(run_dir / "log.jsonl", run_dir / "training.png")
-        print(summary_line(args, last, encoder.config["width"], run_dir, end))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    unlock_run(run_dir)
-    if end < args.steps:   # stopped by a signal: 128 + its number, as a shell reports it
-        raise SystemExit(128 + (caught[0] if caught else signal.SIGTERM))
+        print(summary_line(args, progress.last, encoder.config["width"], run_dir, end))
+    end_run(run_dir)
+    if end < args.steps:
+        raise SystemExit(progress.exit_code())
     return encoder, predictor, target_encoder
 
 # -----------------------------------------------------------------------------

@@ -17,10 +17,12 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # The clip geometry every script agrees on: a video tubelet is 2 frames x 16 x 16 pixels, an audio
 # patch 16 mel bins x 16 frames.
@@ -111,13 +113,20 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     return perm[np.arange(start, start + batch_size) % n]
 
 
+def to_device(x, device):
+    """x on the device, without waiting: a host tensor bound for a GPU goes through page-locked memory, from
+    which the copy runs in the background (non_blocking). Copies to the host wait, so they can be read."""
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=device.type == "cuda")
+
+
 def get_batch(data, idx, device):
     """Clips idx of a split as tensors on the device (video still uint8; augmented there)."""
     idx = np.sort(idx)  # sorted reads are kinder to a memmap
-    pin = device.type == "cuda"
     def t(a):
-        x = torch.from_numpy(np.ascontiguousarray(a[idx]))
-        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+        return to_device(torch.from_numpy(np.ascontiguousarray(a[idx])), device)
     return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
                 has_audio=t(data["has_audio"]).bool())
 
@@ -154,6 +163,14 @@ def setup_process(device_flag, deterministic=False):
     if cuda:
         torch.cuda.set_device(device)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def ddp(model, device):
+    """The model as torchrun's processes train it (DistributedDataParallel: gradients averaged across
+    processes in backward), or itself in a single process."""
+    if not torch.distributed.is_initialized():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def peak_flops(device):
@@ -369,9 +386,11 @@ HELD_LOCKS = {}   # run folder -> the lock file this process holds on it
 
 
 def lock_run(run_dir):
-    """One process per run folder. An exclusive flock on <run>/lock, which holds the owner's pid: the kernel
-    drops it when that process ends, however it ends, so a lock left by a dead run is simply taken over.
-    Held until unlock_run or the process's end; a process that already holds it (train() called again) keeps it."""
+    """One process per run folder (made if new). An exclusive flock on <run>/lock, which holds the owner's pid:
+    the kernel drops it when that process ends, however it ends, so a lock left by a dead run is simply taken
+    over. Held until unlock_run or the process's end; a process that already holds it (train() called again)
+    keeps it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     key = str(Path(run_dir).resolve())
     if key in HELD_LOCKS:
         return
@@ -392,6 +411,13 @@ def unlock_run(run_dir):
     fd = HELD_LOCKS.pop(str(Path(run_dir).resolve()), None)
     if fd is not None:
         os.close(fd)   # closing the file drops the flock
+
+
+def end_run(run_dir):
+    """A run's last act: leave torchrun's process group, if in one, and let the run folder go."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    unlock_run(run_dir)
 
 
 def start_log(log_path, step):
@@ -528,3 +554,47 @@ def stop_requested(caught, log_step, world, device):
     flag = torch.tensor(float(bool(caught)), device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item() > 0
+
+
+class Progress:
+    """The training loop's bookkeeping, kept out of the loop: the tqdm bar, log.jsonl (from `step` on, written
+    by the main process), the speed, the stop signals and the non-finite loss check. After each step,
+    step(s, loss) says whether to log it, save after it, and stop after it; write(rec) logs one record."""
+    def __init__(self, args, run_dir, step, master, world, device):
+        self.args, self.world, self.device, self.ckpt_path = args, world, device, run_dir / "ckpt.pt"
+        self.log, self.last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
+        self.bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
+        self.caught, self.restore_signals = catch_stop_signals()
+        self.first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
+        self.t0, self.clips = time.time(), 0
+
+    def step(self, s, loss):
+        """(log step, save step, stop). Nothing waits for the device but on those steps, which check once
+        that every loss so far was finite."""
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), s, self.first_bad)
+        self.clips += self.args.batch_size * self.world
+        self.bar.update(1)
+        log = s % self.args.log_every == 0 or s == self.args.steps - 1
+        save = (s + 1) % self.args.save_every == 0
+        stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
+        if (log or save or stop) and self.first_bad.item() >= 0:
+            stop_non_finite(self.first_bad.item(), self.ckpt_path)
+        return log, save, stop
+
+    def clips_per_s(self):
+        """Clips per second, all processes together, since the last record."""
+        return self.clips / (time.time() - self.t0)
+
+    def write(self, rec):
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
+        if self.log:
+            write_log_line(self.log, rec)
+        self.last, self.t0, self.clips = rec, time.time(), 0
+
+    def close(self):   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
+        self.restore_signals()
+        self.bar.close()
+
+    def exit_code(self):
+        """A run stopped by a signal exits with 128 + its number, as a shell reports it."""
+        return 128 + (self.caught[0] if self.caught else signal.SIGTERM)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import to_device
+
 try:
     import triton
     import triton.language as tl
@@ -89,12 +91,8 @@ class Packed(NamedTuple):
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
-    def to(self, device, non_blocking=False):
-        return Packed(self.index.to(device, non_blocking=non_blocking),
-                      self.cu.to(device, non_blocking=non_blocking), self.max_len)
-
-    def pin_memory(self):
-        return Packed(self.index.pin_memory(), self.cu.pin_memory(), self.max_len)
+    def to(self, device):   # without waiting, as common.to_device
+        return Packed(to_device(self.index, device), to_device(self.cu, device), self.max_len)
 
     def segment_ids(self):
         """[total]: the segment of each row."""
