@@ -8,8 +8,8 @@ to fill in, in embedding space, what an *EMA* copy of the encoder (the *target e
 the targets when it sees the whole clip. No gradient reaches the target encoder (stop-gradient): it
 only follows the encoder, slowly. Nothing is ever reconstructed in pixels. Without --audio: V-JEPA.
 
-Read top to bottom: config -> data -> masks -> model -> loss -> loop, then checkpoints. What is only
-plumbing (the dataset reader, checkpoints, logs, locks, signals) lives in common.py.
+Read top to bottom: config -> data -> masks -> model -> loss -> loop. What is only plumbing (the
+dataset reader, checkpoints, logs, locks, signals) lives in common.py.
 
     python avjepa.py --model vit_tiny --audio           # AV-JEPA on data/synthetic
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import kernels
 from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Progress,
-                    batch_indices, check_device, collapse_monitor, ddp, encoder_weights, end_run,
+                    batch_indices, check_device, check_shape, collapse_monitor, ddp, encoder_weights, end_run,
                     get_batch, load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch,
                     read_checkpoint, resume_or_init, save_checkpoint, setup_process, step_flops,
                     summary_line, to_device, vjepa_encoder_shape)
@@ -35,13 +35,8 @@ from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELE
 # Config
 
 # name: (width, depth, heads), V-JEPA's encoders: mlp ratio 4, qkv bias, LayerNorm eps 1e-6, GELU.
-MODELS = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_huge": (1280, 32, 16),
-}
+MODELS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+          "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)}
 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
 # vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that
@@ -75,14 +70,11 @@ def make_parser():
     add("--crop", type=NONNEG_INT, default=0, help="crop size, a multiple of 16 (0: none)")
     add("--batch-size", type=COUNT, default=16, help="clips per step per process")
     add("--steps", type=COUNT, default=600, help="optimizer steps (600: ~10 min on a 2-core CPU)")
-    add("--context-pass", choices=["joint", "separate"], default="separate",
-        help="encode the context in one attention pass per sense (they meet in the predictor) or one")
-    add("--target-pass", choices=["joint", "separate"], default="separate",
-        help="the EMA targets from one pass per sense, or from one over the whole clip")
-    add("--fuse", type=NONNEG_INT, default=0, help="the last this many encoder blocks attend across "
-        "both senses (late fusion, CAV-MAE)")
-    add("--target-layers", type=COUNT, default=1, help="targets: the mean of the EMA encoder's last "
-        "this many blocks (data2vec 2.0)")
+    add("--context-pass", choices=["joint", "separate"], default="separate", help="the context: an "
+        "attention pass per sense (they meet in the predictor), or one over both")
+    add("--target-pass", choices=["joint", "separate"], default="separate", help="the same, for the targets")
+    add("--fuse", type=NONNEG_INT, default=0, help="last blocks that attend across senses (CAV-MAE)")
+    add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
     add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
         "predictions and targets, so that they tell clips apart (CAV-MAE: 0.01)")
     add("--reg", choices=["none", "sigreg"], default="sigreg", help="anti-collapse term on the context "
@@ -98,8 +90,7 @@ def make_parser():
     add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from/to")
     add("--ema", type=FRACTION, nargs=2, default=None, help="EMA momentum, linear from/to (default: "
         "min(0.998, 1 - 6 / steps) to 1: ema_range)")
-    add("--schedule-scale", type=number(float, 1.0), default=1.25, help="schedules span steps x this "
-        "(>= 1), training stops at steps (V-JEPA)")
+    add("--schedule-scale", type=number(float, 1.0), default=1.25, help="schedules span steps x this (V-JEPA)")
     add("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
     add("--init", default="", help="video encoder to start from (ours, or V-JEPA's)")
     add("--out", default="out", help="folder for runs")
@@ -145,11 +136,10 @@ def get_args(argv=None):
 
 
 def ema_range(steps):
-    """The EMA momentum's default start and end. An EMA of momentum m averages about the last
-    1 / (1 - m) steps, and the initial (random) weights keep a share of about m^steps of the teacher
-    V-JEPA's 0.998 suits its 90k steps; over 600 steps it would leave a third of the teacher random.
-    So the teacher averages over at most a sixth of the run (a random share of e^-6 at the end),
-    never less than V-JEPA's 500 steps, and no less than 10 steps in a very short run."""
+    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m)
+    steps, and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998
+    suits its 90k steps; over 600 it would leave a third of the teacher random. So the teacher averages
+    over a sixth of the run (a random share of e^-6 at the end), at most V-JEPA's 500 steps, at least 10."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
@@ -306,10 +296,9 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
             tgt.append(np.flatnonzero(is_target))
     if truncate:   # V-JEPA's collation, for comparison: each list cut to its config's batch minimum
         for lists in (ctx, tgt):
-            for c in range(len(configs)):
-                seg = lists[c * batch:(c + 1) * batch]
-                keep = min(len(x) for x in seg)
-                lists[c * batch:(c + 1) * batch] = [x[:keep] for x in seg]
+            for c in range(0, len(lists), batch):
+                keep = min(len(x) for x in lists[c:c + batch])
+                lists[c:c + batch] = [x[:keep] for x in lists[c:c + batch]]
     return pack_masks(ctx, tgt, batch, nv, N, separate and bool(audio_grid), audio_weight)
 
 # -----------------------------------------------------------------------------
@@ -332,8 +321,7 @@ def sincos(coords, dim):
 
 
 def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_seconds=1.0):
-    """(t, h, w) coordinates of every token, video [t, h, w] raster then audio [mel, time] raster.
-    """
+    """(t, h, w) coordinates of every token: video in [t, h, w] raster, then audio in [mel, time]."""
     T, H, W = video_grid
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
@@ -406,31 +394,20 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D] in raster order
 
 
-def check_shape(name, x, expected):
-    """A clip must fit the grid the model was built for: positions are looked up by token number, so
-    a clip with more or fewer tokens would otherwise run on, silently wrong."""
-    if tuple(x.shape[1:]) != tuple(expected):
-        raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
-                         f"[batch, {', '.join(map(str, expected))}]")
-
-
 class Encoder(nn.Module):
     """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
     def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0,
                  tubelet_seconds=1.0, audio_patch_seconds=0.16, fuse=0):
         super().__init__()
-        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size,
-                           audio_frames=audio_frames, tubelet_seconds=tubelet_seconds,
-                           audio_patch_seconds=audio_patch_seconds, fuse=fuse)
+        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size, audio_frames=audio_frames,
+                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds, fuse=fuse)
         self.fuse_from = depth - fuse  # blocks from here on attend across both senses (late fusion)
         self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
         self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
         self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
-        coords = token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds)
-        pos = sincos(coords, width)
+        pos = sincos(token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds), width)
         self.nv = math.prod(self.video_grid)
-        # [1, Nv, D], as V-JEPA
-        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)
+        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D], as V-JEPA
         if audio_frames:
             self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, width, (PATCH, PATCH))
             self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
@@ -446,8 +423,7 @@ class Encoder(nn.Module):
         return self.nv + (math.prod(self.audio_grid) if audio and self.audio_grid else 0)
 
     def embed(self, video=None, audio=None):
-        """Patch tokens [B, N, D] of the given modalities, and the positions [N, D] to add to them.
-        """
+        """Patch tokens [B, N, D] of the given modalities, and their positions [N, D]."""
         tokens, pos = [], []
         c = self.config
         if video is not None:
@@ -509,9 +485,8 @@ class Predictor(nn.Module):
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.ctx, masks.tgt
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
-            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and "
-                             f"this predictor, which expect [{len(ctx.index)}, "
-                             f"{self.predictor_embed.in_features}]")
+            raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
+                             f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
         # the context with its positions; a mask token (of the target's config and modality) with
         # its position in place of each target. kernels.gather(x, rows) is x[rows], fused
         pos_ctx = kernels.gather(self.pos_embed, ctx.index % N)
@@ -565,6 +540,24 @@ def build(cfg):
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
+
+
+def load_encoder(path, device="cpu"):
+    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)`
+    gives features. Reads our checkpoints and V-JEPA's (.pth.tar; common.encoder_weights strips its
+    key prefixes); a V-JEPA encoder's size comes from its tensor shapes."""
+    ckpt = read_checkpoint(path)
+    sd = encoder_weights(ckpt, path)
+    if "config" in ckpt:
+        encoder = build(ckpt["config"])[2]
+    else:
+        encoder = Encoder(*vjepa_encoder_shape(sd, path, {w: h for w, _, h in MODELS.values()}))
+    try:
+        encoder.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
+    return encoder.to(device).eval().requires_grad_(False)
+
 
 # -----------------------------------------------------------------------------
 # Loss and schedules
@@ -663,8 +656,7 @@ def target_features(target_encoder, video, audio, separate, layers=1):
 @torch.no_grad()
 def ema_update(target_encoder, encoder, momentum):
     """target_encoder <- momentum * target_encoder + (1 - momentum) * encoder, in one call."""
-    torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()),
-                         1 - momentum)
+    torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
 
 
 def step_loss(model, target_encoder, video, audio, masks, args):
@@ -718,15 +710,6 @@ def make_optimizer(model, lr):
                              betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
-def draw_masks(path, data, args, encoder):
-    """masks.png: clip 0's frames and spectrogram under each mask config's targets."""
-    rng = np.random.default_rng(args.seed)
-    grids = encoder.video_grid, encoder.audio_grid
-    targets = {c: sample_targets(rng, c, *grids) for c in args.masks}
-    mel = np.asarray(data["audio"][0], np.float32) if args.audio else None
-    plot_masks(path, np.asarray(data["video"][0]), mel, *grids, targets)
-
-
 def train(argv=None):
     args = get_args(argv)
     device, rank, world = setup_process(args.device, args.deterministic)
@@ -751,12 +734,13 @@ def train(argv=None):
     opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs them there
     modules = dict(encoder=encoder, predictor=predictor, target_encoder=target_encoder)
     step = resume_or_init(args, cfg, ckpt_path, modules, opt)
-    if master:
-        draw_masks(run_dir / "masks.png", data, args, encoder)
+    if master:   # masks.png: the first clip under each mask config's targets
+        rng, grids = np.random.default_rng(args.seed), (encoder.video_grid, encoder.audio_grid)
+        targets = {c: sample_targets(rng, c, *grids) for c in args.masks}
+        plot_masks(run_dir / "masks.png", data, args.audio, *grids, targets)
     trained = ddp(model, device)   # under torchrun: gradients averaged across the processes
     loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
-    B = args.batch_size
-    peak = peak_flops(device)   # for the MFU, on GPUs
+    B, peak = args.batch_size, peak_flops(device)   # the GPU's peak FLOP/s, for the MFU
 
     def make_batch(s):
         """Step s's clips, masks and augmentation, made in the prefetch thread and sent to the device
@@ -784,7 +768,7 @@ def train(argv=None):
             audio = normalize_audio(batch["audio"], meta) if args.audio else None
             loss, loss_v, loss_a, target_feats = train_step(
                 trained, target_encoder, opt, video, audio, masks, momentum, args, loss_fn)
-            log_step, save_step, stop = progress.step(s, loss)
+            log_step, save_step, stop = progress.step(s, loss)   # stop: Ctrl-C or SIGTERM came
             if log_step:
                 rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
                            loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
@@ -810,25 +794,6 @@ def train(argv=None):
     if end < args.steps:
         raise SystemExit(progress.exit_code())
     return encoder, predictor, target_encoder
-
-# -----------------------------------------------------------------------------
-# Checkpoints: ours, and V-JEPA's (.pth.tar; common.encoder_weights strips its key prefixes)
-
-def load_encoder(path, device="cpu"):
-    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)`
-    gives features. Reads our checkpoints and V-JEPA's; a V-JEPA encoder's size comes from its
-    tensor shapes."""
-    ckpt = read_checkpoint(path)
-    sd = encoder_weights(ckpt, path)
-    if "config" in ckpt:
-        encoder = build(ckpt["config"])[2]
-    else:
-        encoder = Encoder(*vjepa_encoder_shape(sd, path, {w: h for w, _, h in MODELS.values()}))
-    try:
-        encoder.load_state_dict(sd)
-    except RuntimeError as e:
-        raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
-    return encoder.to(device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

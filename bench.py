@@ -90,8 +90,8 @@ def get_args(argv=None):
     name = torch.cuda.get_device_name(args.dev) if args.cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     args.device_name = name
     args.peak = next((v for k, v in common.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
-    args.video_grid = (args.frames // avjepa.TUBELET, args.crop // avjepa.PATCH, args.crop // avjepa.PATCH)
-    args.audio_grid = (128 // avjepa.PATCH, args.audio_frames // avjepa.PATCH)
+    args.video_grid = (args.frames // common.TUBELET, args.crop // common.PATCH, args.crop // common.PATCH)
+    args.audio_grid = (128 // common.PATCH, args.audio_frames // common.PATCH)
     args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)   # video and audio tokens per clip
     return args
 
@@ -433,7 +433,7 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
     B = args.batch_size
     run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate, compiled)
     timed = host[args.warmup_steps:]
-    flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass == "separate") for m in timed)
+    flops = sum(common.step_flops(encoder, predictor, m, B, targs.target_pass == "separate") for m in timed)
     with backend(path):
         t_compile = time.perf_counter()
         for m in masks[:args.warmup_steps]:

@@ -55,6 +55,14 @@ COUNT, NONNEG_INT, POSITIVE, NONNEG, FRACTION = number(int, 1), number(int, 0), 
     number(float, 0.0), number(float, 0.0, 1.0)
 
 
+def check_shape(name, x, expected):
+    """A clip must fit the grid the model was built for: positions are looked up by token number, so
+    a clip with more or fewer tokens would otherwise run on, silently wrong."""
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
+                         f"[batch, {', '.join(map(str, expected))}]")
+
+
 def check_device(p, device):
     """--device names a device this machine has, or argparse says which it has."""
     try:
@@ -495,11 +503,12 @@ MASK_COLOURS = {"short": "#1f77b4", "long": "#2ca02c", "future": "#ff7f0e", "win
                 "v2a": "#d62728", "a2v": "#9467bd"}
 
 
-def plot_masks(png_path, frames, mel, video_grid, audio_grid, targets):
-    """masks.png: one row per mask config, of one clip's frames (the first of each tubelet) and its
-    log-mel spectrogram; the targets, which the predictor must fill in, are painted in the config's
-    colour, and the context, what the encoder sees, is left clear. frames uint8 [T, H, W, 3],
-    mel [128, Ta] or None, targets {config: bool [Nv + Na]}."""
+def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
+    """masks.png: one row per mask config, of the split's first clip: its frames (the first of each tubelet)
+    and, with audio, its log-mel spectrogram. The targets, which the predictor must fill in, are painted in
+    the config's colour; the context, what the encoder sees, is left clear. targets {config: bool [Nv + Na]}."""
+    frames = np.asarray(data["video"][0])                                  # uint8 [T, H, W, 3]
+    mel = np.asarray(data["audio"][0], np.float32) if audio else None      # [128, Ta]
     plt = pyplot()
     from matplotlib.colors import to_rgb
     T, H, W = video_grid

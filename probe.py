@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 import avjepa
 import kernels
-from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, get_batch, pyplot,
-                    read_checkpoint, save_figure, write_atomic)
+from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, get_batch, load_split,
+                    pyplot, read_checkpoint, save_figure, write_atomic)
 
 
 def get_args(argv=None):
@@ -311,7 +311,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     """Frozen features of one encoder (pretrained or random), then the attentive probe over --probe-seeds seeds
     and the seedless linear readout. Returns the scores as a dict."""
     cfg = ckpt["config"]
-    train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
+    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
     train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips, True)
     for split, ids, data in (("train", train_ids, train_data), ("val", val_ids, val_data)):
@@ -513,7 +513,7 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
-    val, train = avjepa.load_split(data_dir, "val"), avjepa.load_split(data_dir, "train")
+    val, train = load_split(data_dir, "val"), load_split(data_dir, "train")
     check_data(val["meta"], encoder, True)
     ids = clip_ids(val, args.clips, sounding=True)
     if len(ids) < 2:
@@ -672,7 +672,7 @@ def reconstruct(args, path, ckpt, data_dir, device):
     config_id = cfg["masks"].index(args.mask)
     encoder, predictor, _ = frozen_models(ckpt, args.init, args.seed)
     jepa = avjepa.JEPA(encoder, predictor).to(device)
-    train_data, val_data = avjepa.load_split(data_dir, "train"), avjepa.load_split(data_dir, "val")
+    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
     check_data(meta, encoder, cfg["audio"])
     nv, D, bs = encoder.nv, encoder.config["width"], args.batch_size
