@@ -476,7 +476,7 @@ def plot_log(log_path, png_path):
         pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), label=label, **kw)
-    fig, (loss, rank, sched) = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, (loss, rank, sched) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")   # room for the labels
     curve(loss, "loss", "total (with the regulariser)", color="0.4", lw=1)
     curve(loss, "loss_video", "video", color="C0")
     curve(loss, "loss_audio", "audio", color="C1")
@@ -489,7 +489,8 @@ def plot_log(log_path, png_path):
     ema = sched.twinx()
     curve(ema, "ema", "EMA momentum", color="C3")
     ema.set_ylabel("EMA momentum")
-    sched.legend(handles=sched.lines + ema.lines, loc="center right")
+    sched.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))   # 6e-4, not 0.0006
+    sched.legend(handles=sched.lines + ema.lines, loc="lower center")   # where the two curves are not
     for ax in (loss, rank):
         ax.legend()
     for ax in (loss, rank, sched):
