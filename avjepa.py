@@ -73,6 +73,8 @@ def make_parser():
     add("--context-pass", choices=["joint", "separate"], default="separate", help="the context: an "
         "attention pass per sense (they meet in the predictor), or one over both")
     add("--target-pass", choices=["joint", "separate"], default="separate", help="the same, for the targets")
+    add("--pred-pass", choices=["joint", "separate"], default="joint", help="the predictor: one "
+        "pass over both senses, or one per sense (then the senses meet only in the encoder: --fuse)")
     add("--fuse", type=NONNEG_INT, default=0, help="last blocks that attend across senses (CAV-MAE)")
     add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
     add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
@@ -119,6 +121,8 @@ def get_args(argv=None):
             p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
         if MASKS[m] == "cross" and not args.audio:
             p.error(f"mask config {m!r} is cross-modal and needs --audio")
+        if MASKS[m] == "cross" and args.pred_pass == "separate":
+            p.error(f"mask config {m!r} predicts one sense from the other: it needs --pred-pass joint")
     _, depth, heads = MODELS[args.model]
     if args.pred_width % heads:
         p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s "
@@ -248,6 +252,8 @@ class Masks:
     tgt_config: torch.Tensor    # [Tt] each target's mask config: picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
+    pred_ctx: kernels.Packed    # ctx and tgt as the predictor's segments take them: the same rows,
+    pred_tgt: kernels.Packed    # cut per sense when each sense is predicted from its own context
     pred_max_len: int           # the longest [context ; targets] segment of the predictor
 
     def to(self, device):   # without waiting for the device (common.to_device)
@@ -255,11 +261,12 @@ class Masks:
                         else to_device(x, device) for k, x in vars(self).items()})
 
 
-def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
+def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0, pred_separate=False):
     """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
     every mask config counts the same, and within a config, video and audio (times audio_weight)
     each count the same whatever their token counts, so the few audio tokens are not drowned by the
-    video ones."""
+    video ones. pred_separate: the predictor fills in each sense from that sense's context alone, so
+    whatever one sense says about the other must reach it through the encoder."""
     n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
@@ -268,15 +275,17 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0):
     scale = np.array([1.0, audio_weight])
     per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
+    cut = nv if pred_separate and nv < n_tokens else None
+    pred_ctx, pred_tgt = (kernels.pack(x, n_tokens, batch, cut, keep_empty=True) for x in (ctx, tgt))
     return Masks(ctx=kernels.pack(ctx, n_tokens, batch), tgt=packed_tgt,
                  enc=kernels.pack(ctx, n_tokens, batch, nv if separate else None),
                  tgt_config=torch.from_numpy(config), tgt_modality=torch.from_numpy(modality),
-                 tgt_weight=torch.from_numpy(weight.astype(np.float32)),
-                 pred_max_len=max(len(c) + len(t) for c, t in zip(ctx, tgt)))
+                 tgt_weight=torch.from_numpy(weight.astype(np.float32)), pred_ctx=pred_ctx,
+                 pred_tgt=pred_tgt, pred_max_len=int((pred_ctx.cu.diff() + pred_tgt.cu.diff()).max()))
 
 
 def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False,
-                 separate=False, audio_weight=1.0):
+                 separate=False, audio_weight=1.0, pred_separate=False):
     """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks).
     separate: the encoder attends over each clip's context one modality at a time."""
     nv = math.prod(video_grid)
@@ -299,7 +308,8 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
             for c in range(0, len(lists), batch):
                 keep = min(len(x) for x in lists[c:c + batch])
                 lists[c:c + batch] = [x[:keep] for x in lists[c:c + batch]]
-    return pack_masks(ctx, tgt, batch, nv, N, separate and bool(audio_grid), audio_weight)
+    return pack_masks(ctx, tgt, batch, nv, N, separate and bool(audio_grid), audio_weight,
+                      pred_separate and bool(audio_grid))
 
 # -----------------------------------------------------------------------------
 # Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
@@ -483,7 +493,7 @@ class Predictor(nn.Module):
     def forward(self, context, masks):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
         N = self.pos_embed.shape[0]
-        ctx, tgt = masks.ctx, masks.tgt
+        ctx, tgt = masks.pred_ctx, masks.pred_tgt   # masks.ctx's and .tgt's rows, in its segments
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
             raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
                              f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
@@ -697,6 +707,7 @@ def run_config(args, meta):
                 tubelet_seconds=TUBELET * meta["frame_seconds"],
                 audio_patch_seconds=PATCH * meta["audio_hop_seconds"], pred_width=args.pred_width,
                 pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
+                pred_pass=args.pred_pass,
                 target_pass=args.target_pass, data=str(args.data))
 
 
@@ -749,7 +760,8 @@ def train(argv=None):
         idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # get_batch's order
         has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
         masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio,
-                             args.truncate, args.context_pass == "separate", args.audio_weight)
+                             args.truncate, args.context_pass == "separate", args.audio_weight,
+                             args.pred_pass == "separate")
         theta = crop_params(rng, B)
         return get_batch(data, idx, device), masks.to(device), to_device(theta, device)
 

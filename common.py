@@ -376,7 +376,7 @@ def step_flops(encoder, predictor, masks, batch, separate_targets=True):
     parts = [nv, N - nv] if separate_targets and N > nv else [N]      # the target pass's segments per clip
     whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
     return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
+            + 3 * attn(predictor, masks.pred_ctx.cu + masks.pred_tgt.cu) + 2 * lin(encoder) * batch * N
             + attn(encoder, whole_cu))
 
 def summary_line(args, last, width, run_dir, end):
