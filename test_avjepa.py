@@ -13,6 +13,7 @@ import torch
 # before kernels (and so triton) is imported: compiled kernels on a GPU, the interpreter elsewhere
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+import importlib.util
 import json
 import math
 import re
@@ -35,12 +36,9 @@ import common
 import kernels
 import probe
 
-try:   # PyAV decodes and writes media; where it is missing (a GPU image), the tests that need it skip
-    import av
-    import prepare
-except ImportError:
-    av = prepare = None
-needs_av = pytest.mark.skipif(av is None, reason="PyAV is not installed")
+# PyAV decodes and writes media, and prepare.py is built on it: only the tests that need them import them,
+# and where PyAV is missing (a GPU image) those tests skip
+needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV is not installed")
 
 # A micro encoder for tests of mechanics (the real sizes are tested where they matter).
 avjepa.MODELS.setdefault("vit_micro", (32, 2, 2))
@@ -438,6 +436,20 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
         alone.tgt_config.fill_(s // 3)
         torch.testing.assert_close(pred[tgt_cu[s]:tgt_cu[s + 1]],
                                    predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5, rtol=1e-5)
+
+
+def test_a_predictor_pass_per_sense_predicts_each_sense_from_its_own_context_alone():
+    encoder, predictor, _ = micro_jepa()
+    predictor.eval()
+    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "window"], 3, encoder.video_grid,
+                                encoder.audio_grid, np.ones(3, bool), pred_separate=True)
+    context = torch.randn(len(masks.ctx.index), 32)
+    ctx_audio = (masks.ctx.index % encoder.n_tokens() >= encoder.nv)[:, None]
+    changed = context + 5 * ctx_audio                  # every audio context row moved, video rows kept
+    before, after = predictor(context, masks), predictor(changed, masks)
+    video = masks.tgt_modality == 0
+    torch.testing.assert_close(before[video], after[video])           # video never saw the audio
+    assert not torch.allclose(before[~video], after[~video])
 
 
 def test_predictor_slots_put_each_segments_targets_after_its_context():
@@ -1440,6 +1452,34 @@ def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
     assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)   # val: the train split's statistics
 
 
+def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
+    torch.manual_seed(0)
+    D, heads = 12, 3
+    p = probe.AttentiveProbe(D, heads, [4, 3, 2])
+    for w in p.parameters():
+        w.data.normal_(0, 0.3)                       # away from the init: every term counts
+    x = torch.randn(5, 7, D)
+    valid = torch.rand(5, 7) > 0.3
+    valid[:, 0] = True
+
+    def plain(x, valid):   # V-JEPA's order: project every token to keys and values, then attend
+        B, N, _ = x.shape
+        Q = p.query.shape[1]
+        q = p.q(p.query).view(1, Q, heads, -1).transpose(1, 2).expand(B, -1, -1, -1)
+        k, v = p.kv(p.norm1(x)).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        h = p.query + p.proj(y.transpose(1, 2).reshape(B, Q, D))
+        h = h + p.mlp(p.norm2(h))
+        return [head(h[:, i]) for i, head in enumerate(p.out)]
+
+    fast, ref = p(x, valid), plain(x, valid)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(sum(l.sum() for l in out), list(p.parameters())) for out in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
     meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
                 class_factors=[[c, s] for c in range(2) for s in range(3)])      # 6 classes: (colour, size)
@@ -1469,6 +1509,7 @@ def test_reconstruct_runs_end_to_end_and_writes_metrics_with_baselines(probe_run
 
 @needs_av
 def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, reconstructed):
+    import av
     from PIL import Image
     out = probe_run["ckpt"].parent / "reconstruct"
     k = math.ceil(128 / 32)                                       # 32 px frames are drawn 4x
@@ -1590,6 +1631,7 @@ def test_a_dataset_without_val_clips_says_so(probe_run, tmp_path):
 
 @needs_av
 def test_a_video_only_checkpoint_gets_video_probes_and_a_silent_mp4(probe_run, tmp_path):
+    import av
     avjepa.train(micro_args(probe_run["data"], tmp_path, "--steps", "1"))
     ckpt = str(tmp_path / "vit_micro-v" / "ckpt.pt")
     assert probe.main(["--task", "classify", "--ckpt", ckpt, "--epochs", "1"])["modalities"] == "video"
@@ -1610,6 +1652,7 @@ def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv
                audio=None, sample_rate=16000, layout="mono", acodec="aac", audio_start=0.0):
     """Write a small test video. frame_fn(i) -> [H, W, 3] uint8 (default: a moving gradient);
     times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples] float32."""
+    import av
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -1644,6 +1687,7 @@ def tone(seconds, sample_rate, channels=1, freq=440.0, amp=0.3):
 
 def run(tmp_path, src, **kw):
     """prepare() in this process (workers=1 unless given) into tmp_path/out; returns (train, val, report)."""
+    import prepare
     out = tmp_path / "out"
     prepare.prepare(src, out, **{"frames": 8, "frame_step": 2, "size": 32, "workers": 1, **kw})
     report = json.loads((out / "report.json").read_text())
@@ -1746,6 +1790,7 @@ def test_every_file_left_out_of_a_folder_is_named_with_its_reason(tmp_path, caps
 @needs_av
 @pytest.mark.parametrize("turn", [90, 270])
 def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
+    import av
     def left_half_white(i):
         img = np.zeros((32, 64, 3), np.uint8)   # stored sideways: 64 wide, 32 high
         img[:, :32] = 255   # its left half
@@ -1769,6 +1814,7 @@ def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
 
 @needs_av
 def test_video_without_audio_is_kept_silent_and_counted(tmp_path, capsys):
+    import prepare
     make_video(tmp_path / "src" / "silent.mp4")
     train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
     assert train["has_audio"].tolist() == [0] and report["ingested"][0]["has_audio"] is False
@@ -1814,6 +1860,7 @@ def test_too_short_video_is_padded_with_its_last_frame_and_counted(tmp_path, cap
 def test_flash_and_click_stay_aligned(tmp_path, audio_start):
     """A white flash and a loud click at the same instant (1.5 s) appear at the same time after prepare,
     also when the audio track starts late, after the clip does (the clip is 1.23 s - 1.77 s)."""
+    import av
     fps, at = 30, 1.5
     def frame(i):
         return np.full((48, 64, 3), 250 if at <= i / fps < at + 0.1 else 20, np.uint8)
@@ -1839,6 +1886,8 @@ def test_flash_and_click_stay_aligned(tmp_path, audio_start):
 def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec, ext):
     """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last 1 s,
     sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
+    import av
+    import prepare
     channels = av.AudioLayout(layout).nb_channels
     audio = np.zeros((channels, 2 * sample_rate), np.float32)
     audio[0, sample_rate // 2:3 * sample_rate // 2] = tone(1.0, sample_rate, freq=1000, amp=0.6)[0]
@@ -1854,6 +1903,7 @@ def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, 
 
 @needs_av
 def test_variable_frame_rate_picks_the_frame_shown_at_each_time(tmp_path):
+    import av
     times = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.01, 0.09, 39)])
     make_video(tmp_path / "src" / "vfr.mkv", n=40, times=times,
                frame_fn=lambda i: np.full((48, 64, 3), 40 + 4 * i, np.uint8))  # brightness tells the frame
@@ -1888,6 +1938,7 @@ def test_odd_files_all_ingest(tmp_path):
 
 @needs_av
 def test_synthetic_set_records_its_factors(tmp_path):
+    import prepare
     meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
     assert len(meta["classes"]) == 96 and meta["splits"] == {"train": 96, "val": 96}
     modality = {f: v["modality"] for f, v in meta["factors"].items()}
@@ -1901,6 +1952,7 @@ def test_synthetic_set_records_its_factors(tmp_path):
 
 @needs_av
 def test_the_synthetic_build_writes_and_removes_only_its_own_files_and_times_both_stages(tmp_path, capsys):
+    import prepare
     videos = tmp_path / "synthetic_videos"
     cls = videos / "train" / "red-circle-slow-left-sync"
     cls.mkdir(parents=True)
@@ -1922,6 +1974,8 @@ def test_clip_flags_for_the_built_in_set_are_refused_not_ignored(flag):
 
 @needs_av
 def test_a_late_soundtrack_changes_the_sound_and_not_the_picture(tmp_path):
+    import av
+    import prepare
     clips = {}
     for sync in prepare.SYNCS:
         prepare.synth_clip(tmp_path / f"{sync}.mp4", "red", "circle", "slow", "left", sync, seed=3)
