@@ -73,8 +73,8 @@ def make_parser():
     add("--context-pass", choices=["joint", "separate"], default="separate", help="the context: an "
         "attention pass per sense (they meet in the predictor), or one over both")
     add("--target-pass", choices=["joint", "separate"], default="separate", help="the same, for the targets")
-    add("--pred-pass", choices=["joint", "separate"], default="joint", help="the predictor: one "
-        "pass over both senses, or one per sense (then the senses meet only in the encoder: --fuse)")
+    add("--pred-pass", choices=["joint", "separate"], default="joint", help="separate: each sense "
+        "predicted from its own context, so the senses meet only in the encoder (--fuse)")
     add("--fuse", type=NONNEG_INT, default=0, help="last blocks that attend across senses (CAV-MAE)")
     add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
     add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
@@ -119,10 +119,9 @@ def get_args(argv=None):
     for m in args.masks:
         if m not in MASKS:
             p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
-        if MASKS[m] == "cross" and not args.audio:
-            p.error(f"mask config {m!r} is cross-modal and needs --audio")
-        if MASKS[m] == "cross" and args.pred_pass == "separate":
-            p.error(f"mask config {m!r} predicts one sense from the other: it needs --pred-pass joint")
+        if MASKS[m] == "cross" and (not args.audio or args.pred_pass == "separate"):
+            p.error(f"mask config {m!r} predicts one sense from the other: it needs --audio and "
+                    f"--pred-pass joint")
     _, depth, heads = MODELS[args.model]
     if args.pred_width % heads:
         p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s "
@@ -140,10 +139,9 @@ def get_args(argv=None):
 
 
 def ema_range(steps):
-    """The EMA momentum's default start and end. An EMA of momentum m averages about the last 1 / (1 - m)
-    steps, and the initial (random) weights keep a share of about m^steps of the teacher. V-JEPA's 0.998
-    suits its 90k steps; over 600 it would leave a third of the teacher random. So the teacher averages
-    over a sixth of the run (a random share of e^-6 at the end), at most V-JEPA's 500 steps, at least 10."""
+    """The EMA momentum's default start and end. An EMA of m averages about the last 1 / (1 - m) steps, and
+    the random init keeps a share of m^steps of the teacher (V-JEPA's 0.998: a third after 600 steps). So
+    the teacher averages over a sixth of the run (e^-6 random at the end), at most 500 steps, at least 10."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
@@ -159,8 +157,7 @@ def crop_params(rng, B):
     ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
     w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
     flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
-    theta[:, 0, 0] = torch.tensor(w * flip)
-    theta[:, 1, 1] = torch.tensor(h)
+    theta[:, 0, 0], theta[:, 1, 1] = torch.tensor(w * flip), torch.tensor(h)
     theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
     theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
     return theta
@@ -178,8 +175,7 @@ def augment_video(video, size, theta=None):
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
     # per channel with Python scalars: no host-to-device copy of the constants
-    mean_std = zip(IMAGENET_MEAN, IMAGENET_STD)
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(mean_std)], 1)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
 
 
 def normalize_audio(audio, meta):
@@ -232,8 +228,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
 
 def whole_clips(batch, nv, n_tokens, device, separate):
     """Every token of every clip, packed: one segment per clip, or (separate) one per clip and
-    modality, so that video and audio are encoded without seeing each other: cu = [0, nv, N,
-    N + nv, 2N, ...]."""
+    modality, so that video and audio are encoded apart: cu = [0, nv, N, N + nv, 2N, ...]."""
     index = torch.arange(batch * n_tokens, device=device)
     if not separate or nv == n_tokens:
         cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * n_tokens
@@ -323,11 +318,8 @@ def sincos(coords, dim):
     uniform_power=True)."""
     d = 2 * math.ceil(dim / 6)
     omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-    parts = []
-    for axis in range(3):
-        out = coords[:, axis, None].double() * omega[None]               # [N, d/2]
-        parts += [torch.sin(out), torch.cos(out)]
-    return torch.cat(parts, dim=1)[:, :dim].float()
+    out = coords.double()[:, :, None] * omega                            # [N, 3, d/2]
+    return torch.cat([torch.sin(out), torch.cos(out)], -1).flatten(1)[:, :dim].float()
 
 
 def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_seconds=1.0):
@@ -483,8 +475,7 @@ class Predictor(nn.Module):
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
         self.predictor_embed = nn.Linear(enc_width, width)
         # one learned mask token per mask config and modality, zero at start (V-JEPA)
-        modalities = 2 if encoder.audio_grid else 1
-        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, modalities, width))
+        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, 2 if encoder.audio_grid else 1, width))
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.predictor_proj = nn.Linear(width, enc_width)
@@ -499,8 +490,7 @@ class Predictor(nn.Module):
                              f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
         # the context with its positions; a mask token (of the target's config and modality) with
         # its position in place of each target. kernels.gather(x, rows) is x[rows], fused
-        pos_ctx = kernels.gather(self.pos_embed, ctx.index % N)
-        pos_tgt = kernels.gather(self.pos_embed, tgt.index % N)
+        pos_ctx, pos_tgt = (kernels.gather(self.pos_embed, p.index % N) for p in (ctx, tgt))
         x_ctx = self.predictor_embed(context) + pos_ctx                                   # [Tc, Dp]
         x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + pos_tgt          # [Tt, Dp]
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
@@ -579,8 +569,7 @@ def jepa_loss(pred, targets, masks):
     without targets."""
     err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
     audio = masks.tgt_modality.float()
-    video = 1 - audio
-    per_modality = [(err * m).sum() / m.sum() for m in (video, audio)]
+    per_modality = [(err * m).sum() / m.sum() for m in (1 - audio, audio)]   # video, audio
     return (masks.tgt_weight * err).sum(), *per_modality
 
 
@@ -707,8 +696,7 @@ def run_config(args, meta):
                 tubelet_seconds=TUBELET * meta["frame_seconds"],
                 audio_patch_seconds=PATCH * meta["audio_hop_seconds"], pred_width=args.pred_width,
                 pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
-                pred_pass=args.pred_pass,
-                target_pass=args.target_pass, data=str(args.data))
+                target_pass=args.target_pass, pred_pass=args.pred_pass, data=str(args.data))
 
 
 def make_optimizer(model, lr):
