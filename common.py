@@ -238,6 +238,7 @@ def read_checkpoint(path):
 
 RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # printed; others are refused
 RESUME_WHERE = ("resume", "name", "out")   # where the run is, not how it trains: not compared
+CONFIG_ADDED = {"fuse": 0, "pred_pass": "joint"}   # config keys newer than some runs: what those ran with
 
 
 def flag(key):
@@ -251,8 +252,9 @@ def check_resume(ck, path, flags, cfg):
     old = ck.get("flags", {})
     changed = {flag(k): (old[k], v) for k, v in flags.items()
                if k in old and old[k] != v and k not in RESUME_MAY_CHANGE + RESUME_WHERE}
-    changed.update({k: (ck["config"].get(k), v) for k, v in cfg.items()
-                    if k != "data" and ck["config"].get(k) != v and flag(k) not in changed})
+    was = {**CONFIG_ADDED, **ck["config"]}
+    changed.update({k: (was.get(k), v) for k, v in cfg.items()
+                    if k != "data" and was.get(k) != v and flag(k) not in changed})
     if changed:
         raise SystemExit(f"{path} was trained with other settings: "
                          + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())

@@ -659,6 +659,18 @@ def test_resume_reads_a_checkpoint_saved_before_the_optimizer_groups_carried_a_d
     assert torch.load(path, weights_only=True)["step"] == 4
 
 
+def test_resume_reads_a_checkpoint_saved_before_the_predictor_pass_was_a_setting(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--save-every", "2"))
+    path = tmp_path / "vit_micro-v" / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    del ck["config"]["pred_pass"], ck["flags"]["pred_pass"]
+    torch.save(ck, path)
+    with pytest.raises(SystemExit, match="pred_pass joint, not separate"):   # what it ran with
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--pred-pass", "separate", "--resume"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--resume"))
+    assert torch.load(path, weights_only=True)["step"] == 4
+
+
 def test_load_encoder_round_trips_our_checkpoint(fake_data, tmp_path):
     _, _, target = avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2"))
     enc = avjepa.load_encoder(tmp_path / "vit_micro-av" / "ckpt.pt")
