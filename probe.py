@@ -524,6 +524,9 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     cfg = ckpt["config"]
     if not cfg["audio"]:
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
+    if cfg.get("pred_pass") == "separate":
+        raise SystemExit(f"{path} was trained with --pred-pass separate: its predictor fills in each sense from "
+                         f"that sense alone, so it cannot say one sense from the other. Retrieve with a joint one")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
     configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)

@@ -1405,6 +1405,12 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
 
 
+def test_retrieve_refuses_a_predictor_that_never_crossed_the_senses(probe_run, tmp_path):
+    avjepa.train(micro_args(probe_run["data"], tmp_path, "--audio", "--pred-pass", "separate", "--steps", "1"))
+    with pytest.raises(SystemExit, match="--pred-pass separate"):
+        probe.main(["--task", "retrieve", "--ckpt", str(tmp_path / "vit_micro-av" / "ckpt.pt")])
+
+
 def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(6, 5, generator=g)
