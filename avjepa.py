@@ -124,8 +124,7 @@ def get_args(argv=None):
                     f"--pred-pass joint")
     _, depth, heads = MODELS[args.model]
     if args.pred_width % heads:
-        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s "
-                f"{heads} heads")
+        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
     if args.crop % PATCH:
         p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
     for name in ("fuse", "target_layers"):
@@ -251,17 +250,17 @@ class Masks:
     pred_tgt: kernels.Packed    # cut per sense when each sense is predicted from its own context
     pred_max_len: int           # the longest [context ; targets] segment of the predictor
 
-    def to(self, device):   # without waiting for the device (common.to_device)
-        return Masks(**{k: x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
-                        else to_device(x, device) for k, x in vars(self).items()})
+    def to(self, device):   # without waiting for the device (common.to_device); a shared field moves once
+        moved = {id(x): x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
+                 else to_device(x, device) for x in {id(x): x for x in vars(self).values()}.values()}
+        return Masks(**{k: moved[id(x)] for k, x in vars(self).items()})
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0, pred_separate=False):
     """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
     every mask config counts the same, and within a config, video and audio (times audio_weight)
     each count the same whatever their token counts, so the few audio tokens are not drowned by the
-    video ones. pred_separate: the predictor fills in each sense from that sense's context alone, so
-    whatever one sense says about the other must reach it through the encoder."""
+    video ones. separate (the encoder) and pred_separate (the predictor) attend within each sense."""
     n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
@@ -270,19 +269,20 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0, 
     scale = np.array([1.0, audio_weight])
     per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
     weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
-    cut = nv if pred_separate and nv < n_tokens else None
-    pred_ctx, pred_tgt = (kernels.pack(x, n_tokens, batch, cut, keep_empty=True) for x in (ctx, tgt))
-    return Masks(ctx=kernels.pack(ctx, n_tokens, batch), tgt=packed_tgt,
-                 enc=kernels.pack(ctx, n_tokens, batch, nv if separate else None),
-                 tgt_config=torch.from_numpy(config), tgt_modality=torch.from_numpy(modality),
-                 tgt_weight=torch.from_numpy(weight.astype(np.float32)), pred_ctx=pred_ctx,
-                 pred_tgt=pred_tgt, pred_max_len=int((pred_ctx.cu.diff() + pred_tgt.cu.diff()).max()))
+    packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, where a pass asks for it
+    enc = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
+    pred_ctx, pred_tgt = packed_ctx, packed_tgt
+    if pred_separate:   # empty pieces kept, so that context and target segments stay paired
+        pred_ctx, pred_tgt = (kernels.pack(x, n_tokens, batch, nv, keep_empty=True) for x in (ctx, tgt))
+    return Masks(ctx=packed_ctx, enc=enc, tgt=packed_tgt, tgt_config=torch.from_numpy(config),
+                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)),
+                 pred_ctx=pred_ctx, pred_tgt=pred_tgt,
+                 pred_max_len=int((pred_ctx.cu.diff() + pred_tgt.cu.diff()).max()))
 
 
 def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False,
                  separate=False, audio_weight=1.0, pred_separate=False):
-    """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks).
-    separate: the encoder attends over each clip's context one modality at a time."""
+    """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks)."""
     nv = math.prod(video_grid)
     N = nv + (math.prod(audio_grid) if audio_grid else 0)
     ctx, tgt = [], []

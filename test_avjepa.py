@@ -420,6 +420,13 @@ def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_a
     assert avjepa.get_args(["--ema", "0.9", "0.95"]).ema == [0.9, 0.95]
 
 
+def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once():
+    masks = avjepa.sample_masks(np.random.default_rng(0), ["short"], 2, VIDEO_GRID, AUDIO_GRID, np.ones(2, bool))
+    assert masks.enc is masks.ctx and masks.pred_ctx is masks.ctx and masks.pred_tgt is masks.tgt
+    moved = masks.to("cpu")
+    assert moved.enc is moved.ctx and moved.pred_tgt is moved.tgt
+
+
 def test_packed_predictor_equals_each_segment_predicted_alone():
     encoder, predictor, _ = micro_jepa()
     predictor.eval()
