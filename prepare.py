@@ -422,14 +422,20 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
 
 
 # -----------------------------------------------------------------------------
-# The built-in synthetic dataset: what each modality carries is known, so it can be measured
+# The built-in synthetic dataset: a small world whose every factor is known, and whose hidden parts can
+# be inferred. What one token hides is seen at another moment (the camera pans over a smooth scene), or
+# follows from its neighbours (sky above, ground below, a ridge between); the object moves at a steady
+# pace, so where it is hidden follows from where it was; and the sound is made by what is seen.
 
 COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.8, 0.1)}
 SHAPES = ("circle", "square", "triangle")
 RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
-DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the horizontal motion
-SYNCS = {"sync": 0.0, "late": 0.5}  # the sound's lag behind the picture, in bounce periods
+DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the object's motion across the screen
+SYNCS = {"sync": 0, "late": 2}  # the sound's lag behind the picture, in tubelets (0.53 s when late)
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
+SYNTH_VERSION = 2
+TUBELET_FRAMES = TUBELET * SYNTH["frame_step"]  # source frames per tubelet: 8 at 30 fps, 0.267 s
+FIRST_FRAME = 2   # prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
 
 
 def write_mp4(path, frames, fps, wave, sample_rate):
@@ -452,67 +458,111 @@ def write_mp4(path, frames, fps, wave, sample_rate):
             c.mux(a.encode())
 
 
-def synth_clip(path, colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
-    """A coloured shape bouncing on a textured background, and a soundtrack tied to what is seen:
-    pitch follows height, a tone burst marks each bounce off the floor or ceiling, the waveform is set
-    by the shape. Colour is only seen; the rhythm of background ticks is only heard; the direction of
-    the horizontal motion (it never bounces sideways within the clip) is seen only across frames.
-    sync: the pitch and the bursts follow the object as it is seen ("sync"), or as it was half a bounce
-    period earlier ("late": each burst lands halfway between two bounces). A late soundtrack is the sound
-    of another, equally likely bounce, so neither sense alone tells the two apart: only their timing does."""
+def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
+    """One clip of the built-in world, as arrays: frames [T, width, width, 3] in [0, 1], a mono waveform
+    and its sample rate, and the object's states (for the tests).
+
+    The object lives in states, one per tubelet of the clip (prepare's grid: 2 frames 4 apart, source
+    frames 8k + 2 and 8k + 6). In each state it holds still, at a height of its own; between two states
+    it moves sideways by a steady step (wrapping round the screen edges, so where it starts says nothing
+    of where it goes) and, at random, jumps to a new height. So no single frame or token shows the
+    direction: it is a relation across time. The sound is made by the states: a tone whose pitch is the
+    object's height (its waveform set by the shape: sine, square, sawtooth), a drum hit at every jump,
+    and ticks in a rhythm that only the sound has. "sync": state k sounds during tubelet k. "late": it
+    sounds 2 tubelets later, so the first two tubelets carry the sound of states before the clip. The
+    states are a stationary process, so a late soundtrack is as likely a sound as a synced one and a
+    picture is the same picture: only their timing tells the two apart."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
-    r = rng.uniform(10, 16)  # object radius in pixels
-    lo, span = r + 1, width - 2 * r - 2  # the centre stays inside [lo, lo + span]
-    # vertical speed: at least one bounce (floor or ceiling) in every clip, at most about three
-    vx, vy = rng.uniform(15, 35), rng.uniform(1.2, 2.5) * span / seconds * rng.choice([-1, 1])  # pixels per second
-    x0 = rng.uniform(0, span - vx * seconds)  # far enough from the wall it moves towards
-    p0 = np.array([x0 if DIRECTIONS[direction] > 0 else span - x0, rng.uniform(0, span)])
-    vel = np.array([DIRECTIONS[direction] * vx, vy])
+    tau = TUBELET_FRAMES / fps
+    lag = SYNCS[sync]
+    n_states = 6                          # tubelets 0..4 of the clip (with the margin), and 2 before
+    first = -lag                          # the first state the sound needs
+    r = rng.uniform(9, 13)                # object radius in pixels
+    lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
+    # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span away
+    heights = [rng.uniform(0, 1)]
+    jumps = [False]
+    for _ in range(n_states + 2 - 1):
+        jump = rng.random() < 0.6
+        h = heights[-1]
+        if jump:
+            h = (h + rng.uniform(0.2, 0.8)) % 1.0
+        heights.append(h)
+        jumps.append(jump)
+    heights, jumps = np.array(heights), np.array(jumps)    # state s is index s + 2 (s = -2 .. 5)
+    step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width   # sideways per tubelet: >= half a patch
+    x0 = rng.uniform(0, width)            # uniform start: no cue in the first frame
 
-    def position(t):  # straight-line motion folded into the box = bouncing; k counts the walls hit
-        u = p0 + vel * t[:, None]
-        k = np.floor(u / span)
-        return lo + np.where(k % 2 == 0, u - k * span, (k + 1) * span - u), k
+    # Picture: sky, a ridge and ground, and a few posts on a world twice the screen's width (periodic),
+    # which the camera pans across at a steady speed; the object in front.
+    world = 2 * width
+    yy, xx = np.mgrid[:width, :width] + 0.5
+    horizon = rng.uniform(0.35, 0.6) * width
+    sky_top, sky_low = rng.uniform(0.45, 0.8, 3), rng.uniform(0.55, 0.9, 3)
+    ground_top, ground_low = rng.uniform(0.2, 0.5, 3), rng.uniform(0.05, 0.3, 3)
+    waves = [(rng.uniform(2, 6) / k, k, rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]   # ridge: amplitude, harmonic, phase
+    posts = [(rng.uniform(0, world), rng.uniform(3, 6), rng.uniform(10, 22), rng.uniform(0.05, 0.3, 3))
+             for _ in range(rng.integers(2, 5))]   # (x, half-width, height above the ridge, colour)
+    pan = rng.choice([-1, 1]) * rng.uniform(0.1, 0.2) * width / tau   # pixels per second
+    cam0 = rng.uniform(0, world)
+    n_frames = round(seconds * fps)
+    f = np.arange(n_frames)[:, None, None]                              # [F, 1, 1]
+    y, x = yy[None, :, :1], xx[None, :1, :]                             # [1, H, 1], [1, 1, W]
+    wx = (x + cam0 + pan * f / fps) % world                             # [F, 1, W] world column of each pixel
+    ridge = horizon + sum(a * np.sin(2 * np.pi * k * wx / world + p) for a, k, p in waves)
+    v = np.clip(y / ridge, 0, 1)[..., None]
+    img = (1 - v) * sky_top + v * sky_low                               # sky, lighter towards the horizon
+    g = np.clip((y - ridge) / (width - ridge), 0, 1)[..., None]
+    img = np.where((y >= ridge)[..., None], (1 - g) * ground_top + g * ground_low, img)   # [F, H, W, 3]
+    for px, hw, ph, pc in posts:
+        d = (wx - px + world / 2) % world - world / 2
+        img = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc, img)
+    k = (f - FIRST_FRAME) // TUBELET_FRAMES                            # the state shown in each frame
+    cx = (x0 + step * k) % width
+    cy = lo + heights[np.clip(k, -2, n_states - 1) + 2] * span
+    for shift in (-width, 0, width):                                   # wrapping round the edges
+        dx, dy = x - cx - shift, y - cy
+        mask = {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
+                "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
+        img = np.where(mask[..., None], COLOURS[colour], img)
+    frames = img
 
-    # Sound
-    t = np.arange(round(seconds * sr)) / sr
-    pos, k = position(t - SYNCS[sync] * span / abs(vel[1]))  # span / |vy|: the time between two bounces
-    height = 1 - (pos[:, 1] - lo) / span  # 0 at the bottom, 1 at the top (image y points down)
-    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr  # 220 Hz at the bottom .. 880 Hz at the top
+    # Sound, in the clip's time u (u = 0 at the first frame of the clip)
+    n = round((seconds + 0.1) * sr)
+    u = np.arange(n) / sr - FIRST_FRAME / fps
+    state = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)   # the state sounding at u
+    height = 1 - heights[state + 2]                                        # 0 at the bottom, 1 at the top
+    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr                  # 220 Hz at the bottom .. 880 Hz at the top
     wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
-                   "triangle": phase / np.pi % 2 - 1}[shape]  # sine, square, sawtooth: ~equal loudness
-    tb = np.arange(round(0.05 * sr)) / sr
-    burst = 0.5 * np.sin(2 * np.pi * 2500 * tb) * np.minimum(tb / 0.005, 1) * np.exp(-tb / 0.012)  # 5 ms attack: no click
-    for i in np.nonzero(np.diff(k[:, 1]) != 0)[0] + 1:  # the samples where the floor or ceiling is hit
-        wave[i:i + len(burst)] += burst[:len(wave) - i]
-    # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel, above
-    # the tone and the bounces), at the rhythm's tempo from a random phase. Fast ticks come more often than
-    # one per audio patch, so every patch of that band holds one; slow ticks leave most patches quiet.
-    rate, n = RHYTHMS[rhythm], round(0.03 * sr)
-    f = np.fft.rfftfreq(n, 1 / sr)
-    tick = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n)) * ((f > 3000) & (f < 7500)), n) * np.hanning(n)
+                   "triangle": phase / np.pi % 2 - 1}[shape]               # ~equal loudness
+    # a drum hit at every jump: 1.2-2.5 kHz noise, 60 ms, above the tone and below the ticks
+    m = round(0.06 * sr)
+    f_hz = np.fft.rfftfreq(m, 1 / sr)
+    hit = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, m)) * ((f_hz > 1200) & (f_hz < 2500)), m)
+    hit *= 0.35 / hit.std() * np.minimum(np.arange(m) / (0.004 * sr), 1) * np.exp(-np.arange(m) / (0.02 * sr))
+    for s in range(first, n_states):
+        if jumps[s + 2]:
+            i = int(np.searchsorted(u, (s + lag) * tau))
+            wave[i:i + m] += hit[:max(0, min(m, n - i))]
+    # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel), at the
+    # rhythm's tempo from a random phase. Fast ticks fill every patch of that band; slow ones leave most quiet.
+    rate, m = RHYTHMS[rhythm], round(0.03 * sr)
+    f_hz = np.fft.rfftfreq(m, 1 / sr)
+    tick = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, m)) * ((f_hz > 3000) & (f_hz < 7500)), m) * np.hanning(m)
     tick *= 0.12 / tick.std() * rng.uniform(0.7, 1.3)
     for i in (np.arange(rng.uniform(0, 1 / rate), seconds, 1 / rate) * sr).astype(int):
-        wave[i:i + n] += tick[:len(wave) - i]
+        wave[i:i + m] += tick[:len(wave) - i]
     wave += rng.normal(0, 0.01, len(wave))  # a noise bed, as any microphone has
+    states = dict(heights=heights, jumps=jumps, step=step, x0=x0, pan=pan, lag=lag)
+    return np.clip(frames, 0, 1), wave, sr, states
 
-    # Picture: an object of one to two tokens' width on a tinted, blocky-textured background. Tint and
-    # texture are faint: they cannot be predicted from the rest of the clip, and a JEPA learns to ignore
-    # what it cannot predict - when they dominated the frame, the features kept little else.
-    blocks = np.kron(rng.normal(0, 0.05, (width // 8, width // 8, 3)), np.ones((8, 8, 1)))
-    background = rng.uniform(0.35, 0.65) + rng.uniform(-0.05, 0.05, 3) + blocks
-    # The object holds still for 8 frames, then jumps: with 2 frames 4 apart per tubelet, it moves only between
-    # tubelets, never inside one. So no single token shows which way it goes: the direction is a relation across time.
-    tf = np.floor(np.arange(round(seconds * fps)) / 8) * 8 / fps
-    c, _ = position(tf)
-    yy, xx = np.mgrid[:width, :width] + 0.5
-    dx, dy = xx - c[:, 0, None, None], yy - c[:, 1, None, None]
-    mask = {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
-            "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
-    img = np.where(mask[..., None], np.array(COLOURS[colour]) * rng.uniform(0.8, 1.1), background)
+
+def synth_clip(path, colour, shape, rhythm, direction, sync, seed):
+    """synth_world's clip as an mp4 (H.264 + AAC) at `path`."""
+    frames, wave, sr, _ = synth_world(colour, shape, rhythm, direction, sync, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, (np.clip(img, 0, 1) * 255).astype(np.uint8), fps, wave, sr)
+    write_mp4(path, (frames * 255).round().astype(np.uint8), 30, wave, sr)
 
 
 def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
@@ -543,7 +593,7 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
                "direction": {"values": list(DIRECTIONS), "modality": "video over time"},
                "sync": {"values": list(SYNCS), "modality": "video against audio"}}
     class_factors = [[factors[f]["values"].index(v) for f, v in zip(factors, name.split("-"))] for name in classes]
-    return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors},
+    return prepare(videos, out, **SYNTH, workers=workers, extra_meta={"factors": factors, "class_factors": class_factors, "synthetic_version": SYNTH_VERSION},
                    generated_s=generated_s)
 
 
