@@ -147,12 +147,12 @@ def ema_range(steps):
 # Data: prepare.py's memmaps, video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta], read in batches by
 # common.get_batch. The augmentation happens here, on the device.
 
-def crop_params(rng, B):
-    """The augmentation of B clips, drawn on the host: random resized crop (area 0.3-1, aspect
+def crop_params(rng, B, area=(0.3, 1.0)):
+    """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
     0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps
     theta [B, 2, 3]."""
     theta = torch.zeros(B, 2, 3)
-    area = rng.uniform(0.3, 1.0, B)
+    area = rng.uniform(*area, B)
     ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
     w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
     flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)

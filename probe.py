@@ -64,6 +64,11 @@ def get_args(argv=None):
     p.add_argument("--read", choices=["separate", "joint", "both"], default="separate",
                    help="classify: encode video and audio in one pass each (separate), in one pass together (joint), "
                         "or both sets of tokens side by side")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="classify: also print the ceiling: the same encoder trained on the labels from the same "
+                        "random init (cached in the dataset folder, so it is trained once per dataset)")
+    p.add_argument("--labels-steps", type=NONNEG_INT, default=0,
+                   help="classify: steps of the labels' run (0: the checkpoint's own steps, the same budget)")
     p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
     p.add_argument("--epochs", type=COUNT, default=100,
                    help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
@@ -389,6 +394,78 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     return res
 
 
+@torch.enable_grad()
+def labels_ceiling(args, ckpt, data_dir, device):
+    """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead of
+    the JEPA loss, with the same clips per step, steps (or --labels-steps) and peak learning rate; both
+    senses in one attention pass, so that a feature can relate sight to sound, and a linear head per label
+    factor on the mean of its tokens. Augmented as in training, but a flip swaps the direction label (it
+    stays true) and a crop keeps 80% of the frame or more (the object stays in view). Scored on val, its
+    own heads, and cached in the dataset folder (keyed by the dataset, the config and the budget)."""
+    cfg, flags = ckpt["config"], ckpt.get("flags", {})
+    steps, batch = args.labels_steps or ckpt["step"], flags.get("batch_size", 16)
+    lr, seed = flags.get("lr", 6.25e-4), args.seed
+    train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
+    meta = train["meta"]
+    key = dict(data=str(data_dir.resolve()), data_mtime=(data_dir / "meta.json").stat().st_mtime_ns,
+               model=cfg["model"], audio=cfg["audio"], crop=cfg["crop"], fuse=cfg.get("fuse", 0), steps=steps,
+               batch=batch, lr=lr, seed=seed)
+    cache = data_dir / f"labels_{cfg['model']}_{'av' if cfg['audio'] else 'v'}_{steps}steps_seed{seed}.json"
+    if cache.exists():
+        res = json.loads(cache.read_text())
+        if res.get("key") == key:
+            return res
+    classes = len(meta.get("classes") or []) or int(max(train["label"].max(), val["label"].max())) + 1
+    sizes, targets = label_heads(classes, meta)
+    factors = list(meta.get("factors", {}))
+    flip_swaps = factors.index("direction") if "direction" in factors else None
+    torch.manual_seed(seed)
+    encoder = avjepa.build(cfg)[0].to(device)
+    head = nn.Linear(encoder.config["width"], sum(sizes)).to(device)
+    params = [p for p in list(encoder.parameters()) + list(head.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    ids = clip_ids(train, 0, labelled=True)
+
+    def logits(b, theta=None):
+        video = avjepa.augment_video(b["video"], cfg["crop"], theta)
+        audio = avjepa.normalize_audio(b["audio"], meta) if cfg["audio"] else None
+        with autocast(device):
+            return head(encoder(video, audio).float().mean(1)).split(sizes, -1)   # one joint pass
+
+    t0, warm = time.time(), max(1, steps // 10)
+    for step in tqdm(range(steps), desc="labels' ceiling", dynamic_ncols=True):
+        lr_now = lr * (step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1))))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        rng = np.random.default_rng([seed, step])
+        idx = np.sort(ids[np.random.default_rng([seed, step, 1]).choice(len(ids), min(batch, len(ids)), replace=False)])
+        b = get_batch(train, idx, device)
+        theta = avjepa.crop_params(rng, len(idx), area=(0.8, 1.0))
+        y = targets[b["label"].cpu()].clone()
+        if flip_swaps is not None:   # a flipped clip moves the other way
+            flipped = theta[:, 0, 0] < 0
+            y[flipped, flip_swaps] = 1 - y[flipped, flip_swaps]
+        y = y.to(device)
+        loss = sum(F.cross_entropy(out, y[:, h]) for h, out in enumerate(logits(b, theta.to(device))))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    encoder.eval()
+    right, val_ids = [], clip_ids(val, 0, labelled=True)
+    with torch.no_grad():
+        for i in range(0, len(val_ids), args.batch_size):
+            b = get_batch(val, val_ids[i:i + args.batch_size], device)
+            pred = torch.stack([out.argmax(-1).cpu() for out in logits(b)], 1)
+            right.append(pred == targets[b["label"].cpu()])
+    right = torch.cat(right)
+    res = dict(key=key, steps=steps, top1=right.all(1).float().mean().item(), seconds=time.time() - t0,
+               final_loss=loss.item())
+    if "class_factors" in meta:
+        res["factors"] = {f: right[:, j].float().mean().item() for j, f in enumerate(factors)}
+    write_json(res, cache)
+    return res
+
+
 def mean_of(runs):
     """The mean of a list of score dicts (nested one level, for the factors)."""
     out = {}
@@ -418,18 +495,24 @@ def classify(args, path, ckpt, data_dir, device):
     if args.modalities != "video" and not cfg["audio"]:
         raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
     res, describe, secs = with_baseline(classify_one, args, path, ckpt, data_dir, device)
+    labels = ""
+    if args.labels and args.init == "pretrained":   # the ceiling: the same encoder taught by the labels
+        res["labels"] = labels_ceiling(args, ckpt, data_dir, device)
+        secs += res["labels"]["seconds"]
     def scores(r):
         factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("factors", {}).items())
         return f"top-1 {100 * r['top1']:.1f}%" + (f" ({factors})" if factors else "")
     seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
         "1 probe seed"
     attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
+    if "labels" in res:
+        labels = f" [labels: {scores(res['labels'])}]; the labels' encoder trained {res['labels']['steps']} steps"
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
     chart = path.parent / f"probe_classify_{res['modalities']}.png"
     plot_classify(res, chart)
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}"
-          f"linear readout {describe(lambda r: scores(r['linear']))}; on {res['val_clips']} val clips "
+          f"linear readout {describe(lambda r: scores(r['linear']))}{labels}; on {res['val_clips']} val clips "
           f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s; chart {chart}")
     return res
 
@@ -445,11 +528,14 @@ def plot_classify(res, png_path):
     fig, axes = plt.subplots(1, len(readouts), figsize=(1.2 * len(names) * len(readouts) + 2, 3.4), squeeze=False)
     for ax, (title, pick) in zip(axes[0], readouts):
         x = np.arange(len(names))
-        encoders = [(res["init"], res)] + ([("random", res["random"])] if "random" in res else [])
+        encoders = [(res["init"], pick(res))] + ([("random", pick(res["random"]))] if "random" in res else [])
+        if "labels" in res:   # the ceiling, the same bars on every panel: its own heads read it
+            encoders.append((f"labels ({res['labels']['steps']} steps)", res["labels"]))
+        w = 0.8 / len(encoders)
         for i, (label, r) in enumerate(encoders):
-            scores = [pick(r)["top1"]] + [pick(r).get("factors", {}).get(f, 0) for f in names[1:]]
-            ax.bar(x + (i - (len(encoders) - 1) / 2) * 0.38, [100 * v for v in scores], 0.36, label=label,
-                   color="C0" if label == "pretrained" else "0.65")
+            scores = [r["top1"]] + [r.get("factors", {}).get(f, 0) for f in names[1:]]
+            ax.bar(x + (i - (len(encoders) - 1) / 2) * w, [100 * v for v in scores], 0.95 * w, label=label,
+                   color={"pretrained": "C0", "random": "0.65"}.get(label, "C2"))
         ax.scatter(x, [100 * c for c in chance], marker="_", s=400, color="C3", label="chance", zorder=3)
         ax.set(title=f"{title}, {res['modalities']}", xticks=x, xticklabels=names, ylabel="val accuracy (%)",
                ylim=(0, 100))
@@ -651,10 +737,11 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def predict(jepa, cfg, data, ids, rng, device):
+def predict(jepa, target_encoder, cfg, data, ids, rng, device):
     """Mask clips `ids` with every mask config the predictor knows (each config has its own mask token),
-    run the frozen encoder + predictor. Returns the clips' patches (pixels in [0, 1], normalised log-mel)
-    and one row per hidden token: its config, clip, token number and predicted embedding."""
+    run the frozen encoder + predictor, and the target encoder over the whole clips. Returns the clips'
+    patches (pixels in [0, 1], normalised log-mel) and one row per hidden token: its config, clip, token
+    number, predicted embedding (x) and the target encoder's own embedding there (target)."""
     encoder = jepa.encoder
     b = get_batch(data, ids, device)
     video = avjepa.augment_video(b["video"], cfg["crop"])
@@ -666,31 +753,51 @@ def predict(jepa, cfg, data, ids, rng, device):
     masks = masks.to(device)
     with autocast(device):
         pred, _ = jepa(video, audio, masks)
+        target = avjepa.target_features(target_encoder, video, audio, cfg.get("target_pass") == "separate")
     index, N = masks.tgt.index, encoder.n_tokens(audio is not None)
     mean = torch.tensor(avjepa.IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
     std = torch.tensor(avjepa.IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
     return dict(pix=patchify_video(video * std + mean).cpu(), mel=patchify_audio(audio).cpu() if audio is not None else None,
-                config=masks.tgt_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu())
+                config=masks.tgt_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu(),
+                target=target.flatten(0, 1)[index].float().cpu())
 
 
-def decode_into(patches, rows, keep, decoder, offset=0):
-    """Hidden patches replaced by the decoder's guess: returns (reconstruction, hidden mask [B, N])."""
+def decode_into(patches, rows, keep, decoder, offset=0, source="x"):
+    """Hidden patches replaced by the decoder's guess from rows[source] (the predictions, or the targets):
+    returns (reconstruction, hidden mask [B, N])."""
     out, mask = patches.clone(), torch.zeros(patches.shape[:2], dtype=torch.bool)
     clip, token = rows["clip"][keep], rows["token"][keep] - offset
     with torch.no_grad():
-        out[clip, token] = decoder(rows["x"][keep]).to(out.dtype)
+        out[clip, token] = decoder(rows[source][keep]).to(out.dtype)
     mask[clip, token] = True
     return out, mask
 
 
 def reconstruct(args, path, ckpt, data_dir, device):
+    """Reconstruction through the checkpoint's networks beside its floor (random networks of the same config,
+    read the same way) and its ceiling (the oracle: the target encoder's own features at the hidden tokens,
+    through a decoder fit the same way: what a perfect predictor could show)."""
     cfg = ckpt["config"]
     args.mask = args.mask or cfg["masks"][0]
     if args.mask not in cfg["masks"]:
         raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg['masks'])} only, not {args.mask!r}")
+    res, describe, secs = with_baseline(reconstruct_one, args, path, ckpt, data_dir, device)
+    rnd = res.get("random", {})
+    def beside(k, fmt, unit=""):
+        extra = f", random {fmt(rnd[k])}" if k in rnd else ""
+        return f"{fmt(res[k])}{unit} (mean-fill {fmt(res[k + '_mean_fill'])}{extra}, oracle {fmt(res[k + '_oracle'])})"
+    audio_part = f", audio L1 {beside('l1', '{:.3f}'.format)}" if cfg["audio"] else ""
+    print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR "
+          f"{beside('psnr', '{:.1f}'.format, ' dB')}{audio_part} on {res['val_clips']} val clips in {secs:.0f} s; "
+          f"examples in {path.parent / 'reconstruct'}")
+    return res
+
+
+def reconstruct_one(args, path, ckpt, data_dir, device, init):
+    cfg = ckpt["config"]
     config_id = cfg["masks"].index(args.mask)
-    encoder, predictor, _ = frozen_models(ckpt, args.init, args.seed)
-    jepa = avjepa.JEPA(encoder, predictor).to(device)
+    encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
+    jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
     check_data(meta, encoder, cfg["audio"])
@@ -698,57 +805,65 @@ def reconstruct(args, path, ckpt, data_dir, device):
     t0 = time.time()
 
     # 1. One frozen pass over the train clips, fresh masks per batch; every hidden token of every mask
-    #    config is a (token -> patch) example for the decoders.
-    decoders = {"video": Decoder(D, TUBELET * PATCH * PATCH * 3)}
+    #    config is a (token -> patch) example for the decoders: one from the predictions, one (the
+    #    oracle) from the target encoder's features at the same tokens.
+    sources = ("x", "target")
+    decoders = {(s, "video"): Decoder(D, TUBELET * PATCH * PATCH * 3) for s in sources}
     if cfg["audio"]:
-        decoders["audio"] = Decoder(D, PATCH * PATCH)
+        decoders.update({(s, "audio"): Decoder(D, PATCH * PATCH) for s in sources})
     train_ids = clip_ids(train_data, args.clips)
-    for i in tqdm(range(0, len(train_ids), bs), desc="fit decoders", dynamic_ncols=True):
-        r = predict(jepa, cfg, train_data, train_ids[i:i + bs], np.random.default_rng([args.seed, 0, i]), device)
+    for i in tqdm(range(0, len(train_ids), bs), desc=f"fit decoders ({init})", dynamic_ncols=True):
+        r = predict(jepa, target_encoder, cfg, train_data, train_ids[i:i + bs],
+                    np.random.default_rng([args.seed, 0, i]), device)
         v = r["token"] < nv
-        decoders["video"].accumulate(r["x"][v], r["pix"][r["clip"][v], r["token"][v]])
-        if cfg["audio"]:
-            decoders["audio"].accumulate(r["x"][~v], r["mel"][r["clip"][~v], r["token"][~v] - nv])
+        for s in sources:
+            decoders[s, "video"].accumulate(r[s][v], r["pix"][r["clip"][v], r["token"][v]])
+            if cfg["audio"]:
+                decoders[s, "audio"].accumulate(r[s][~v], r["mel"][r["clip"][~v], r["token"][~v] - nv])
     for d in decoders.values():
         d.solve()
 
-    # 2. Val clips, masks of the chosen config only, scored on hidden patches next to the mean-fill answer.
-    scores, examples = {k: [] for k in ("psnr", "psnr_mean_fill", "l1", "l1_mean_fill", "snr", "snr_mean_fill")}, []
+    # 2. Val clips, masks of the chosen config only, scored on hidden patches next to the mean-fill answer
+    #    and the oracle's.
+    scores, examples = {}, []
+    def score(name, value):
+        scores.setdefault(name, []).append(value)
     ids = clip_ids(val_data, args.clips)
     shown = set(ids[np.linspace(0, len(ids) - 1, min(args.examples, len(ids))).round().astype(int)].tolist())
-    for i in tqdm(range(0, len(ids), bs), desc="val", dynamic_ncols=True):
-        r = predict(jepa, cfg, val_data, ids[i:i + bs], np.random.default_rng([args.seed, 1, i]), device)
+    for i in tqdm(range(0, len(ids), bs), desc=f"val ({init})", dynamic_ncols=True):
+        r = predict(jepa, target_encoder, cfg, val_data, ids[i:i + bs], np.random.default_rng([args.seed, 1, i]),
+                    device)
         keep = r["config"] == config_id
-        vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders["video"])
-        vid = vid.clamp(0, 1)
-        scores["psnr"].append(masked_psnr(vid, r["pix"], vmask))
-        scores["psnr_mean_fill"].append(masked_psnr(mean_fill(r["pix"], vmask), r["pix"], vmask))
+        for s, suffix in zip(sources, ("", "_oracle")):
+            vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders[s, "video"], source=s)
+            vid = vid.clamp(0, 1)
+            score("psnr" + suffix, masked_psnr(vid, r["pix"], vmask))
+            if cfg["audio"]:
+                mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv), decoders[s, "audio"], nv, source=s)
+                for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
+                    score(name + suffix, fn(mel, r["mel"], amask))
+            if s == "x":
+                pred_vid, pred_mel = vid, mel if cfg["audio"] else None
+        score("psnr_mean_fill", masked_psnr(mean_fill(r["pix"], vmask), r["pix"], vmask))
         if cfg["audio"]:
-            mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv), decoders["audio"], nv)
             fill = mean_fill(r["mel"], amask)
             for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
-                scores[name].append(fn(mel, r["mel"], amask))
-                scores[name + "_mean_fill"].append(fn(fill, r["mel"], amask))
+                score(name + "_mean_fill", fn(fill, r["mel"], amask))
         for j in [j for j, c in enumerate(ids[i:i + bs]) if c in shown]:   # examples spread over the split
-            examples.append(dict(pix=r["pix"][j], vid=vid[j], vmask=vmask[j],
+            examples.append(dict(pix=r["pix"][j], vid=pred_vid[j], vmask=vmask[j],
                                  has_audio=bool(val_data["has_audio"][ids[i + j]]),
-                                 **(dict(mel=r["mel"][j], rec=mel[j], amask=amask[j], Ta=encoder.audio_grid[1] * PATCH)
-                                    if cfg["audio"] else {})))
+                                 **(dict(mel=r["mel"][j], rec=pred_mel[j], amask=amask[j],
+                                         Ta=encoder.audio_grid[1] * PATCH) if cfg["audio"] else {})))
 
     res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               mask=args.mask, init=args.init, train_clips=len(train_ids), val_clips=len(ids),
+               mask=args.mask, init=init, train_clips=len(train_ids), val_clips=len(ids),
                **{k: torch.cat(v).nanmean().item() for k, v in scores.items() if v})
     out_dir = path.parent / "reconstruct"
     out_dir.mkdir(exist_ok=True)
     for n, ex in enumerate(tqdm(examples, desc="examples", dynamic_ncols=True)):
-        write_example(out_dir / f"{args.mask}_{args.init}_{n}", ex, cfg, meta)
+        write_example(out_dir / f"{args.mask}_{init}_{n}", ex, cfg, meta)
     res["seconds"] = time.time() - t0
-    write_json(res, path.parent / f"probe_reconstruct_{args.mask}_{args.init}.json")
-    audio_part = (f", audio L1 {res['l1']:.3f} (mean-fill {res['l1_mean_fill']:.3f}), SNR {res['snr']:.1f} dB "
-                  f"({res['snr_mean_fill']:.1f})") if cfg["audio"] else ""
-    print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR {res['psnr']:.1f} dB (mean-fill "
-          f"{res['psnr_mean_fill']:.1f}){audio_part} on {len(ids)} val clips in {res['seconds']:.0f} s; "
-          f"examples in {out_dir}")
+    write_json(res, path.parent / f"probe_reconstruct_{args.mask}_{init}.json")
     return res
 
 # -----------------------------------------------------------------------------
