@@ -757,7 +757,9 @@ def train(argv=None):
         if master:
             save_checkpoint(ckpt_path, modules, opt, s, cfg, args.flags)
 
-    progress, end = Progress(args, run_dir, step, master, world, device), args.steps
+    progress = Progress(args, run_dir, step, master, world, device,
+                        inputs=lambda s: (data, batch_indices(data["n"], B, s, args.seed, rank, world)))
+    end = args.steps
     try:
         steps = range(step, args.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):

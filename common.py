@@ -6,7 +6,10 @@ keeps configurator.py beside train.py, this keeps the plumbing beside avjepa.py,
 without it, and so that prepare.py and probe.py need not import the trainer for it.
 """
 import argparse
+import errno
 import fcntl
+import hashlib
+import io
 import glob
 import json
 import math
@@ -102,8 +105,17 @@ def load_split(root, split):
             if not n:
                 return np.zeros((0, *shape), dtype)
             return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))
+        for key in ("audio_mean", "audio_std"):
+            if not (isinstance(meta[key], (int, float)) and math.isfinite(meta[key])) or meta["audio_std"] <= 0:
+                raise ValueError(f"meta.json's {key} is {meta[key]}, not a finite number (and audio_std above 0)")
+        label = mm("label", np.int64)
+        classes = len(meta.get("classes") or [])
+        bad = np.flatnonzero((label < -1) | (label >= classes)) if classes and n else []
+        if len(bad):
+            raise ValueError(f"{split} clip {bad[0]} has label {label[bad[0]]}, outside the {classes} classes "
+                             f"of meta.json (0 to {classes - 1}, or -1 for none); {len(bad)} such clips")
         return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
-                    audio=mm("audio", np.float16, meta["audio_shape"]), label=mm("label", np.int64),
+                    audio=mm("audio", np.float16, meta["audio_shape"]), label=label,
                     has_audio=mm("has_audio", np.uint8))
     except (OSError, ValueError, KeyError) as e:   # a missing file, a short array, a missing key
         why = f"{root / 'meta.json'} has no {e}" if isinstance(e, KeyError) else str(e)
@@ -209,23 +221,67 @@ def remove_stale(pattern):
             shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
 
 
-def write_atomic(path, write):
-    """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under the real name."""
+def disk_full(e):
+    """Whether an exception says the disk (or the user's quota) is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "unexpected pos" in str(e):   # torch.save's own words for it
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def no_space(path, needed=None, survives=""):
+    """The message for a disk that filled up while writing `path`: what, where, how much, what survives."""
+    free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+    need = f" (about {needed / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)" if needed else \
+        f" ({free / 1e6:.0f} MB free)"
+    return f"no space left on the disk to write {path}{need}: {survives or 'nothing was written'}. " \
+           f"Free some space and rerun"
+
+
+def check_space(path, needed, survives=""):
+    """Fail early, before a large write of about `needed` bytes into `path`'s folder, if it cannot fit."""
+    folder = Path(path).parent
+    while not folder.exists():
+        folder = folder.parent
+    if shutil.disk_usage(folder).free < needed:
+        raise SystemExit(no_space(path, needed, survives))
+
+
+def write_atomic(path, write, needed=None, survives=""):
+    """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under the real
+    name. A full disk ends the process with one line naming the path (and the bytes needed, if known) and
+    what survives, the temporary removed; `needed` also checks the free space first."""
     remove_stale(f"{glob.escape(str(path))}.tmp-*")
+    if needed:
+        check_space(path, needed, survives)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise SystemExit(no_space(path, needed, survives)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def read_checkpoint(path):
-    """A checkpoint's contents, read as tensors and plain values only (weights_only: no code runs on load)."""
+def read_checkpoint(path, digest=False):
+    """A checkpoint's contents, read as tensors and plain values only (weights_only: no code runs on load).
+    digest=True: also the SHA-256 of the very bytes the weights came from, a key that a save landing at
+    the same moment cannot make wrong. Returns the contents, or (contents, digest)."""
     if not Path(path).is_file():
         raise SystemExit(f"no checkpoint at {path}: pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar")
     try:
+        if digest:
+            raw = Path(path).read_bytes()   # one read: the weights and the key come from the same bytes
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), hashlib.sha256(raw).hexdigest()
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # zip, EOF, decode and key errors: whatever a file that is not a checkpoint raises
         if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):   # a class, not a tensor
@@ -267,7 +323,22 @@ def save_checkpoint(path, modules, opt, step, cfg, flags):
     """modules (name -> nn.Module) by their state dicts, the optimizer, step, run config, flags and RNG."""
     ckpt = {name: m.state_dict() for name, m in modules.items()}
     ckpt.update(opt=opt.state_dict(), step=step, config=cfg, flags=flags, rng=dict(torch=torch.get_rng_state()))
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
+    needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
+    survives = (f"the previous checkpoint at step {read_checkpoint(path)['step']} is intact, and --resume "
+                f"continues from it" if Path(path).exists() else "no checkpoint of this run was written yet")
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
+
+
+def tensors(obj):
+    """Every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors(v)
 
 
 def resume_or_init(args, cfg, ckpt_path, modules, opt):
@@ -307,9 +378,18 @@ def init_from(encoder, path):
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
-def stop_non_finite(step, ckpt_path):
+def stop_non_finite(step, ckpt_path, data=None, idx=None):
+    """Stop on a non-finite loss, saying whether the inputs of that step's batch (clips `idx` of `data`)
+    were finite: bad data is not the optimiser's fault."""
     kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
         if ckpt_path.exists() else "no checkpoint was written yet"
+    if data is not None and idx is not None:
+        bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i], np.float32)).all()]
+        if bad:
+            raise SystemExit(f"loss became non-finite at step {step} because its inputs were not: train clips "
+                             f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} hold NaN or Inf in "
+                             f"their audio. The dataset is damaged: rerun prepare.py for it; {kept}")
+        kept = f"the batch's inputs were finite; {kept}"
     raise SystemExit(f"loss became non-finite at step {step}; stopping, {kept}. "
                      f"Try a lower --lr or a higher --ema start.")
 
@@ -401,20 +481,26 @@ def lock_run(run_dir):
     over. Held until unlock_run or the process's end; a process that already holds it (train() called again)
     keeps it."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    key = str(Path(run_dir).resolve())
-    if key in HELD_LOCKS:
+    take_lock(Path(run_dir).resolve(), Path(run_dir) / "lock",
+              lambda owner: f"{run_dir} is in use by another run (pid {owner}): wait for it to end, or pick "
+                            f"another --name")
+
+
+def take_lock(key, lock_file, busy):
+    """An exclusive flock on lock_file, held under `key` in HELD_LOCKS; busy(owner) is the exit message when
+    another process holds it. The file holds the owner's pid."""
+    if str(key) in HELD_LOCKS:
         return
-    fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.read(fd, 100).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise SystemExit(f"{run_dir} is in use by another run (pid {owner}): wait for it to end, "
-                         f"or pick another --name") from None
+        raise SystemExit(busy(owner)) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-    HELD_LOCKS[key] = fd
+    HELD_LOCKS[str(key)] = fd
 
 
 def unlock_run(run_dir):
@@ -572,8 +658,10 @@ class Progress:
     """The training loop's bookkeeping, kept out of the loop: the tqdm bar, log.jsonl (from `step` on, written
     by the main process), the speed, the stop signals and the non-finite loss check. After each step,
     step(s, loss) says whether to log it, save after it, and stop after it; write(rec) logs one record."""
-    def __init__(self, args, run_dir, step, master, world, device):
+    def __init__(self, args, run_dir, step, master, world, device, inputs=None):
+        """inputs(s): (the dataset, the clips of step s), to say whether a bad loss came from bad data."""
         self.args, self.world, self.device, self.ckpt_path = args, world, device, run_dir / "ckpt.pt"
+        self.inputs = inputs or (lambda s: (None, None))
         self.log, self.last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
         self.bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
         self.caught, self.restore_signals = catch_stop_signals()
@@ -590,7 +678,8 @@ class Progress:
         save = (s + 1) % self.args.save_every == 0
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
-            stop_non_finite(self.first_bad.item(), self.ckpt_path)
+            bad = self.first_bad.item()
+            stop_non_finite(bad, self.ckpt_path, *self.inputs(bad))
         return log, save, stop
 
     def clips_per_s(self):

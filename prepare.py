@@ -37,7 +37,8 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from common import COUNT, NONNEG_INT, PATCH, TUBELET, remove_stale
+from common import (COUNT, NONNEG_INT, PATCH, TUBELET, check_space, disk_full, no_space, remove_stale, take_lock,
+                    unlock_run)
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}
@@ -174,6 +175,20 @@ def init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def skip_reason(e):
+    """Why a file was skipped, in a user's words first, then the library's."""
+    text = getattr(e, "strerror", None) or str(e)
+    if isinstance(e, (av.error.InvalidDataError, UnicodeDecodeError)) or "moov atom not found" in text:
+        words = "not a media file PyAV can open (corrupt, or not audio-video at all)"
+    elif isinstance(e, (EOFError, av.error.EOFError)) or "End of file" in text or "truncat" in text.lower():
+        words = "truncated: the file ends before its streams do"
+    elif isinstance(e, av.FFmpegError):
+        words = "damaged: PyAV opened it but could not decode it"
+    else:
+        words = "could not be read"
+    return f"{words} ({type(e).__name__}: {text})"
+
+
 def decode_video(path, frames, frame_step, size, clips_per_video):
     """All clips of one file as arrays, or {"error": reason} when the file cannot be used."""
     clip_seconds = frames * frame_step / FPS
@@ -206,13 +221,13 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
                     try:
                         wave, ok = read_audio(container, astream, t0, audio_seconds)
                         mel = log_mel(wave, silent.shape[1]) if ok else silent
+                        if not np.isfinite(mel).all():   # a decoder that gave NaN or Inf: no sound to keep
+                            mel, ok = silent, False
                     except Exception:  # a broken audio track: keep the video, as silent
                         mel, ok = silent, False
                 clips.append((v, mel, ok, pad))
-    except av.FFmpegError as e:  # corrupt, truncated, not a video...
-        return {"error": f"cannot decode: {e.strerror}"}
-    except Exception as e:  # whatever else is wrong with one file must not stop a run over thousands
-        return {"error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # whatever is wrong with one file must not stop a run over thousands
+        return {"error": skip_reason(e)}
     video, audio, has_audio, padded = zip(*clips)
     return {"video": np.stack(video), "audio": np.stack(audio).astype(np.float16),
             "has_audio": np.array(has_audio, np.uint8), "padded": any(padded)}
@@ -364,10 +379,18 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     clip_seconds = frames * frame_step / FPS
     n_mel = audio_frames(clip_seconds)
     workers = workers or os.cpu_count()
+    # One writer per dataset folder: a lock beside it (the folder itself is swapped at the end).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    take_lock(out.resolve(), out.parent / f".{out.name}.lock",
+              lambda owner: f"{out} is being written by another prepare.py (pid {owner}): wait for it to end, "
+                            f"or pick another --out")
     # Everything goes to a temporary folder that is renamed at the very end: an interrupted run
     # never leaves something that looks like a finished dataset, and an old one is replaced only then.
     # A run killed outright (kill -9, power loss) never reaches `finally`: its folder is removed here.
     remove_stale(str(out.parent / f".{glob.escape(out.name)}.tmp-*"))
+    survives = f"the dataset already at {out} is intact" if out.exists() else "no dataset was written"
+    needed = len(items) * clips_per_video * (frames * size * size * 3 + MEL_BINS * n_mel * 2 + 9)
+    check_space(out / "meta.json", needed, survives)   # fail now, not after an hour of decoding
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
@@ -411,8 +434,13 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
             out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        if disk_full(e):
+            raise SystemExit(no_space(out, needed, f"{survives}; the partial one was removed")) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        unlock_run(out)
     dt, n = time.time() - t_begin, counts["train"] + counts["val"]
     made = f"generated in {generated_s:.1f} s, then ingested " if generated_s is not None else ""
     print(f"prepared {out}: {counts['train']} train + {counts['val']} val clips from {len(ingested)} videos "
@@ -562,7 +590,13 @@ def synth_clip(path, colour, shape, rhythm, direction, sync, seed):
     """synth_world's clip as an mp4 (H.264 + AAC) at `path`."""
     frames, wave, sr, _ = synth_world(colour, shape, rhythm, direction, sync, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, (frames * 255).round().astype(np.uint8), 30, wave, sr)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")   # no half-written video under the real name
+    try:
+        write_mp4(tmp, (frames * 255).round().astype(np.uint8), 30, wave, sr)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
@@ -582,8 +616,17 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
             for old in (videos / split / name).glob("[0-9][0-9][0-9].mp4"):
                 if old not in ours:
                     old.unlink()
-    with Pool(workers or os.cpu_count(), init_worker) as pool:
-        pool.starmap(synth_clip, jobs, chunksize=8)
+    check_space(videos / "x.mp4", 40_000 * len(jobs))   # about 20 kB a video; fail early if they cannot fit
+    try:
+        with Pool(workers or os.cpu_count(), init_worker) as pool:
+            pool.starmap(synth_clip, jobs, chunksize=8)
+    except Exception as e:   # a worker's OSError comes back here
+        if disk_full(e):
+            for split in SPLITS:   # a killed worker's temporaries
+                remove_stale(str(videos / split / "*" / "*.mp4.tmp-*"))
+            raise SystemExit(no_space(videos, 40_000 * len(jobs), "the videos written so far are complete "
+                                      "(no half-written one is left), and no dataset was written")) from None
+        raise
     generated_s = time.time() - t_begin
     print(f"generated {len(jobs)} synthetic videos in {videos} in {generated_s:.1f} s")
     classes = sorted(classes)

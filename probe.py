@@ -102,7 +102,7 @@ def newest_checkpoint(runs):
 
 def open_run(args):
     path = Path(args.ckpt) if args.ckpt else newest_checkpoint(args.runs)
-    ckpt = read_checkpoint(path)   # exits with a message if missing or unreadable
+    ckpt, digest = read_checkpoint(path, digest=True)   # exits with a message if missing or unreadable
     if not (isinstance(ckpt, dict) and {"config", "encoder", "predictor", "target_encoder"} <= ckpt.keys()):
         raise SystemExit(f"{path} is not an avjepa checkpoint (no encoder/predictor/target_encoder/config): "
                          f"pass a ckpt.pt written by avjepa.py")
@@ -110,6 +110,7 @@ def open_run(args):
     if not (data / "meta.json").exists():
         raise SystemExit(f"no dataset at {data}: run prepare.py, or pass --data")
     print(f"probing {path} (step {ckpt['step']}) on {data}")
+    ckpt["sha256"] = digest   # the feature cache's key: what was read, not what the file is by now
     return path, ckpt, data
 
 
@@ -347,7 +348,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
     name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
-    key = dict(ckpt=str(path.resolve()), ckpt_mtime=path.stat().st_mtime_ns, data=str(data_dir.resolve()),
+    key = dict(ckpt=str(path.resolve()), ckpt_sha256=ckpt["sha256"], data=str(data_dir.resolve()),
                data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed, clips=args.clips)
     feats = torch.load(cache, weights_only=True) if cache.exists() and not args.no_cache else None
     if feats is not None and feats["key"] == key:

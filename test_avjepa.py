@@ -13,6 +13,7 @@ import torch
 # before kernels (and so triton) is imported: compiled kernels on a GPU, the interpreter elsewhere
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+import errno
 import importlib.util
 import json
 import math
@@ -2119,3 +2120,145 @@ def test_cli_fails_clearly_when_nothing_can_be_ingested(tmp_path):
         r = cli("--videos", path, "--out", tmp_path / "out")
         assert r.returncode != 0 and str(path) in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+# -----------------------------------------------------------------------------
+# Full disks, bad values and races: a clear message, nothing lost, nothing cached wrong. A full disk is
+# simulated by a writer that raises OSError(ENOSPC), or by a disk that reports no free space.
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(tmp_path, monkeypatch):
+    net = nn.Linear(3, 3)
+    opt = torch.optim.AdamW(net.parameters())
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint(path, {"encoder": net}, opt, 200, {}, {})
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(path, {"encoder": net}, opt, 400, {}, {})
+    assert re.search(rf"no space left on the disk to write {re.escape(str(path))} \(about [0-9]+ MB needed", str(e.value))
+    assert "the previous checkpoint at step 200 is intact, and --resume continues from it" in str(e.value)
+    assert common.read_checkpoint(path)["step"] == 200 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_checkpoint_that_cannot_fit_fails_before_writing(tmp_path, monkeypatch):
+    net = nn.Linear(300, 300)
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(tmp_path / "ckpt.pt", {"encoder": net}, torch.optim.SGD(net.parameters()), 1, {}, {})
+    assert "MB needed, 0 MB free" in str(e.value) and "no checkpoint of this run was written yet" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(10 ** 12, 10 ** 12 - free, free)
+
+
+@needs_av
+def test_a_full_disk_while_preparing_keeps_the_old_dataset_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    import prepare
+    for i in range(2):
+        make_video(tmp_path / "src" / f"c{i}" / "v.mp4", n=20)
+    out = tmp_path / "data"
+    prepare.prepare(tmp_path / "src", out, frames=2, size=32, workers=1, val_fraction=0)
+    before = (out / "train_video.bin").read_bytes()
+    monkeypatch.setattr(Path, "write_text", enospc)   # meta.json cannot be written
+    with pytest.raises(SystemExit) as e:
+        prepare.prepare(tmp_path / "src", out, frames=2, size=32, workers=1, val_fraction=0)
+    assert f"no space left on the disk to write {out}" in str(e.value)
+    assert f"the dataset already at {out} is intact; the partial one was removed" in str(e.value)
+    assert (out / "train_video.bin").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "data", "src"]
+
+
+@needs_av
+def test_a_full_disk_while_generating_the_built_in_videos_is_one_clear_line(tmp_path, monkeypatch):
+    import prepare
+    monkeypatch.setattr(prepare, "write_mp4", enospc)   # the worker processes are forked: they see it too
+    with pytest.raises(SystemExit) as e:
+        prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 0))
+    assert f"no space left on the disk to write {tmp_path / 'synthetic_videos'}" in str(e.value)
+    assert not list((tmp_path / "synthetic_videos").rglob("*.tmp-*")) and not (tmp_path / "synthetic").exists()
+
+
+@needs_av
+def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path):
+    import prepare
+    make_video(tmp_path / "src" / "c0" / "v.mp4", n=20)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(tmp_path / '.data.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242 on elsewhere')\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            prepare.prepare(tmp_path / "src", tmp_path / "data", frames=2, size=32, workers=1)
+        assert "is being written by another prepare.py (pid 4242 on elsewhere)" in str(e.value)
+        assert not (tmp_path / "data").exists()
+    finally:
+        holder.kill()
+
+
+def test_a_dataset_with_non_finite_statistics_is_refused_by_name(tmp_path):
+    data = write_fake_dataset(tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    meta["audio_std"] = float("nan")
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="meta.json's audio_std is nan, not a finite number"):
+        common.load_split(data, "train")
+
+
+def test_labels_outside_the_classes_are_refused_before_any_probe_runs(probe_run, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(probe_run["data"], data)
+    labels = np.fromfile(data / "val_label.bin", np.int64)
+    labels[5] = 500
+    labels.tofile(data / "val_label.bin")
+    with pytest.raises(SystemExit, match="val clip 5 has label 500, outside the 2 classes of meta.json"):
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", str(data)])
+
+
+def test_a_non_finite_loss_from_bad_data_names_the_clips_not_the_optimiser(tmp_path):
+    data = write_fake_dataset(tmp_path / "data")
+    audio = np.fromfile(f"{data}/train_audio.bin", np.float16).reshape(16, 128, 32)
+    audio[:, :, 5] = np.nan     # every clip's audio; the silent ones (every 4th) drop their audio tokens
+    audio.tofile(f"{data}/train_audio.bin")
+    with pytest.raises(SystemExit) as e:
+        avjepa.train(micro_args(data, tmp_path / "out", "--audio", "--steps", "2"))
+    assert re.search(r"loss became non-finite at step 0 because its inputs were not: train clips [0-9, ]+ hold NaN "
+                     r"or Inf in their audio", str(e.value)), str(e.value)
+    assert "--lr" not in str(e.value)
+
+
+def test_the_probe_cache_is_keyed_by_the_checkpoint_bytes_it_read(probe_run, tmp_path, capsys):
+    import shutil
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(probe_run["ckpt"], ckpt)
+    args = ["--task", "classify", "--ckpt", str(ckpt), "--probe-seeds", "0", "--no-baseline", "--no-labels"]
+    probe.main(args)
+    probe.main(args)
+    assert "features from" in capsys.readouterr().out           # same bytes: the cache is read
+    c = torch.load(ckpt, weights_only=True)
+    c["target_encoder"] = {k: v + 1 for k, v in c["target_encoder"].items()}
+    stat = ckpt.stat()
+    torch.save(c, ckpt)
+    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))     # a save within the same clock tick
+    probe.main(args)
+    assert "features from" not in capsys.readouterr().out       # other bytes: recomputed
+
+
+@needs_av
+def test_skip_reasons_are_in_a_users_words_then_the_librarys(tmp_path):
+    import prepare
+    assert prepare.skip_reason(UnicodeDecodeError("utf-8", b"\x80", 0, 1, "invalid start byte")).startswith(
+        "not a media file PyAV can open (corrupt, or not audio-video at all) (UnicodeDecodeError: ")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 100)
+    assert prepare.decode_video(tmp_path / "bad.mp4", 2, 4, 32, 1)["error"].startswith("not a media file PyAV can open")
+    make_video(tmp_path / "good.mp4", n=60)
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "good.mp4").read_bytes()[:2000])
+    assert prepare.decode_video(tmp_path / "cut.mp4", 2, 4, 32, 1)["error"].split(" (")[0] in (
+        "not a media file PyAV can open", "truncated: the file ends before its streams do")
