@@ -508,17 +508,11 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     first = -lag                          # the first state the sound needs
     r = rng.uniform(9, 13)                # object radius in pixels
     lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
-    # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span away
-    heights = [rng.uniform(0, 1)]
-    jumps = [False]
-    for _ in range(n_states + 2 - 1):
-        jump = rng.random() < 0.6
-        h = heights[-1]
-        if jump:
-            h = (h + rng.uniform(0.2, 0.8)) % 1.0
-        heights.append(h)
-        jumps.append(jump)
-    heights, jumps = np.array(heights), np.array(jumps)    # state s is index s + 2 (s = -2 .. 5)
+    # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span
+    # away. Every state, the first included, may have jumped into: a late clip's first hit (at the clip's
+    # start) is then as likely as a synced one's, and the sound alone says nothing of sync.
+    jumps = rng.random(n_states + 2) < 0.6                  # state s is index s + 2 (s = -2 .. 5)
+    heights = (rng.uniform(0, 1) + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2), 0))) % 1.0
     step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width   # sideways per tubelet: >= half a patch
     x0 = rng.uniform(0, width)            # uniform start: no cue in the first frame
 
@@ -535,26 +529,32 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     pan = rng.choice([-1, 1]) * rng.uniform(0.1, 0.2) * width / tau   # pixels per second
     cam0 = rng.uniform(0, world)
     n_frames = round(seconds * fps)
-    f = np.arange(n_frames)[:, None, None]                              # [F, 1, 1]
-    y, x = yy[None, :, :1], xx[None, :1, :]                             # [1, H, 1], [1, 1, W]
-    wx = (x + cam0 + pan * f / fps) % world                             # [F, 1, W] world column of each pixel
+    # the world, drawn once: [width, world, 3], then each frame is a window on it, moved by the pan
+    y, wx = np.mgrid[:width, :world] + 0.5
     ridge = horizon + sum(a * np.sin(2 * np.pi * k * wx / world + p) for a, k, p in waves)
     v = np.clip(y / ridge, 0, 1)[..., None]
-    img = (1 - v) * sky_top + v * sky_low                               # sky, lighter towards the horizon
+    scene = (1 - v) * sky_top + v * sky_low                             # sky, lighter towards the horizon
     g = np.clip((y - ridge) / (width - ridge), 0, 1)[..., None]
-    img = np.where((y >= ridge)[..., None], (1 - g) * ground_top + g * ground_low, img)   # [F, H, W, 3]
+    scene = np.where((y >= ridge)[..., None], (1 - g) * ground_top + g * ground_low, scene)
     for px, hw, ph, pc in posts:
         d = (wx - px + world / 2) % world - world / 2
-        img = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc, img)
-    k = (f - FIRST_FRAME) // TUBELET_FRAMES                            # the state shown in each frame
-    cx = (x0 + step * k) % width
-    cy = lo + heights[np.clip(k, -2, n_states - 1) + 2] * span
+        scene = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc, scene)
+    left = cam0 + pan * np.arange(n_frames) / fps                       # [F] the window's left edge
+    col = np.floor(left)[:, None] + np.arange(width)                    # [F, W] linear between two columns
+    frac = (left - np.floor(left))[:, None, None, None]
+    img = (1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3) \
+        + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3)   # [F, H, W, 3]
+    k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES          # the state shown in each frame
+    shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
+    cx = (x0 + step * shown) % width
+    cy = lo + heights[np.clip(shown, -2, n_states - 1) + 2] * span
+    y, x = yy[None, :, :1], xx[None, :1, :]                             # [1, H, 1], [1, 1, W]
+    mask = np.zeros((len(shown), width, width), bool)
     for shift in (-width, 0, width):                                   # wrapping round the edges
         dx, dy = x - cx - shift, y - cy
-        mask = {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
-                "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
-        img = np.where(mask[..., None], COLOURS[colour], img)
-    frames = img
+        mask |= {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
+                 "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
+    frames = np.where(mask[k - k.min(), ..., None], COLOURS[colour], img)
 
     # Sound, in the clip's time u (u = 0 at the first frame of the clip)
     n = round((seconds + 0.1) * sr)

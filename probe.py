@@ -314,6 +314,34 @@ def pooled(feats, bounds):
     return torch.cat(parts, 1)
 
 
+def paired(feats, encoder, k=16, seed=0):
+    """What a linear map needs to read a relation between moments or senses: per tubelet t, the mean video
+    token v_t and the mean audio token a_t over the audio columns playing during t; then, over t, the mean
+    of the outer products of their random projections (P v_t)(Q a_t)^T, sight and sound at one moment
+    (sync), and (P v_t)(P v_t+1)^T, sight now and a tubelet later (direction, order). A linear map of these
+    is a bilinear form: it can ask "does the sound now go with the picture now?" and "where did it go
+    next?", which no linear map of pooled tokens can. P, Q: fixed Gaussian [D, k] (seeded). [n, 2 k^2]
+    (only the video pair without audio)."""
+    x, valid = feats["x"], feats["valid"].float()[..., None]
+    T, H, W = encoder.video_grid
+    n, D, nv = len(x), x.shape[-1], encoder.nv
+    g = torch.Generator().manual_seed(seed)
+    P, Q = (torch.randn(D, k, generator=g) / math.sqrt(D) for _ in range(2))
+    v = (x[:, :nv] * valid[:, :nv]).view(n, T, H * W, D).sum(2) / valid[:, :nv].view(n, T, H * W, 1).sum(2).clamp(min=1)
+    pv = v @ P                                                                       # [n, T, k]
+    pairs = [torch.einsum("ntk,ntl->nkl", pv[:, :-1], pv[:, 1:]).flatten(1) / max(T - 1, 1)]
+    if x.shape[1] > nv and encoder.audio_grid:
+        Fa, C = encoder.audio_grid
+        c = encoder.config
+        col_t = ((torch.arange(C) + 0.5) * c["audio_patch_seconds"] / c["tubelet_seconds"]).long().clamp(max=T - 1)
+        onehot = F.one_hot(col_t, T).float()                                         # [C, T]
+        a = (x[:, nv:nv + Fa * C] * valid[:, nv:nv + Fa * C]).view(n, Fa, C, D).sum(1)   # [n, C, D]
+        cnt = valid[:, nv:nv + Fa * C].view(n, Fa, C, 1).sum(1)
+        a = torch.einsum("ncd,ct->ntd", a, onehot) / torch.einsum("ncd,ct->ntd", cnt, onehot).clamp(min=1)
+        pairs.append(torch.einsum("ntk,ntl->nkl", pv, a @ Q).flatten(1) / T)
+    return torch.cat(pairs, 1)
+
+
 def linear_readout(train_x, train_y, val_x, sizes, lam=0.1):
     """The seedless readout: least squares from mean-pooled features to one-hot labels, ridge lam relative
     to the mean diagonal (fixed, not tuned on val). One closed-form solve, no seed, no epochs. A linear map
@@ -383,8 +411,13 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     if runs:
         res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
     # the seedless readout: each head's value from a linear map of the mean-pooled features
-    head_pred = linear_readout(pooled(feats["train"], bounds), targets[feats["train"]["y"]], pooled(feats["val"], bounds),
-                               outputs)
+    def readout_features(f):   # pooled tokens, and the pairs that a relation between tokens needs
+        x = pooled(f, bounds)
+        if args.modalities != "audio" and read != "both":
+            x = torch.cat([x, paired(f, encoder)], 1)
+        return x
+    head_pred = linear_readout(readout_features(feats["train"]), targets[feats["train"]["y"]],
+                               readout_features(feats["val"]), outputs)
     right = head_pred == targets[labels]                                             # [n_val, heads]
     res["linear"] = dict(top1=right.all(1).float().mean().item())
     if "class_factors" in meta:

@@ -91,6 +91,14 @@ def segments(packed):
     return [index[cu[i]:cu[i + 1]].numpy() for i in range(len(cu) - 1)]
 
 
+def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
+    assert [avjepa.grid_blocks(b, 14 * 14) for b in (8, 2)] == [8, 2]        # V-JEPA's short and long
+    rng = np.random.default_rng(0)
+    hidden = {c: np.mean([avjepa.sample_targets(rng, c, (4, 4, 4), None)[:16].sum() for _ in range(300)])
+              for c in ("short", "long")}
+    assert hidden["short"] < 3.5 and hidden["long"] < 10.5, hidden   # 8 x 0.15 and 2 x 0.7 hid 11 and 12 of 16
+
+
 @pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future", "window"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
@@ -1525,6 +1533,40 @@ def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
     feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
     silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
     assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
+
+
+def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot():
+    """Tokens that carry, per tubelet, the object's height (video) and the pitch heard (audio): synced
+    clips hear the height seen now, late ones the height of two tubelets before; the object steps left or
+    right. Neither is in any pooled token, and both are in the pairs."""
+    from types import SimpleNamespace
+    T, H, W, Fa, C, D, n = 8, 2, 2, 2, 12, 8, 600
+    enc = SimpleNamespace(video_grid=(T, H, W), nv=T * H * W, audio_grid=(Fa, C),
+                          config=dict(audio_patch_seconds=0.16, tubelet_seconds=0.24))
+    rng = np.random.default_rng(0)
+    height, step = rng.normal(size=(n, T + 2)), rng.choice([-1.0, 1.0], n)
+    late = rng.random(n) < 0.5
+    x = torch.from_numpy(rng.normal(0, 0.1, (n, enc.nv + Fa * C, D))).float()
+    angle = rng.uniform(0, 2 * np.pi, n)   # where it starts, round a wrapping screen
+    for t in range(T):
+        now = slice(t * H * W, (t + 1) * H * W)
+        x[:, now, 0] += torch.tensor(height[:, t + 2])[:, None]                          # seen now
+        x[:, now, 1] += torch.tensor(np.cos(angle + 0.8 * step * t))[:, None]            # where it is
+        x[:, now, 2] += torch.tensor(np.sin(angle + 0.8 * step * t))[:, None]
+    col_t = ((np.arange(C) + 0.5) * 0.16 / 0.24).astype(int)
+    heard = np.where(late[:, None], height[:, col_t], height[:, col_t + 2])              # [n, C]
+    x[:, enc.nv:, 3] += torch.tensor(np.tile(heard, Fa)).float()
+    feats = dict(x=x, valid=torch.ones(n, enc.nv + Fa * C, dtype=torch.bool))
+    y = torch.from_numpy(np.stack([late, step > 0], 1).astype(np.int64))
+    tr, va = slice(0, 400), slice(400, n)
+    for name, f in (("pooled", probe.pooled(feats, [0, enc.nv, enc.nv + Fa * C])),
+                    ("paired", probe.paired(feats, enc))):
+        pred = probe.linear_readout(f[tr], y[tr], f[va], [2, 2])
+        acc = (pred == y[va]).float().mean(0)
+        if name == "pooled":
+            assert (acc < 0.65).all(), acc     # chance: the relation is in no single token
+        else:
+            assert (acc > 0.85).all(), acc
 
 
 def test_reconstruct_runs_end_to_end_and_writes_metrics_with_baselines(probe_run, reconstructed):
