@@ -79,6 +79,8 @@ def make_parser():
     add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
     add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
         "predictions and targets, so that they tell clips apart (CAV-MAE: 0.01)")
+    add("--visible-weight", type=NONNEG, default=0.0, help="weight of an L1 loss on the predictor's "
+        "outputs at the context tokens too (V-JEPA 2.1: denser features)")
     add("--reg", choices=["none", "sigreg"], default="sigreg", help="anti-collapse term on the context "
         "features: SIGReg (LeJEPA), or none (V-JEPA: collapses at small scale)")
     add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg")
@@ -489,8 +491,9 @@ class Predictor(nn.Module):
         self.predictor_proj = nn.Linear(width, enc_width)
         init_weights(self, self.blocks)
 
-    def forward(self, context, masks):
-        """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
+    def forward(self, context, masks, visible=False):
+        """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets; with
+        visible=True, [Tt + Tc, D]: then for the context tokens too, in their packed order."""
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.pred_ctx, masks.pred_tgt   # masks.ctx's and .tgt's rows, in its segments
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
@@ -507,7 +510,8 @@ class Predictor(nn.Module):
         cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
-        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
+        rows = torch.cat([tgt_slot, ctx_slot]) if visible else tgt_slot
+        return self.predictor_proj(self.norm(kernels.gather(x, rows)))             # [Tt (+ Tc), D]
 
 
 def predictor_slots(ctx, tgt):
@@ -530,9 +534,9 @@ class JEPA(nn.Module):
         super().__init__()
         self.encoder, self.predictor = encoder, predictor
 
-    def forward(self, video, audio, masks):
+    def forward(self, video, audio, masks, visible=False):
         context = self.encoder(video, audio, keep=masks.enc, fused=masks.ctx)    # [Tc, D]
-        return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
+        return self.predictor(context, masks, visible), context   # [Tt (+ Tc), D], [Tc, D]
 
 
 def build(cfg):
@@ -672,9 +676,13 @@ def step_loss(model, target_encoder, video, audio, masks, args):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate",
                                        args.target_layers)
-        pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
+        pred, context = model(video, audio, masks, args.visible_weight > 0)   # [Tt (+ Tc), D], [Tc, D]
+        pred, seen = pred[:len(masks.tgt.index)], pred[len(masks.tgt.index):]
         targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
+        if args.visible_weight:    # V-JEPA 2.1: the predictor also says what the teacher sees where
+            seen_targets = kernels.gather(target_feats.flatten(0, 1), masks.ctx.index)   # it was shown
+            loss = loss + args.visible_weight * (seen.float() - seen_targets).abs().mean()
         if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + args.reg_weight * sigreg(context)
         if args.nce_weight:        # predictions that tell clips apart

@@ -535,8 +535,16 @@ def start_log(log_path, step):
 def write_log_line(log, rec):
     """One JSON line; a modality with no targets this step has no loss (nan): written as null, so it stays JSON."""
     rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    try:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        ckpt = Path(log.name).parent / "ckpt.pt"
+        raise SystemExit(no_space(log.name, None, f"the checkpoint at step {read_checkpoint(ckpt)['step']} is "
+                                  f"intact, and --resume continues from it" if ckpt.exists() else
+                                  "no checkpoint of this run was written yet")) from None
 
 
 def pyplot():

@@ -587,6 +587,16 @@ def test_rankme_counts_the_directions_features_use():
     assert common.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
 
 
+def test_asking_the_predictor_for_the_context_too_leaves_its_target_predictions_unchanged():
+    encoder, predictor, _ = micro_jepa()
+    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
+                                encoder.audio_grid, np.ones(2, bool))
+    context = encoder(torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32), keep=masks.enc, fused=masks.ctx)
+    both, targets_only = predictor(context, masks, visible=True), predictor(context, masks)
+    Tt = len(masks.tgt.index)
+    assert both.shape == (Tt + len(masks.ctx.index), context.shape[1]) and torch.equal(both[:Tt], targets_only)
+
+
 def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     torch.manual_seed(0)
     assert avjepa.sigreg(torch.randn(2000, 16)) < 0.005                                # isotropic Gaussian
@@ -595,7 +605,8 @@ def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15                                 # every row alike
 
 
-@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
+@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"],
+                                   ["--audio", "--visible-weight", "0.5"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
@@ -2182,6 +2193,15 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(
     assert re.search(rf"no space left on the disk to write {re.escape(str(path))} \(about [0-9]+ MB needed", str(e.value))
     assert "the previous checkpoint at step 200 is intact, and --resume continues from it" in str(e.value)
     assert common.read_checkpoint(path)["step"] == 200 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_full_disk_while_logging_names_the_log_and_the_checkpoint_to_resume_from(tmp_path):
+    class Full:
+        name = str(tmp_path / "log.jsonl")
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(SystemExit, match=r"to write .*log.jsonl \([0-9]+ MB free\): no checkpoint of this run"):
+        common.write_log_line(Full(), {"step": 1})
 
 
 def test_a_checkpoint_that_cannot_fit_fails_before_writing(tmp_path, monkeypatch):
