@@ -79,8 +79,6 @@ def make_parser():
     add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
     add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
         "predictions and targets, so that they tell clips apart (CAV-MAE: 0.01)")
-    add("--visible-weight", type=NONNEG, default=0.0, help="weight of an L1 loss on the predictor's "
-        "outputs at the context tokens too (V-JEPA 2.1: denser features)")
     add("--reg", choices=["none", "sigreg"], default="sigreg", help="anti-collapse term on the context "
         "features: SIGReg (LeJEPA), or none (V-JEPA: collapses at small scale)")
     add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg")
@@ -140,9 +138,8 @@ def get_args(argv=None):
 
 
 def ema_range(steps):
-    """The EMA momentum's default start and end. An EMA of m averages about the last 1 / (1 - m) steps, and
-    the random init keeps a share of m^steps of the teacher (V-JEPA's 0.998: a third after 600 steps). So
-    the teacher averages over a sixth of the run (e^-6 random at the end), at most 500 steps, at least 10."""
+    """Default EMA start and end. An EMA of m averages about the last 1 / (1 - m) steps and keeps m^steps
+    of the random init (V-JEPA's 0.998: a third after 600). So: a sixth of the run, 10 to 500 steps."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
@@ -151,8 +148,7 @@ def ema_range(steps):
 
 def crop_params(rng, B, area=(0.3, 1.0)):
     """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
-    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps
-    theta [B, 2, 3]."""
+    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps [B, 2, 3]."""
     theta = torch.zeros(B, 2, 3)
     area = rng.uniform(*area, B)
     ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
@@ -180,8 +176,7 @@ def augment_video(video, size, theta=None):
 
 
 def normalize_audio(audio, meta):
-    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta], normalised with the train split's statistics
-    as AudioMAE/CAV-MAE do: (x - mean) / (2 std)."""
+    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as AudioMAE/CAV-MAE."""
     return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
 
 # -----------------------------------------------------------------------------
@@ -222,16 +217,16 @@ def sample_targets(rng, config, video_grid, audio_grid):
         a = np.tile(in_window(Ca) & (not hide_video), Fa)
     else:
         blocks, scale = MASKS[config]
-        v = np.broadcast_to(block_mask(rng, H, W, grid_blocks(blocks, H * W), scale), (T, H, W)).reshape(-1)
-        a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).reshape(-1) if audio_grid else np.zeros(0, bool)
+        v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)
+        v = np.broadcast_to(v, (T, H, W)).reshape(-1)
+        a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).reshape(-1) if Ca else v[:0]
     return np.concatenate([v, a])
 
 
 def grid_blocks(blocks, area):
-    """V-JEPA's block counts are for its 14 x 14 grid (224 px). On another grid the number of blocks
-    scales with the grid's area, each block keeping its share of it: at 224 px exactly V-JEPA's masks,
-    on the built-in set's 4 x 4 grid one block per config, so that some context is left to infer from
-    (8 blocks of 0.15 hid 11 of its 16 tokens, and 2 of 0.7 hid 12)."""
+    """V-JEPA's block counts are for its 14 x 14 grid (224 px). Elsewhere they scale with the grid's
+    area, each block keeping its share: V-JEPA's masks at 224 px, one block per config on the 4 x 4
+    grid of the built-in set, so that context is left (V-JEPA's counts hid 11 and 12 of its 16)."""
     return max(1, round(blocks * area / 196))
 
 
@@ -323,9 +318,8 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
 # the two apart.
 
 def sincos(coords, dim):
-    """coords [N, 3] (t, h, w) -> [N, dim]. Each axis gets 2*ceil(dim/6) dims of [sin(p w), cos(p
-    w)], w_i = 1/10000^(i/(d/2)); concatenated (t, h, w) and cut to dim (V-JEPA,
-    uniform_power=True)."""
+    """coords [N, 3] (t, h, w) -> [N, dim]: per axis 2*ceil(dim/6) dims of [sin(p w), cos(p w)],
+    w_i = 1/10000^(i/(d/2)); concatenated (t, h, w) and cut to dim (V-JEPA, uniform_power=True)."""
     d = 2 * math.ceil(dim / 6)
     omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
     out = coords.double()[:, :, None] * omega                            # [N, 3, d/2]
@@ -491,9 +485,8 @@ class Predictor(nn.Module):
         self.predictor_proj = nn.Linear(width, enc_width)
         init_weights(self, self.blocks)
 
-    def forward(self, context, masks, visible=False):
-        """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets; with
-        visible=True, [Tt + Tc, D]: then for the context tokens too, in their packed order."""
+    def forward(self, context, masks):
+        """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
         N = self.pos_embed.shape[0]
         ctx, tgt = masks.pred_ctx, masks.pred_tgt   # masks.ctx's and .tgt's rows, in its segments
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
@@ -510,8 +503,7 @@ class Predictor(nn.Module):
         cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
-        rows = torch.cat([tgt_slot, ctx_slot]) if visible else tgt_slot
-        return self.predictor_proj(self.norm(kernels.gather(x, rows)))             # [Tt (+ Tc), D]
+        return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
 
 
 def predictor_slots(ctx, tgt):
@@ -534,9 +526,9 @@ class JEPA(nn.Module):
         super().__init__()
         self.encoder, self.predictor = encoder, predictor
 
-    def forward(self, video, audio, masks, visible=False):
+    def forward(self, video, audio, masks):
         context = self.encoder(video, audio, keep=masks.enc, fused=masks.ctx)    # [Tc, D]
-        return self.predictor(context, masks, visible), context   # [Tt (+ Tc), D], [Tc, D]
+        return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
 
 
 def build(cfg):
@@ -577,8 +569,7 @@ def load_encoder(path, device="cpu"):
 def jepa_loss(pred, targets, masks):
     """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the
     target tokens (masks.tgt_weight: each config, and each modality within it, counts the same).
-    Returns it and, for the log, the plain mean per modality (video, audio), nan for a modality
-    without targets."""
+    Returns it and, for the log, the plain mean per modality (video, audio; nan if it has none)."""
     err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
     audio = masks.tgt_modality.float()
     per_modality = [(err * m).sum() / m.sum() for m in (1 - audio, audio)]   # video, audio
@@ -586,12 +577,10 @@ def jepa_loss(pred, targets, masks):
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
-    """InfoNCE between pooled predictions and pooled targets: for each (mask config, modality), the
-    mean of a clip's predictions over its hidden tokens should be nearer (cosine) to the mean of its
-    own targets than to those of the batch's other clips, both ways (CAV-MAE's audio-visual term).
-    L1 alone is content with the median of what the context allows, which for a hidden sense is
-    nearly the same for every clip; this asks each prediction to tell its clip apart. The targets
-    stay the EMA encoder's features, and no gradient flows into them."""
+    """InfoNCE between pooled predictions and targets: per (mask config, modality), a clip's mean
+    prediction over its hidden tokens must be nearer (cosine) its own mean target than the batch's
+    other clips', both ways (CAV-MAE). L1 alone is content with the median of what the context
+    allows, nearly the same for every clip; this asks each prediction to tell its clip apart."""
     group = masks.tgt.segment_ids() * 2 + masks.tgt_modality  # [Tt] (config, clip, modality)
     G = len(masks.tgt.cu) - 1                                               # configs x clips
 
@@ -676,13 +665,9 @@ def step_loss(model, target_encoder, video, audio, masks, args):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate",
                                        args.target_layers)
-        pred, context = model(video, audio, masks, args.visible_weight > 0)   # [Tt (+ Tc), D], [Tc, D]
-        pred, seen = pred[:len(masks.tgt.index)], pred[len(masks.tgt.index):]
+        pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
         targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
-        if args.visible_weight:    # V-JEPA 2.1: the predictor also says what the teacher sees where
-            seen_targets = kernels.gather(target_feats.flatten(0, 1), masks.ctx.index)   # it was shown
-            loss = loss + args.visible_weight * (seen.float() - seen_targets).abs().mean()
         if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + args.reg_weight * sigreg(context)
         if args.nce_weight:        # predictions that tell clips apart
@@ -744,8 +729,7 @@ def train(argv=None):
         lock_run(run_dir)
 
     encoder, predictor, target_encoder = build(cfg)
-    model = JEPA(encoder, predictor).to(device)
-    target_encoder.to(device)
+    model, target_encoder = JEPA(encoder, predictor).to(device), target_encoder.to(device)
     opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs them there
     modules = dict(encoder=encoder, predictor=predictor, target_encoder=target_encoder)
     step = resume_or_init(args, cfg, ckpt_path, modules, opt)
@@ -773,9 +757,7 @@ def train(argv=None):
         if master:
             save_checkpoint(ckpt_path, modules, opt, s, cfg, args.flags)
 
-    progress = Progress(args, run_dir, step, master, world, device,
-                        inputs=lambda s: (data, batch_indices(data["n"], B, s, args.seed, rank, world)))
-    end = args.steps
+    progress, end = Progress(args, run_dir, step, master, world, device, data, rank), args.steps
     try:
         steps = range(step, args.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):

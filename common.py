@@ -666,10 +666,10 @@ class Progress:
     """The training loop's bookkeeping, kept out of the loop: the tqdm bar, log.jsonl (from `step` on, written
     by the main process), the speed, the stop signals and the non-finite loss check. After each step,
     step(s, loss) says whether to log it, save after it, and stop after it; write(rec) logs one record."""
-    def __init__(self, args, run_dir, step, master, world, device, inputs=None):
-        """inputs(s): (the dataset, the clips of step s), to say whether a bad loss came from bad data."""
+    def __init__(self, args, run_dir, step, master, world, device, data=None, rank=0):
+        """data, rank: the dataset and this process's rank, to say whether a bad loss came from bad data."""
         self.args, self.world, self.device, self.ckpt_path = args, world, device, run_dir / "ckpt.pt"
-        self.inputs = inputs or (lambda s: (None, None))
+        self.data, self.rank = data, rank
         self.log, self.last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
         self.bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
         self.caught, self.restore_signals = catch_stop_signals()
@@ -686,8 +686,9 @@ class Progress:
         save = (s + 1) % self.args.save_every == 0
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
-            bad = self.first_bad.item()
-            stop_non_finite(bad, self.ckpt_path, *self.inputs(bad))
+            bad, a = self.first_bad.item(), self.args
+            idx = batch_indices(self.data["n"], a.batch_size, bad, a.seed, self.rank, self.world) if self.data else None
+            stop_non_finite(bad, self.ckpt_path, self.data, idx)   # the clips of that step, read again
         return log, save, stop
 
     def clips_per_s(self):

@@ -587,16 +587,6 @@ def test_rankme_counts_the_directions_features_use():
     assert common.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
 
 
-def test_asking_the_predictor_for_the_context_too_leaves_its_target_predictions_unchanged():
-    encoder, predictor, _ = micro_jepa()
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
-                                encoder.audio_grid, np.ones(2, bool))
-    context = encoder(torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32), keep=masks.enc, fused=masks.ctx)
-    both, targets_only = predictor(context, masks, visible=True), predictor(context, masks)
-    Tt = len(masks.tgt.index)
-    assert both.shape == (Tt + len(masks.ctx.index), context.shape[1]) and torch.equal(both[:Tt], targets_only)
-
-
 def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     torch.manual_seed(0)
     assert avjepa.sigreg(torch.randn(2000, 16)) < 0.005                                # isotropic Gaussian
@@ -605,8 +595,7 @@ def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15                                 # every row alike
 
 
-@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"],
-                                   ["--audio", "--visible-weight", "0.5"]])
+@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
@@ -622,19 +611,21 @@ def test_training_draws_its_masks_at_the_start(fake_data, tmp_path):
 
 # The golden run: three steps at a fixed seed on the torch path, per recipe. A refactor that changes no
 # behaviour keeps these numbers (sum, sum of |w|, and a fixed random projection of every weight, in float64).
+# Taken again when the masks began to scale with the grid (grid_blocks): with V-JEPA's counts on every
+# grid, the code of that change still gave the numbers before it.
 GOLDEN = {
     "av-cross": (["--audio", "--masks", "short,long,v2a,a2v"], dict(
-        encoder=(283.36318386110275, 1533.9349482905884, 15.372999224580603),
-        predictor=(207.09402973108823, 448.8226912254713, 18.140196756467848),
-        target_encoder=(280.58906022612985, 1529.1810543232327, 14.970980272553863))),
+        encoder=(283.75373231293315, 1534.0053708866549, 14.839846268010739),
+        predictor=(207.07369673992144, 448.81870563895825, 18.12377950183824),
+        target_encoder=(280.59010924697236, 1529.1811746364015, 14.969518622112219))),
     "av-vjepa": (["--audio", "--context-pass", "joint", "--target-pass", "joint", "--reg", "none"], dict(
-        encoder=(281.91355998120594, 1530.295123615604, 14.772505841220726),
-        predictor=(207.08930749773754, 448.87578444241274, 24.98771214237295),
-        target_encoder=(280.58602307062847, 1529.1736683321737, 14.969337317254537))),
+        encoder=(281.73560030566307, 1530.3179120884527, 15.093141010442439),
+        predictor=(207.09806441593565, 448.860772521412, 24.90379203244351),
+        target_encoder=(280.58581327942034, 1529.1735404455762, 14.970206744250387))),
     "v": ([], dict(
-        encoder=(280.64540030129194, 1398.7811491577718, 9.8771415383822),
-        predictor=(211.0029511023069, 450.3021388256998, 22.00255324942184),
-        target_encoder=(278.84884333236045, 1395.639671529751, 9.872491394356656))),
+        encoder=(280.8625208334237, 1399.1371606194052, 9.702260660045138),
+        predictor=(211.03220614861533, 450.25930199281026, 21.988458642271823),
+        target_encoder=(278.8492437949419, 1395.6403544761674, 9.872154049910247))),
 }
 
 
@@ -1812,7 +1803,7 @@ def test_outputs_have_documented_shapes_dtypes_and_meta(tmp_path):
         assert d["audio"].shape == (n, 128, 48) and d["audio"].dtype == np.float16
         assert d["label"].dtype == np.int64 and d["has_audio"].dtype == np.uint8 and d["has_audio"].all()
         assert (tmp_path / "out" / f"{split}_video.bin").stat().st_size == n * 8 * 32 * 32 * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out", "src"]  # no temporary folder left
 
 
 @needs_av
