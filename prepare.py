@@ -392,8 +392,8 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     needed = len(items) * clips_per_video * (frames * size * size * 3 + MEL_BINS * n_mel * 2 + 9)
     check_space(out / "meta.json", needed, survives)   # fail now, not after an hour of decoding
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         files = {(s, k): open(tmp / f"{s}_{k}.bin", "wb") for s in SPLITS for k in KEYS}
         counts, ingested, stats = dict.fromkeys(SPLITS, 0), [], np.zeros(3)  # stats: n, sum, sum of squares
         work = partial(decode_video, frames=frames, frame_step=frame_step, size=size, clips_per_video=clips_per_video)

@@ -410,7 +410,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                **(mean_of(runs) if runs else {}))
     if runs:
         res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
-    # the seedless readout: each head's value from a linear map of the mean-pooled features
+    # the seedless readout: each head's value from a linear map of the pooled features and their pairs
     def readout_features(f):   # pooled tokens, and the pairs that a relation between tokens needs
         x = pooled(f, bounds)
         if args.modalities != "audio" and read != "both":
