@@ -235,10 +235,9 @@ def disk_full(e):
 def no_space(path, needed=None, survives=""):
     """The message for a disk that filled up while writing `path`: what, where, how much, what survives."""
     free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
-    need = f" (about {needed / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)" if needed else \
-        f" ({free / 1e6:.0f} MB free)"
-    return f"no space left on the disk to write {path}{need}: {survives or 'nothing was written'}. " \
-           f"Free some space and rerun"
+    need = f"about {needed / 1e6:.0f} MB needed, " if needed else ""
+    return (f"no space left on the disk to write {path} ({need}{free / 1e6:.0f} MB free): "
+            f"{survives or 'nothing was written'}. Free some space and rerun")
 
 
 def check_space(path, needed, survives=""):

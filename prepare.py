@@ -504,7 +504,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     tau = TUBELET_FRAMES / fps
     lag = SYNCS[sync]
-    n_states = 6                          # tubelets 0..4 of the clip (with the margin), and 2 before
+    n_states = 6                          # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
     first = -lag                          # the first state the sound needs
     r = rng.uniform(9, 13)                # object radius in pixels
     lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
@@ -542,8 +542,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     left = cam0 + pan * np.arange(n_frames) / fps                       # [F] the window's left edge
     col = np.floor(left)[:, None] + np.arange(width)                    # [F, W] linear between two columns
     frac = (left - np.floor(left))[:, None, None, None]
-    img = (1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3) \
-        + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3)   # [F, H, W, 3]
+    img = ((1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3)
+           + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3))   # [F, H, W, 3]
     k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES          # the state shown in each frame
     shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
     cx = (x0 + step * shown) % width
