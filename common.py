@@ -233,7 +233,9 @@ def disk_full(e):
 
 
 def no_space(path, needed=None, survives=""):
-    """The message for a disk that filled up while writing `path`: what, where, how much, what survives."""
+    """The message for a disk that filled up while writing `path`: what, where, how much, what survives
+    (a string, or a function that says it, so that nothing is read for it unless the disk is full)."""
+    survives = survives() if callable(survives) else survives
     free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
     need = f"about {needed / 1e6:.0f} MB needed, " if needed else ""
     return (f"no space left on the disk to write {path} ({need}{free / 1e6:.0f} MB free): "
@@ -323,7 +325,8 @@ def save_checkpoint(path, modules, opt, step, cfg, flags):
     ckpt = {name: m.state_dict() for name, m in modules.items()}
     ckpt.update(opt=opt.state_dict(), step=step, config=cfg, flags=flags, rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
-    survives = (f"the previous checkpoint at step {read_checkpoint(path)['step']} is intact, and --resume "
+    def survives():   # read only if the disk is full
+        return (f"the previous checkpoint at step {read_checkpoint(path)['step']} is intact, and --resume "
                 f"continues from it" if Path(path).exists() else "no checkpoint of this run was written yet")
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
 
