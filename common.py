@@ -106,8 +106,10 @@ def load_split(root, split):
                 return np.zeros((0, *shape), dtype)
             return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))
         for key in ("audio_mean", "audio_std"):
-            if not (isinstance(meta[key], (int, float)) and math.isfinite(meta[key])) or meta["audio_std"] <= 0:
-                raise ValueError(f"meta.json's {key} is {meta[key]}, not a finite number (and audio_std above 0)")
+            value = meta[key]
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if not finite or key == "audio_std" and value <= 0:
+                raise ValueError(f"meta.json's {key} is {value}, not a finite number (and audio_std above 0)")
         label = mm("label", np.int64)
         classes = len(meta.get("classes") or [])
         bad = np.flatnonzero((label < -1) | (label >= classes)) if classes and n else []
@@ -263,9 +265,7 @@ def write_atomic(path, write, needed=None, survives=""):
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
-        if disk_full(e):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if disk_full(e):   # the temporary goes in `finally`, as after any failure
             raise SystemExit(no_space(path, needed, survives)) from None
         raise
     finally:
@@ -325,10 +325,16 @@ def save_checkpoint(path, modules, opt, step, cfg, flags):
     ckpt = {name: m.state_dict() for name, m in modules.items()}
     ckpt.update(opt=opt.state_dict(), step=step, config=cfg, flags=flags, rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
-    def survives():   # read only if the disk is full
-        return (f"the previous checkpoint at step {read_checkpoint(path)['step']} is intact, and --resume "
-                f"continues from it" if Path(path).exists() else "no checkpoint of this run was written yet")
+    survives = lambda: checkpoint_survives(path, "previous ")   # noqa: E731 (read only on a full disk)
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
+
+
+def checkpoint_survives(path, which=""):
+    """What a full disk leaves of a run: its checkpoint (read only when this is said) or nothing."""
+    if not Path(path).exists():
+        return "no checkpoint of this run was written yet"
+    step = read_checkpoint(path)["step"]
+    return f"the {which}checkpoint at step {step} is intact, and --resume continues from it"
 
 
 def tensors(obj):
@@ -543,10 +549,8 @@ def write_log_line(log, rec):
     except OSError as e:
         if not disk_full(e):
             raise
-        ckpt = Path(log.name).parent / "ckpt.pt"
-        raise SystemExit(no_space(log.name, None, f"the checkpoint at step {read_checkpoint(ckpt)['step']} is "
-                                  f"intact, and --resume continues from it" if ckpt.exists() else
-                                  "no checkpoint of this run was written yet")) from None
+        survives = checkpoint_survives(Path(log.name).parent / "ckpt.pt")
+        raise SystemExit(no_space(log.name, None, survives)) from None
 
 
 def pyplot():

@@ -616,7 +616,8 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
             for old in (videos / split / name).glob("[0-9][0-9][0-9].mp4"):
                 if old not in ours:
                     old.unlink()
-    check_space(videos / "x.mp4", 40_000 * len(jobs))   # about 20 kB a video; fail early if they cannot fit
+    needed = 40_000 * len(jobs)   # about 20 kB a video, twice that to be safe
+    check_space(videos / "x.mp4", needed)   # fail early if they cannot fit
     try:
         with Pool(workers or os.cpu_count(), init_worker) as pool:
             pool.starmap(synth_clip, jobs, chunksize=8)
@@ -624,7 +625,7 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
         if disk_full(e):
             for split in SPLITS:   # a killed worker's temporaries
                 remove_stale(str(videos / split / "*" / "*.mp4.tmp-*"))
-            raise SystemExit(no_space(videos, 40_000 * len(jobs), "the videos written so far are complete "
+            raise SystemExit(no_space(videos, needed, "the videos written so far are complete "
                                       "(no half-written one is left), and no dataset was written")) from None
         raise
     generated_s = time.time() - t_begin
