@@ -41,13 +41,16 @@ from tqdm import tqdm
 
 import avjepa
 import kernels
-from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, check_device, get_batch, load_split,
+from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, batch_indices, check_device, get_batch,
+                    load_split,
                     pyplot, read_checkpoint, save_figure, write_atomic)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive classification or masked reconstruction.")
-    p.add_argument("--task", choices=["classify", "reconstruct", "retrieve"], required=True, help="which probe to run")
+    p.add_argument("--task", choices=["classify", "reconstruct", "retrieve", "refit"], required=True,
+                   help="which probe to run; refit: the diagnostic that tells a hidden part not inferable from "
+                        "one not learned yet")
     p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest <runs>/*/ckpt.pt)")
     p.add_argument("--runs", default="out", help="folder searched for the newest run when --ckpt is not given")
     p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint was trained on)")
@@ -69,7 +72,9 @@ def get_args(argv=None):
                         "random init (cached in the dataset folder, so it is trained once per dataset)")
     p.add_argument("--labels-steps", type=NONNEG_INT, default=0,
                    help="classify: steps of the labels' run (0: the checkpoint's own steps, the same budget)")
-    p.add_argument("--mask", default="", help="reconstruct: mask config to score (default: the checkpoint's first)")
+    p.add_argument("--mask", default="", help="reconstruct, refit: mask config to score (default: the checkpoint's first)")
+    p.add_argument("--refit-steps", type=NONNEG_INT, default=0,
+                   help="refit: steps of predictor training on the frozen encoders (0: the checkpoint's own steps)")
     p.add_argument("--epochs", type=COUNT, default=100,
                    help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
                    "240k clips; 20 over the synthetic set's 960 leave the probe underfit)")
@@ -774,20 +779,27 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
+def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
+    """Clips `ids` as the networks take them (video normalised, audio normalised or None) and their masks,
+    drawn from `rng` for every mask config of the checkpoint; crop=True: training's random crops too."""
+    b = get_batch(data, ids, device)
+    theta = avjepa.crop_params(rng, len(ids)).to(device) if crop else None
+    video = avjepa.augment_video(b["video"], cfg["crop"], theta)
+    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
+    has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
+    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio,
+                                separate=cfg.get("context_pass") == "separate",
+                                pred_separate=cfg.get("pred_pass") == "separate")
+    return video, audio, masks.to(device)
+
+
 def predict(jepa, target_encoder, cfg, data, ids, rng, device):
     """Mask clips `ids` with every mask config the predictor knows (each config has its own mask token),
     run the frozen encoder + predictor, and the target encoder over the whole clips. Returns the clips'
     patches (pixels in [0, 1], normalised log-mel) and one row per hidden token: its config, clip, token
     number, predicted embedding (x) and the target encoder's own embedding there (target)."""
     encoder = jepa.encoder
-    b = get_batch(data, ids, device)
-    video = avjepa.augment_video(b["video"], cfg["crop"])
-    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
-    has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
-    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio,
-                                separate=cfg.get("context_pass") == "separate",
-                                pred_separate=cfg.get("pred_pass") == "separate")
-    masks = masks.to(device)
+    video, audio, masks = masked_clips(encoder, cfg, data, ids, rng, device)
     with autocast(device):
         pred, _ = jepa(video, audio, masks)
         target = avjepa.target_features(target_encoder, video, audio, cfg.get("target_pass") == "separate")
@@ -904,6 +916,84 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
     return res
 
 # -----------------------------------------------------------------------------
+# Refit: is the hidden part not inferable, or not learned yet?
+
+REFIT_LEARNED = 0.25   # share of the gap to the oracle that more predictor training must close
+
+
+def predictor_loss(jepa, target_encoder, video, audio, masks, train_args):
+    """Training's JEPA loss with the encoder and the EMA target encoder frozen: only the predictor learns."""
+    with autocast(video.device):
+        target = avjepa.target_features(target_encoder, video, audio, train_args.target_pass == "separate",
+                                        train_args.target_layers)
+        pred, _ = jepa(video, audio, masks)
+        return avjepa.jepa_loss(pred, target.flatten(0, 1)[masks.tgt.index], masks)[0].float()
+
+
+def refit(args, path, ckpt, data_dir, device):
+    """The diagnostic to run on a new set: train the checkpoint's predictor on for --refit-steps, with the
+    encoder and the target encoder frozen, then reconstruct again. If the hidden part comes much closer to
+    the oracle (the target features decoded), the predictor had not finished learning: train longer. If it
+    barely moves, the context these masks leave does not pin the hidden content down: smaller masks, or
+    a set whose hidden parts follow from what is seen. Writes <run>/refit/ckpt.pt (the refit predictor)."""
+    cfg = ckpt["config"]
+    args.mask = args.mask or cfg["masks"][0]
+    train_args = avjepa.make_parser().parse_args([])   # the run's flags over training's defaults
+    vars(train_args).update({k: v for k, v in ckpt.get("flags", {}).items() if v is not None})
+    steps = args.refit_steps or ckpt["step"]
+    encoder, predictor, target_encoder = frozen_models(ckpt, "pretrained", args.seed)
+    jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
+    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
+    check_data(train_data["meta"], encoder, cfg["audio"])
+    val_ids = clip_ids(val_data, args.clips)
+
+    @torch.no_grad()
+    def val_loss():   # the same val clips and masks before and after
+        losses = [predictor_loss(jepa, target_encoder, *masked_clips(
+            encoder, cfg, val_data, val_ids[i:i + args.batch_size], np.random.default_rng([args.seed, 3, i]),
+            device), train_args) for i in range(0, len(val_ids), args.batch_size)]
+        return torch.stack(losses).mean().item()
+
+    before = val_loss()
+    predictor.train().requires_grad_(True)
+    opt = torch.optim.AdamW(predictor.parameters(), lr=train_args.lr, weight_decay=train_args.wd[0])
+    n, B = train_data["n"], min(train_args.batch_size, train_data["n"])
+    for s in tqdm(range(steps), desc="refit the predictor", dynamic_ncols=True):
+        ids = batch_indices(n, B, s, args.seed)
+        loss = predictor_loss(jepa, target_encoder, *masked_clips(
+            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device, crop=True), train_args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    predictor.eval().requires_grad_(False)
+    after = val_loss()
+
+    refit_path = path.parent / "refit" / "ckpt.pt"
+    refit_ckpt = {**ckpt, "predictor": predictor.state_dict(), "refit_steps": steps}
+    refit_ckpt.pop("sha256", None)
+    refit_path.parent.mkdir(exist_ok=True)
+    write_atomic(refit_path, lambda tmp: torch.save(refit_ckpt, tmp))
+    args.baseline = False
+    old = reconstruct_one(args, path, ckpt, data_dir, device, "pretrained")
+    new = reconstruct_one(args, refit_path, refit_ckpt, data_dir, device, "pretrained")
+
+    def moved(k, fmt, unit=""):   # before -> after (oracle): the share of the gap closed, and what it says
+        closed = (new[k] - old[k]) / (old[k + "_oracle"] - old[k]) if old[k + "_oracle"] != old[k] else 0.0
+        verdict = "not learned yet" if closed >= REFIT_LEARNED else "not inferable from this context"
+        return (f"{fmt(old[k])} -> {fmt(new[k])}{unit} (oracle {fmt(old[k + '_oracle'])}): {closed:.0%} of the "
+                f"gap closed, {verdict}"), closed
+    video, v_closed = moved("psnr", "{:.1f}".format, " dB")
+    audio, a_closed = moved("l1", "{:.3f}".format) if cfg["audio"] else ("", None)
+    res = dict(task="refit", run=path.parent.name, ckpt=str(refit_path), steps=steps, mask=args.mask,
+               loss_before=before, loss_after=after, before=old, after=new, video_closed=v_closed,
+               audio_closed=a_closed)
+    write_json(res, path.parent / f"probe_refit_{args.mask}.json")
+    print(f"refit {res['run']} [{args.mask}]: predictor val loss {before:.3f} -> {after:.3f} over {steps} steps "
+          f"(encoder and target encoder frozen); hidden video PSNR {video}"
+          + (f"; audio L1 {audio}" if audio else "") + f"; refit checkpoint {refit_path}")
+    return res
+
+# -----------------------------------------------------------------------------
 # Pictures and sound of one example
 
 def mel_to_wave(mel, meta, iters=32):
@@ -996,7 +1086,7 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path, ckpt, data_dir = open_run(args)
-    task = dict(classify=classify, reconstruct=reconstruct, retrieve=retrieve)[args.task]
+    task = dict(classify=classify, reconstruct=reconstruct, retrieve=retrieve, refit=refit)[args.task]
     return task(args, path, ckpt, data_dir, device)
 
 

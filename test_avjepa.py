@@ -1586,6 +1586,20 @@ def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, 
     assert re.search(rf"audio L1 {num} \(mean-fill {num}, random {num}, oracle {num}\)", line), line
 
 
+def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_run, capsys):
+    res = probe.main(["--task", "refit", "--runs", probe_run["runs"], "--refit-steps", "3", "--examples", "0",
+                      "--batch-size", "8"])
+    old, new = torch.load(probe_run["ckpt"], weights_only=True), torch.load(res["ckpt"], weights_only=True)
+    for key in ("encoder", "target_encoder"):
+        assert all(torch.equal(old[key][k], new[key][k]) for k in old[key])
+    assert any(not torch.equal(old["predictor"][k], new["predictor"][k]) for k in old["predictor"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    num = r"-?[0-9.]+"
+    assert re.search(rf"predictor val loss {num} -> {num} over 3 steps", line), line
+    assert re.search(rf"hidden video PSNR {num} -> {num} dB \(oracle {num}\): -?[0-9]+% of the gap closed, "
+                     rf"(not learned yet|not inferable from this context)", line), line
+
+
 def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe_run, capsys):
     args = ["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0", "--labels-steps", "3"]
     first = probe.main(args)
