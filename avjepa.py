@@ -16,8 +16,9 @@ dataset reader, checkpoints, logs, locks, signals) lives in common.py.
 """
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,18 +26,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Progress,
-                    batch_indices, check_device, check_shape, collapse_monitor, ddp, encoder_weights, end_run,
-                    get_batch, load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch,
-                    read_checkpoint, resume_or_init, save_checkpoint, setup_process, step_flops,
-                    summary_line, to_device, vjepa_encoder_shape)
+from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Progress, batch_indices,
+                    check_device, check_shape, collapse_monitor, ddp, encoder_weights, end_run, get_batch,
+                    load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch, read_checkpoint,
+                    resume_or_init, save_checkpoint, setup_process, step_flops, summary_line, to_device)
 
 # -----------------------------------------------------------------------------
 # Config
 
 # name: (width, depth, heads), V-JEPA's encoders: mlp ratio 4, qkv bias, LayerNorm eps 1e-6, GELU.
-MODELS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+# vit_micro: for the tests, and a first look in seconds.
+MODELS = {"vit_micro": (32, 2, 2), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
           "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)}
+
 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
 # vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that
@@ -44,97 +46,164 @@ MODELS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768,
 def predictor_size(width, depth):
     return min(width // 2, 384), (12 if depth >= 24 else 6)
 
-# Mask configs: name -> (blocks, spatial scale) for multiblock, or a mode. V-JEPA uses "short" and
-# "long" every step; "v2a" hides all audio and predicts it from the video, "a2v" the reverse;
-# "future" hides the second half of the clip in both senses; "window" hides one sense (either, at
-# random) in half the clip's time, with both senses seen elsewhere: what is hidden is then pinned down by the
-# other sense at the same moment, a question about timing.
-MASKS = {"short": (8, 0.15), "long": (2, 0.7), "v2a": "cross", "a2v": "cross", "future": "time",
-         "window": "window"}
+
+class MaskConfig(NamedTuple):
+    """How one mask config picks the targets. multiblock: the union of `blocks` rectangles of `scale`
+    of the grid each, spanning all time (V-JEPA); all_audio, all_video: one sense whole, predicted
+    from the other; future: the second half of the clip in both senses; window: one sense (either,
+    at random) in half the clip's time, both seen elsewhere, so what is hidden is pinned down by
+    the other sense at the same moment (a question about timing)."""
+    kind: str
+    blocks: int = 0        # multiblock: V-JEPA's count, for its 14 x 14 grid (grid_blocks)
+    scale: float = 0.0     # multiblock: each rectangle's share of the grid
+    colour: str = "#7f7f7f"   # in masks.png
+
+
+# V-JEPA uses "short" and "long" every step. The cross-modal ones stand apart in reds and purples.
+MASKS = {"short": MaskConfig("multiblock", 8, 0.15, "#1f77b4"),
+         "long": MaskConfig("multiblock", 2, 0.7, "#2ca02c"),
+         "v2a": MaskConfig("all_audio", colour="#d62728"), "a2v": MaskConfig("all_video", colour="#9467bd"),
+         "future": MaskConfig("future", colour="#ff7f0e"), "window": MaskConfig("window", colour="#8c564b")}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # TUBELET, PATCH = 2, 16 (common.py): video tubelets of 2 frames x 16 x 16 px, audio patches 16 x 16
 
 
-def make_parser():
-    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (V-JEPA without --audio) on prepare.py's data.")
-    add = p.add_argument
-    add("--data", default="data/synthetic", help="dataset folder written by prepare.py")
-    add("--model", default="vit_tiny", help=f"encoder size: {', '.join(MODELS)}")
-    add("--audio", action="store_true", help="train on video + audio (AV-JEPA); without it, V-JEPA")
-    add("--masks", default="short,long", help=f"mask configs used every step, from {list(MASKS)}")
-    add("--truncate", action="store_true", help="cut masks to the batch minimum, as V-JEPA does")
-    add("--audio-weight", type=NONNEG, default=1.0, help="audio loss weight (video's is 1)")
-    add("--pred-width", type=NONNEG_INT, default=0, help="predictor width (0: half the encoder's)")
-    add("--pred-depth", type=NONNEG_INT, default=0, help="predictor depth (0: 6, or 12)")
-    add("--crop", type=NONNEG_INT, default=0, help="crop size, a multiple of 16 (0: none)")
-    add("--batch-size", type=COUNT, default=16, help="clips per step per process")
-    add("--steps", type=COUNT, default=600, help="optimizer steps (600: ~10 min on a 2-core CPU)")
-    add("--context-pass", choices=["joint", "separate"], default="separate", help="the context: an "
-        "attention pass per sense (they meet in the predictor), or one over both")
-    add("--target-pass", choices=["joint", "separate"], default="separate", help="the same, for the targets")
-    add("--pred-pass", choices=["joint", "separate"], default="joint", help="separate: each sense "
-        "predicted from its own context, so the senses meet only in the encoder (--fuse)")
-    add("--fuse", type=NONNEG_INT, default=0, help="last blocks that attend across senses (CAV-MAE)")
-    add("--target-layers", type=COUNT, default=1, help="targets: mean of this many last blocks (data2vec 2)")
-    add("--nce-weight", type=NONNEG, default=0.0, help="weight of an InfoNCE term between pooled "
-        "predictions and targets, so that they tell clips apart (CAV-MAE: 0.01)")
-    add("--reg", choices=["none", "sigreg"], default="sigreg", help="anti-collapse term on the context "
-        "features: SIGReg (LeJEPA), or none (V-JEPA: collapses at small scale)")
-    add("--reg-weight", type=NONNEG, default=1.0, help="weight of --reg")
-    add("--schedule", choices=["vjepa1", "vjepa2"], default="vjepa1", help="vjepa1: warmup, cosine lr, "
-        "rising EMA; vjepa2: warmup, constant lr and EMA (the first --ema), linear cool-down")
-    add("--cooldown", type=FRACTION, default=0.2, help="vjepa2: fraction of steps cooling down")
-    add("--lr", type=POSITIVE, default=6.25e-4, help="peak learning rate")
-    add("--start-lr", type=NONNEG, default=2e-4, help="learning rate at the start of warmup")
-    add("--final-lr", type=NONNEG, default=1e-6, help="learning rate at the end")
-    add("--warmup", type=FRACTION, default=40 / 300, help="warmup fraction (V-JEPA: 40/300)")
-    add("--wd", type=NONNEG, nargs=2, default=(0.04, 0.4), help="weight decay, cosine from/to")
-    add("--ema", type=FRACTION, nargs=2, default=None, help="EMA momentum, linear from/to (default: "
-        "min(0.998, 1 - 6 / steps) to 1: ema_range)")
-    add("--schedule-scale", type=number(float, 1.0), default=1.25, help="schedules span steps x this (V-JEPA)")
-    add("--clip-grad", type=NONNEG, default=10.0, help="gradient norm clipping (0: off)")
-    add("--init", default="", help="video encoder to start from (ours, or V-JEPA's)")
-    add("--out", default="out", help="folder for runs")
+def mask_names(text):   # an argparse type: "short,long" -> ("short", "long")
+    names = tuple(text.split(","))
+    for m in names:
+        if m not in MASKS:
+            raise argparse.ArgumentTypeError(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
+    return names
+
+
+def flag(default, help, **argparse_settings):   # a Config field that is a command-line flag
+    return field(default=default, metadata=dict(help=help, **argparse_settings))
+
+
+def from_data(default=0):   # a Config field read off the dataset (the clips' geometry), not a flag
+    return field(default=default, metadata=dict(flag=False))
+
+
+@dataclass
+class Config:
+    """A run, whole: its flags (make_parser is generated from these fields) and the geometry of its
+    clips, read off the dataset (with_data). Checkpoints store it as a dict; Config.of reads any."""
+    data: str = flag("data/synthetic", "dataset folder written by prepare.py")
+    model: str = flag("vit_tiny", "encoder size", choices=list(MODELS))
+    audio: bool = flag(False, "train on video + audio (AV-JEPA); without it, V-JEPA")
+    masks: tuple = flag(("short", "long"), f"mask configs used every step, from {', '.join(MASKS)}",
+                        type=mask_names)
+    truncate: bool = flag(False, "cut masks to the batch minimum, as V-JEPA does")
+    pred_width: int = flag(0, "predictor width (0: half the encoder's)", type=NONNEG_INT)
+    pred_depth: int = flag(0, "predictor depth (0: 6, or 12)", type=NONNEG_INT)
+    crop: int = flag(0, "crop size, a multiple of 16 (0: none)", type=NONNEG_INT)
+    batch_size: int = flag(16, "clips per step per process", type=COUNT)
+    steps: int = flag(600, "optimizer steps (600: ~10 min on a 2-core CPU)", type=COUNT)
+    context_pass: str = flag("separate", "the context: an attention pass per sense (they meet in the "
+                             "predictor), or one over both", choices=["joint", "separate"])
+    target_pass: str = flag("separate", "the same, for the targets", choices=["joint", "separate"])
+    pred_pass: str = flag("joint", "separate: each sense predicted from its own context, so the senses "
+                          "meet only in the encoder (--fuse)", choices=["joint", "separate"])
+    fuse: int = flag(0, "last blocks that attend across senses (CAV-MAE)", type=NONNEG_INT)
+    target_layers: int = flag(1, "targets: mean of this many last blocks (data2vec 2)", type=COUNT)
+    nce_weight: float = flag(0.0, "weight of an InfoNCE term between pooled predictions and targets, "
+                             "so that they tell clips apart (CAV-MAE: 0.01)", type=NONNEG)
+    reg: str = flag("sigreg", "anti-collapse term on the context features: SIGReg (LeJEPA), or none "
+                    "(V-JEPA: collapses at small scale)", choices=["none", "sigreg"])
+    reg_weight: float = flag(1.0, "weight of --reg", type=NONNEG)
+    schedule: str = flag("vjepa1", "vjepa1: warmup, cosine lr, rising EMA; vjepa2: warmup, constant lr "
+                         "and EMA (the first --ema), linear cool-down", choices=["vjepa1", "vjepa2"])
+    cooldown: float = flag(0.2, "vjepa2: fraction of steps cooling down", type=FRACTION)
+    lr: float = flag(6.25e-4, "peak learning rate", type=POSITIVE)
+    start_lr: float = flag(2e-4, "learning rate at the start of warmup", type=NONNEG)
+    final_lr: float = flag(1e-6, "learning rate at the end", type=NONNEG)
+    warmup: float = flag(40 / 300, "warmup fraction (V-JEPA: 40/300)", type=FRACTION)
+    wd: tuple = flag((0.04, 0.4), "weight decay, cosine from/to", type=NONNEG, nargs=2)
+    ema: tuple = flag(None, "EMA momentum, linear from/to (default: min(0.998, 1 - 6 / steps) to 1: "
+                      "ema_range)", type=FRACTION, nargs=2)
+    schedule_scale: float = flag(1.25, "schedules span steps x this (V-JEPA)", type=number(float, 1.0))
+    clip_grad: float = flag(10.0, "gradient norm clipping (0: off)", type=NONNEG)
+    init: str = flag("", "video encoder to start from (ours, or V-JEPA's)")
+    out: str = flag("out", "folder for runs")
     # not --run: torchrun's parser would take it for an abbreviation of its own --run-path
-    add("--name", default="", help="run name, its folder under --out (default: <model>-av or -v)")
-    add("--resume", action="store_true", help="continue the run from its checkpoint")
-    add("--save-every", type=COUNT, default=200, help="checkpoint every this many steps")
-    add("--log-every", type=COUNT, default=10, help="a log.jsonl line every this many steps")
-    add("--device", default="", help="cpu, cuda or cuda:N (default: cuda when available)")
-    add("--compile", action="store_true", help="torch.compile the step's forward as one graph")
-    add("--deterministic", action="store_true", help="deterministic kernels: a run and its rerun, or "
-        "its --resume, give bit-identical weights (about 5%% slower)")
-    add("--seed", type=NONNEG_INT, default=0, help="seed: init, data order, masks, crops")
+    name: str = flag("", "run name, its folder under --out (default: <model>-av or -v)")
+    resume: bool = flag(False, "continue the run from its checkpoint")
+    save_every: int = flag(200, "checkpoint every this many steps", type=COUNT)
+    log_every: int = flag(10, "a log.jsonl line every this many steps", type=COUNT)
+    device: str = flag("", "cpu, cuda or cuda:N (default: cuda when available)")
+    compile: bool = flag(False, "torch.compile the step's forward as one graph")
+    deterministic: bool = flag(False, "deterministic kernels: a run and its rerun, or its --resume, "
+                               "give bit-identical weights (about 5%% slower)")
+    seed: int = flag(0, "seed: init, data order, masks, crops", type=NONNEG_INT)
+    # the clips' geometry, from the dataset's meta.json
+    frames: int = from_data()                 # frames per clip
+    size: int = from_data()                   # the frames' side as the encoder sees them (--crop or the data's)
+    audio_frames: int = from_data()           # log-mel columns per clip
+    tubelet_seconds: float = from_data(1.0)   # seconds a tubelet spans
+    audio_patch_seconds: float = from_data(1.0)   # seconds an audio patch column spans
+
+    # what may change when a run resumes (printed), and where a run is rather than how it trains
+    MAY_CHANGE = ("steps", "save_every", "log_every", "device")
+    WHERE = ("resume", "name", "out")
+
+    def check(self, error):
+        """Settings that are each valid but do not fit together: error(message) (argparse's, an exit)."""
+        _, depth, heads = MODELS[self.model]
+        for m in self.masks:
+            if MASKS[m].kind in ("all_audio", "all_video") and (not self.audio or self.pred_pass == "separate"):
+                error(f"mask config {m!r} predicts one sense from the other: it needs --audio and "
+                      f"--pred-pass joint")
+        if self.pred_width % heads:
+            error(f"argument --pred-width: {self.pred_width} must be a multiple of {self.model}'s {heads} heads")
+        if self.crop % PATCH:
+            error(f"argument --crop: {self.crop} must be a multiple of {PATCH}")
+        for name in ("fuse", "target_layers"):
+            if getattr(self, name) > depth:
+                error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than "
+                      f"{self.model}'s {depth} blocks")
+        self.name = self.name or f"{self.model}-{'av' if self.audio else 'v'}"
+
+    def with_data(self, meta):
+        """This config with the geometry of the dataset's clips (meta.json)."""
+        return replace(self, frames=meta["frames"], size=self.crop or meta["size"],
+                       audio_frames=meta["audio_shape"][1], tubelet_seconds=TUBELET * meta["frame_seconds"],
+                       audio_patch_seconds=PATCH * meta["audio_hop_seconds"])
+
+    @classmethod
+    def of(cls, ckpt):
+        """The Config a checkpoint was trained with. Before there was one config, a checkpoint kept the
+        flags as given ("flags") beside a dict of the model's settings ("config", whose "crop" was the
+        frames' side), and the oldest lack later settings: they ran with fuse 0 and a joint predictor."""
+        saved = ckpt["config"]
+        if "flags" in ckpt:
+            flags = {k: v for k, v in ckpt["flags"].items() if v is not None}
+            saved = {"fuse": 0, "pred_pass": "joint", **flags, **saved, "size": saved["crop"],
+                     "crop": flags.get("crop", 0)}
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+
+
+def make_parser():
+    """The command line, one flag per Config field that is a flag."""
+    p = argparse.ArgumentParser(description="Pretrain AV-JEPA (V-JEPA without --audio) on prepare.py's data.")
+    for f in fields(Config):
+        settings = dict(f.metadata)
+        if settings.pop("flag", True):
+            if f.default is False:
+                settings["action"] = "store_true"
+            p.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **settings)
     return p
 
 
-def get_args(argv=None):
+def get_config(argv=None):
+    """The Config of a command line, checked."""
     p = make_parser()
-    args = p.parse_args(argv)
-    args.flags = dict(vars(args))   # as given, before the defaults below: what a checkpoint records
-    if args.model not in MODELS:
-        p.error(f"unknown model {args.model!r}: choose one of {', '.join(MODELS)}")
-    args.masks = args.masks.split(",")
-    for m in args.masks:
-        if m not in MASKS:
-            p.error(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
-        if MASKS[m] == "cross" and (not args.audio or args.pred_pass == "separate"):
-            p.error(f"mask config {m!r} predicts one sense from the other: it needs --audio and "
-                    f"--pred-pass joint")
-    _, depth, heads = MODELS[args.model]
-    if args.pred_width % heads:
-        p.error(f"argument --pred-width: {args.pred_width} must be a multiple of {args.model}'s {heads} heads")
-    if args.crop % PATCH:
-        p.error(f"argument --crop: {args.crop} must be a multiple of {PATCH}")
-    for name in ("fuse", "target_layers"):
-        if getattr(args, name) > depth:
-            p.error(f"argument --{name.replace('_', '-')}: {getattr(args, name)} is more than "
-                    f"{args.model}'s {depth} blocks")
-    args.ema = args.ema or ema_range(args.steps)
-    check_device(p, args.device)
-    args.name = args.name or f"{args.model}-{'av' if args.audio else 'v'}"
-    return args
+    given = vars(p.parse_args(argv))
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    cfg.check(p.error)
+    check_device(p, cfg.device)
+    return cfg
 
 
 def ema_range(steps):
@@ -203,12 +272,13 @@ def sample_targets(rng, config, video_grid, audio_grid):
     audio blocks are rectangles over (mel, time)."""
     T, H, W = video_grid
     Fa, Ca = audio_grid or (0, 0)
-    if MASKS[config] == "cross":   # one modality is the whole target
-        v, a = np.full(T * H * W, config == "a2v"), np.full(Fa * Ca, config == "v2a")
-    elif MASKS[config] == "time":   # the later tubelets and audio columns
+    kind = MASKS[config].kind
+    if kind in ("all_audio", "all_video"):   # one modality is the whole target
+        v, a = np.full(T * H * W, kind == "all_video"), np.full(Fa * Ca, kind == "all_audio")
+    elif kind == "future":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
-    elif MASKS[config] == "window":   # tokens centred (as a share of the clip) in [u, u + 1/2)
+    elif kind == "window":   # tokens centred (as a share of the clip) in [u, u + 1/2)
         u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
         def in_window(n):
             centre = (np.arange(n) + 0.5) / n
@@ -216,7 +286,7 @@ def sample_targets(rng, config, video_grid, audio_grid):
         v = np.repeat(in_window(T) & hide_video, H * W)
         a = np.tile(in_window(Ca) & (not hide_video), Fa)
     else:
-        blocks, scale = MASKS[config]
+        _, blocks, scale, _ = MASKS[config]
         v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)
         v = np.broadcast_to(v, (T, H, W)).reshape(-1)
         a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).reshape(-1) if Ca else v[:0]
@@ -261,19 +331,18 @@ class Masks:
         return Masks(**{k: moved[id(x)] for k, x in vars(self).items()})
 
 
-def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0, pred_separate=False):
+def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, pred_separate=False):
     """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
-    every mask config counts the same, and within a config, video and audio (times audio_weight)
-    each count the same whatever their token counts, so the few audio tokens are not drowned by the
-    video ones. separate (the encoder) and pred_separate (the predictor) attend within each sense."""
+    every mask config counts the same, and within a config video and audio each count the same
+    whatever their token counts, so that the few audio tokens are not drowned by the video ones.
+    separate (the encoder) and pred_separate (the predictor) attend within each sense."""
     n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
     group = config * 2 + modality  # (config, modality)
     count = np.bincount(group, minlength=2 * n_configs)  # targets per group
-    scale = np.array([1.0, audio_weight])
-    per_config = (count.reshape(n_configs, 2) > 0) @ scale  # what a config shares
-    weight = scale[modality] / count[group] / np.maximum(per_config[config], 1e-8) / n_configs
+    senses = (count.reshape(n_configs, 2) > 0).sum(1)    # senses with targets, per config
+    weight = 1.0 / count[group] / senses[config] / n_configs
     packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, where a pass asks for it
     enc = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
     pred_ctx, pred_tgt = packed_ctx, packed_tgt
@@ -285,13 +354,12 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, audio_weight=1.0, 
                  pred_max_len=int((pred_ctx.cu.diff() + pred_tgt.cu.diff()).max()))
 
 
-def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncate=False,
-                 separate=False, audio_weight=1.0, pred_separate=False):
-    """Sample the context and targets of every (config, clip) pair -> Masks (see pack_masks)."""
+def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
+    """Sample the context and targets of every (mask config, clip) pair -> Masks (see pack_masks)."""
     nv = math.prod(video_grid)
     N = nv + (math.prod(audio_grid) if audio_grid else 0)
     ctx, tgt = [], []
-    for config in configs:
+    for config in cfg.masks:
         for b in range(batch):
             exists = np.ones(N, bool)
             exists[nv:] = bool(has_audio[b])      # silent clips drop their audio tokens entirely
@@ -303,13 +371,13 @@ def sample_masks(rng, configs, batch, video_grid, audio_grid, has_audio, truncat
                 is_target[rng.choice(np.flatnonzero(is_target))] = False
             ctx.append(np.flatnonzero(exists & ~is_target))
             tgt.append(np.flatnonzero(is_target))
-    if truncate:   # V-JEPA's collation, for comparison: each list cut to its config's batch minimum
+    if cfg.truncate:   # V-JEPA's collation, for comparison: each list cut to its config's batch minimum
         for lists in (ctx, tgt):
             for c in range(0, len(lists), batch):
                 keep = min(len(x) for x in lists[c:c + batch])
                 lists[c:c + batch] = [x[:keep] for x in lists[c:c + batch]]
-    return pack_masks(ctx, tgt, batch, nv, N, separate and bool(audio_grid), audio_weight,
-                      pred_separate and bool(audio_grid))
+    return pack_masks(ctx, tgt, batch, nv, N, cfg.context_pass == "separate" and bool(audio_grid),
+                      cfg.pred_pass == "separate" and bool(audio_grid))
 
 # -----------------------------------------------------------------------------
 # Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
@@ -401,27 +469,27 @@ class PatchEmbed(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The shared ViT. Video-only, its state dict is V-JEPA's VisionTransformer's, key for key."""
-    def __init__(self, width, depth, heads, frames=16, size=224, audio_frames=0,
-                 tubelet_seconds=1.0, audio_patch_seconds=0.16, fuse=0):
+    """The shared ViT of cfg.model over cfg's clips. Video-only, its state dict is V-JEPA's
+    VisionTransformer's, key for key."""
+    def __init__(self, cfg):
         super().__init__()
-        self.config = dict(width=width, depth=depth, heads=heads, frames=frames, size=size, audio_frames=audio_frames,
-                           tubelet_seconds=tubelet_seconds, audio_patch_seconds=audio_patch_seconds, fuse=fuse)
-        self.fuse_from = depth - fuse  # blocks from here on attend across both senses (late fusion)
-        self.video_grid = (frames // TUBELET, size // PATCH, size // PATCH)
-        self.audio_grid = (128 // PATCH, audio_frames // PATCH) if audio_frames else None
-        self.patch_embed = PatchEmbed(nn.Conv3d, 3, width, (TUBELET, PATCH, PATCH))
-        pos = sincos(token_coords(self.video_grid, self.audio_grid, tubelet_seconds, audio_patch_seconds), width)
+        self.cfg, (self.width, depth, self.heads) = cfg, MODELS[cfg.model]
+        self.fuse_from = depth - (cfg.fuse if cfg.audio else 0)  # blocks from here on attend across senses
+        self.video_grid = (cfg.frames // TUBELET, cfg.size // PATCH, cfg.size // PATCH)
+        self.audio_grid = (128 // PATCH, cfg.audio_frames // PATCH) if cfg.audio else None
+        self.patch_embed = PatchEmbed(nn.Conv3d, 3, self.width, (TUBELET, PATCH, PATCH))
+        coords = token_coords(self.video_grid, self.audio_grid, cfg.tubelet_seconds, cfg.audio_patch_seconds)
+        pos = sincos(coords, self.width)
         self.nv = math.prod(self.video_grid)
         self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D], as V-JEPA
-        if audio_frames:
-            self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, width, (PATCH, PATCH))
+        if cfg.audio:
+            self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
             self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
-            self.modality_embed = nn.Parameter(torch.zeros(2, width))           # [video, audio]
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
+            self.modality_embed = nn.Parameter(torch.zeros(2, self.width))           # [video, audio]
+        self.blocks = nn.ModuleList(Block(self.width, self.heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(self.width, eps=1e-6)
         init_weights(self, self.blocks)
-        if audio_frames:
+        if cfg.audio:
             nn.init.trunc_normal_(self.modality_embed, std=0.02)
 
     def n_tokens(self, audio=True):
@@ -431,15 +499,15 @@ class Encoder(nn.Module):
     def embed(self, video=None, audio=None):
         """Patch tokens [B, N, D] of the given modalities, and their positions [N, D]."""
         tokens, pos = [], []
-        c = self.config
+        c = self.cfg
         if video is not None:
-            check_shape("video", video, (3, c["frames"], c["size"], c["size"]))
+            check_shape("video", video, (3, c.frames, c.size, c.size))
             tokens.append(self.patch_embed(video))
             pos.append(self.pos_embed[0] + (self.modality_embed[0] if self.audio_grid else 0))
         if audio is not None:
             if not self.audio_grid:
                 raise ValueError("this encoder was built for video only, and was given audio")
-            check_shape("audio", audio, (1, 128, c["audio_frames"]))
+            check_shape("audio", audio, (1, 128, c.audio_frames))
             tokens.append(self.audio_patch_embed(audio))
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
@@ -471,18 +539,19 @@ class Encoder(nn.Module):
 
 class Predictor(nn.Module):
     """Narrow ViT over [context ; mask tokens] per segment: predicts the targets' embeddings."""
-    def __init__(self, enc_width, width, depth, heads, n_configs, encoder):
+    def __init__(self, cfg, encoder):
         super().__init__()
-        e = encoder.config
-        coords = token_coords(encoder.video_grid, encoder.audio_grid, e["tubelet_seconds"],
-                              e["audio_patch_seconds"])
+        width, depth = predictor_size(encoder.width, len(encoder.blocks))
+        width, depth = cfg.pred_width or width, cfg.pred_depth or depth
+        coords = token_coords(encoder.video_grid, encoder.audio_grid, cfg.tubelet_seconds,
+                              cfg.audio_patch_seconds)
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
-        self.predictor_embed = nn.Linear(enc_width, width)
+        self.predictor_embed = nn.Linear(encoder.width, width)
         # one learned mask token per mask config and modality, zero at start (V-JEPA)
-        self.mask_tokens = nn.Parameter(torch.zeros(n_configs, 2 if encoder.audio_grid else 1, width))
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.mask_tokens = nn.Parameter(torch.zeros(len(cfg.masks), 2 if encoder.audio_grid else 1, width))
+        self.blocks = nn.ModuleList(Block(width, encoder.heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.predictor_proj = nn.Linear(width, enc_width)
+        self.predictor_proj = nn.Linear(width, encoder.width)
         init_weights(self, self.blocks)
 
     def forward(self, context, masks):
@@ -532,18 +601,26 @@ class JEPA(nn.Module):
 
 
 def build(cfg):
-    """Encoder, predictor and EMA target encoder from a run config (saved in checkpoints)."""
-    width, depth, heads = MODELS[cfg["model"]]
-    audio = cfg["audio"]
-    encoder = Encoder(width, depth, heads, cfg["frames"], cfg["crop"], cfg["audio_frames"] if audio else 0,
-                      cfg["tubelet_seconds"], cfg["audio_patch_seconds"], cfg.get("fuse", 0) if audio else 0)
-    pw, pd = predictor_size(width, depth)
-    predictor = Predictor(width, cfg["pred_width"] or pw, cfg["pred_depth"] or pd, heads,
-                          len(cfg["masks"]), encoder)
-    target_encoder = Encoder(**encoder.config)
+    """Encoder, predictor and EMA target encoder of a Config."""
+    encoder = Encoder(cfg)
+    predictor, target_encoder = Predictor(cfg, encoder), Encoder(cfg)   # in this order: the seed's init
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
+
+
+def vjepa_config(sd, path):
+    """The Config of a V-JEPA video ViT's state dict, read off its tensor shapes (16 frames, as every
+    released V-JEPA model sees)."""
+    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
+    width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    size = int(math.isqrt(sd["pos_embed"].shape[1] // (16 // tubelet))) * patch
+    model = [name for name, (w, d, _) in MODELS.items() if (w, d) == (width, depth)]
+    if not model:
+        raise SystemExit(f"{path}: a ViT {width} wide and {depth} deep is none of {', '.join(MODELS)}")
+    return Config(model=model[0], frames=16, size=size)
 
 
 def load_encoder(path, device="cpu"):
@@ -552,10 +629,7 @@ def load_encoder(path, device="cpu"):
     key prefixes); a V-JEPA encoder's size comes from its tensor shapes."""
     ckpt = read_checkpoint(path)
     sd = encoder_weights(ckpt, path)
-    if "config" in ckpt:
-        encoder = build(ckpt["config"])[2]
-    else:
-        encoder = Encoder(*vjepa_encoder_shape(sd, path, {w: h for w, _, h in MODELS.values()}))
+    encoder = Encoder(Config.of(ckpt) if "config" in ckpt else vjepa_config(sd, path))
     try:
         encoder.load_state_dict(sd)
     except RuntimeError as e:
@@ -593,8 +667,8 @@ def clip_contrast(pred, targets, masks, batch, temperature=0.05):
     logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, B, B]
     pair = count & (count.sum(-1, keepdim=True) > 1)  # a clip with others to tell from
     labels = torch.arange(batch, device=pred.device).expand_as(count)
-    loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none") + \
-        F.cross_entropy(logits.transpose(-1, -2).flatten(0, 2), labels.flatten(), reduction="none")
+    loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none") + (
+        F.cross_entropy(logits.transpose(-1, -2).flatten(0, 2), labels.flatten(), reduction="none"))
     return (loss * pair.flatten()).sum() / pair.sum().clamp(min=1) / 2
 
 
@@ -615,25 +689,26 @@ def sigreg(x, directions=256, knots=17):
     return torch.trapezoid(err * gauss, t, dim=-1).mean()
 
 
-def schedules(step, args):
+def schedules(step, cfg):
     """lr, weight decay and EMA momentum at `step`. vjepa1: warmup then cosine lr, cosine weight
     decay up, linear EMA up, over steps * schedule_scale (V-JEPA stretches by 1.25 and stops at
     80%). vjepa2: warmup, then a constant lr, weight decay and EMA (V-JEPA 2), and a linear
     cool-down of the lr over the last --cooldown of the steps."""
-    v2 = args.schedule == "vjepa2"
-    total = args.steps * (1 if v2 else args.schedule_scale)
-    warm, cool = args.warmup * total, (1 - args.cooldown) * args.steps
+    v2 = cfg.schedule == "vjepa2"
+    total = cfg.steps * (1 if v2 else cfg.schedule_scale)
+    warm, cool = cfg.warmup * total, (1 - cfg.cooldown) * cfg.steps
     if step < warm:
-        lr = args.start_lr + (args.lr - args.start_lr) * step / warm
+        lr = cfg.start_lr + (cfg.lr - cfg.start_lr) * step / warm
     elif v2:   # constant, then the cool-down
-        lr = args.lr + (args.final_lr - args.lr) * max(step - cool, 0) / max(args.steps - cool, 1)
+        lr = cfg.lr + (cfg.final_lr - cfg.lr) * max(step - cool, 0) / max(cfg.steps - cool, 1)
     else:
         cos = math.cos(math.pi * (step - warm) / (total - warm))
-        lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + cos)
+        lr = cfg.final_lr + 0.5 * (cfg.lr - cfg.final_lr) * (1 + cos)
+    ema = cfg.ema or ema_range(cfg.steps)
     if v2:
-        return lr, args.wd[0], args.ema[0]
-    wd = args.wd[1] + 0.5 * (args.wd[0] - args.wd[1]) * (1 + math.cos(math.pi * step / total))
-    ema = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
+        return lr, cfg.wd[0], ema[0]
+    wd = cfg.wd[1] + 0.5 * (cfg.wd[0] - cfg.wd[1]) * (1 + math.cos(math.pi * step / total))
+    ema = ema[0] + (ema[1] - ema[0]) * step / total
     return lr, wd, ema
 
 
@@ -641,15 +716,15 @@ def schedules(step, args):
 # Training loop
 
 @torch.no_grad()   # stop-gradient: the targets are constants to the loss; no grad reaches them
-def target_features(target_encoder, video, audio, separate, layers=1):
+def target_features(target_encoder, video, audio, cfg):
     """The targets: layer-normed features [B, N, D] of the EMA target encoder over whole clips, each
-    modality in an attention pass of its own (separate) or both in one. layers > 1: the mean of the
-    last `layers` blocks (data2vec 2.0), which holds detail that the last block alone may drop."""
-    B, D = video.shape[0], target_encoder.config["width"]
+    sense in an attention pass of its own (--target-pass separate) or both in one. --target-layers
+    k > 1: the mean of the last k blocks (data2vec 2.0), which holds detail the last alone may drop."""
+    B, D, nv = video.shape[0], target_encoder.width, target_encoder.nv
     N = target_encoder.n_tokens(audio is not None)
-    whole = whole_clips(B, target_encoder.nv, N, video.device, separate)
-    joint = whole_clips(B, target_encoder.nv, N, video.device, False)
-    feats = target_encoder(video, audio, keep=whole, fused=joint, average_last=layers)
+    whole = whole_clips(B, nv, N, video.device, cfg.target_pass == "separate")
+    joint = whole_clips(B, nv, N, video.device, False)
+    feats = target_encoder(video, audio, keep=whole, fused=joint, average_last=cfg.target_layers)
     return F.layer_norm(feats.float(), (D,)).view(B, N, D)
 
 
@@ -659,45 +734,34 @@ def ema_update(target_encoder, encoder, momentum):
     torch._foreach_lerp_(list(target_encoder.parameters()), list(encoder.parameters()), 1 - momentum)
 
 
-def step_loss(model, target_encoder, video, audio, masks, args):
+def step_loss(model, target_encoder, video, audio, masks, cfg):
     """The forward half of a step: targets -> prediction -> loss. What --compile compiles, as one
     graph. Returns (loss, video loss, audio loss, target features [B, N, D])."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
-        target_feats = target_features(target_encoder, video, audio, args.target_pass == "separate",
-                                       args.target_layers)
+        target_feats = target_features(target_encoder, video, audio, cfg)
         pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
         targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
-        if args.reg == "sigreg":   # keeps the context features spread out (README: what helps)
-            loss = loss + args.reg_weight * sigreg(context)
-        if args.nce_weight:        # predictions that tell clips apart
-            loss = loss + args.nce_weight * clip_contrast(pred, targets, masks, video.shape[0])
+        if cfg.reg == "sigreg":   # keeps the context features spread out (README: what helps)
+            loss = loss + cfg.reg_weight * sigreg(context)
+        if cfg.nce_weight:        # predictions that tell clips apart
+            loss = loss + cfg.nce_weight * clip_contrast(pred, targets, masks, video.shape[0])
     return loss, loss_v, loss_a, target_feats
 
 
-def train_step(model, target_encoder, opt, video, audio, masks, momentum, args, loss_fn=step_loss):
+def train_step(model, target_encoder, opt, video, audio, masks, momentum, cfg, loss_fn=step_loss):
     """One JEPA step: targets -> prediction -> loss -> update -> EMA. model is the JEPA (maybe in
     DDP); loss_fn is step_loss, or its compiled self. Returns what step_loss does. Nothing here
     waits for the device: the loop checks that the loss stayed finite on log and save steps."""
     jepa = getattr(model, "module", model)
-    loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, args)
+    loss, loss_v, loss_a, target_feats = loss_fn(model, target_encoder, video, audio, masks, cfg)
     opt.zero_grad(set_to_none=True)
     loss.backward()   # into the encoder and the predictor only: the targets carry no graph
-    if args.clip_grad:
-        torch.nn.utils.clip_grad_norm_(jepa.parameters(), args.clip_grad)
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(jepa.parameters(), cfg.clip_grad)
     opt.step()
     ema_update(target_encoder, jepa.encoder, momentum)   # the teacher follows the student, slowly
     return loss, loss_v, loss_a, target_feats
-
-
-def run_config(args, meta):
-    """Everything build() needs, and a checkpoint records: the flags and the clip geometry."""
-    return dict(model=args.model, audio=args.audio, masks=args.masks, frames=meta["frames"],
-                crop=args.crop or meta["size"], audio_frames=meta["audio_shape"][1],
-                tubelet_seconds=TUBELET * meta["frame_seconds"],
-                audio_patch_seconds=PATCH * meta["audio_hop_seconds"], pred_width=args.pred_width,
-                pred_depth=args.pred_depth, context_pass=args.context_pass, fuse=args.fuse,
-                target_pass=args.target_pass, pred_pass=args.pred_pass, data=str(args.data))
 
 
 def make_optimizer(model, lr):
@@ -710,89 +774,103 @@ def make_optimizer(model, lr):
                              betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
+class Run:
+    """A run's bookkeeping, kept out of train(): its folder (one process at a time), a resumed or new
+    start, masks.png, the bar and log.jsonl (with the collapse monitor and the MFU), checkpoints, the
+    stop signals, and at the end the curves, the summary line and the exit code."""
+    def __init__(self, cfg, data, nets, opt, device, rank, world):
+        self.cfg, self.nets, self.opt, self.master = cfg, nets, opt, rank == 0
+        self.dir = Path(cfg.out) / cfg.name
+        if self.master:
+            lock_run(self.dir)
+        modules = dict(zip(("encoder", "predictor", "target_encoder"), nets))
+        self.start = resume_or_init(cfg, self.dir / "ckpt.pt", modules, opt, lambda ck: asdict(Config.of(ck)))
+        encoder = nets[0]
+        if self.master:   # masks.png: the first clip under each mask config's targets
+            rng, grids = np.random.default_rng(cfg.seed), (encoder.video_grid, encoder.audio_grid)
+            targets = {m: (MASKS[m].colour, sample_targets(rng, m, *grids)) for m in cfg.masks}
+            plot_masks(self.dir / "masks.png", data, cfg.audio, *grids, targets)
+        self.progress = Progress(cfg, self.dir, self.start, self.master, world, device, data, rank)
+        self.peak, self.world, self.end = peak_flops(device), world, cfg.steps
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):   # also when an error ends the loop: Ctrl-C's own handling comes back
+        self.progress.close()
+
+    def after_step(self, s, losses, target_feats, masks, has_audio, schedule):
+        """Log, save, or stop after step s: True to stop (a signal came; saved by finish)."""
+        log, save, stop = self.progress.step(s, losses[0])
+        if log:
+            cfg, (encoder, predictor, _), B = self.cfg, self.nets, self.cfg.batch_size
+            rec = dict(step=s, loss=losses[0].item(), loss_video=losses[1].item(),
+                       loss_audio=losses[2].item() if cfg.audio else None,
+                       **dict(zip(("lr", "wd", "ema"), schedule)), clips_per_s=self.progress.clips_per_s())
+            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, has_audio)
+            if self.peak:   # this step's FLOPs per process, times its steps per second
+                flops = step_flops(encoder, predictor, masks.to("cpu"), B, cfg.target_pass == "separate")
+                rec["mfu"] = flops * rec["clips_per_s"] / (B * self.world) / self.peak
+            self.progress.write(rec)
+        if stop:
+            self.end = s + 1
+        elif save and s + 1 < self.cfg.steps:
+            self.save(s + 1)
+        return stop
+
+    def save(self, step):
+        if self.master:
+            modules = dict(zip(("encoder", "predictor", "target_encoder"), self.nets))
+            save_checkpoint(self.dir / "ckpt.pt", modules, self.opt, step, asdict(self.cfg))
+
+    def finish(self):
+        """The last checkpoint, the curves and the summary; a run stopped by a signal exits 128 + it."""
+        self.save(self.end)
+        if self.master and self.progress.last:
+            plot_log(self.dir / "log.jsonl", self.dir / "training.png")
+            print(summary_line(self.cfg, self.progress.last, self.nets[0].width, self.dir, self.end))
+        end_run(self.dir)
+        if self.end < self.cfg.steps:
+            raise SystemExit(self.progress.exit_code())
+
+
 def train(argv=None):
-    args = get_args(argv)
-    device, rank, world = setup_process(args.device, args.deterministic)
-    master = rank == 0
-    torch.manual_seed(args.seed)
-
-    data = load_split(args.data, "train")
-    meta = data["meta"]
+    cfg = get_config(argv)
+    device, rank, world = setup_process(cfg.device, cfg.deterministic)
+    torch.manual_seed(cfg.seed)
+    data = load_split(cfg.data, "train")
     if data["n"] == 0:
-        raise SystemExit(f"{args.data} has no training clips: rerun prepare.py")
-    cfg = run_config(args, meta)
-    if cfg["crop"] % PATCH or cfg["frames"] % TUBELET:
-        raise SystemExit(f"--crop must be a multiple of {PATCH} and the data's frames of {TUBELET}")
-    run_dir = Path(args.out) / args.name
-    ckpt_path = run_dir / "ckpt.pt"
-    if master:
-        lock_run(run_dir)
-
+        raise SystemExit(f"{cfg.data} has no training clips: rerun prepare.py")
+    cfg = cfg.with_data(data["meta"])
     encoder, predictor, target_encoder = build(cfg)
     model, target_encoder = JEPA(encoder, predictor).to(device), target_encoder.to(device)
-    opt = make_optimizer(model, args.lr)   # after the move: a fused optimizer needs them there
-    modules = dict(encoder=encoder, predictor=predictor, target_encoder=target_encoder)
-    step = resume_or_init(args, cfg, ckpt_path, modules, opt)
-    if master:   # masks.png: the first clip under each mask config's targets
-        rng, grids = np.random.default_rng(args.seed), (encoder.video_grid, encoder.audio_grid)
-        targets = {c: sample_targets(rng, c, *grids) for c in args.masks}
-        plot_masks(run_dir / "masks.png", data, args.audio, *grids, targets)
+    opt = make_optimizer(model, cfg.lr)   # after the move: a fused optimizer needs them there
     trained = ddp(model, device)   # under torchrun: gradients averaged across the processes
-    loss_fn = torch.compile(step_loss, dynamic=True) if args.compile else step_loss
-    B, peak = args.batch_size, peak_flops(device)   # the GPU's peak FLOP/s, for the MFU
+    loss_fn = torch.compile(step_loss, dynamic=True) if cfg.compile else step_loss
 
     def make_batch(s):
         """Step s's clips, masks and augmentation, made in the prefetch thread and sent to the device
         without waiting. All that is random comes from (seed, step, rank): resume replays it exactly."""
-        rng = np.random.default_rng([args.seed, s, rank])
-        idx = np.sort(batch_indices(data["n"], B, s, args.seed, rank, world))   # get_batch's order
-        has_audio = data["has_audio"][idx].astype(bool) if args.audio else np.zeros(B, bool)
-        masks = sample_masks(rng, args.masks, B, encoder.video_grid, encoder.audio_grid, has_audio,
-                             args.truncate, args.context_pass == "separate", args.audio_weight,
-                             args.pred_pass == "separate")
-        theta = crop_params(rng, B)
-        return get_batch(data, idx, device), masks.to(device), to_device(theta, device)
+        rng = np.random.default_rng([cfg.seed, s, rank])
+        idx = batch_indices(data["n"], cfg.batch_size, s, cfg.seed, rank, world)
+        heard = data["has_audio"][idx].astype(bool) & cfg.audio
+        masks = sample_masks(rng, cfg, len(idx), encoder.video_grid, encoder.audio_grid, heard)
+        theta = to_device(crop_params(rng, len(idx)), device)
+        return get_batch(data, idx, device), masks.to(device), theta
 
-    def save(s):
-        if master:
-            save_checkpoint(ckpt_path, modules, opt, s, cfg, args.flags)
-
-    progress, end = Progress(args, run_dir, step, master, world, device, data, rank), args.steps
-    try:
-        steps = range(step, args.steps)
+    with Run(cfg, data, (encoder, predictor, target_encoder), opt, device, rank, world) as run:
+        steps = range(run.start, cfg.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):
-            lr, wd, momentum = schedules(s, args)
+            lr, wd, momentum = schedules(s, cfg)
             for g in opt.param_groups:
                 g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
-            video = augment_video(batch["video"], cfg["crop"], theta)
-            audio = normalize_audio(batch["audio"], meta) if args.audio else None
-            loss, loss_v, loss_a, target_feats = train_step(
-                trained, target_encoder, opt, video, audio, masks, momentum, args, loss_fn)
-            log_step, save_step, stop = progress.step(s, loss)   # stop: Ctrl-C or SIGTERM came
-            if log_step:
-                rec = dict(step=s, loss=loss.item(), loss_video=loss_v.item(),
-                           loss_audio=loss_a.item() if args.audio else None, lr=lr, wd=wd, ema=momentum,
-                           clips_per_s=progress.clips_per_s())
-                rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv,
-                                                                        batch["has_audio"])
-                if peak:   # this step's FLOPs per process, times its steps per second
-                    flops = step_flops(encoder, predictor, masks.to("cpu"), B, args.target_pass == "separate")
-                    rec["mfu"] = flops * rec["clips_per_s"] / (B * world) / peak
-                progress.write(rec)
-            if stop:   # saved below, with the plot and the summary, then exit 128 + the signal
-                end = s + 1
+            video = augment_video(batch["video"], cfg.size, theta)
+            audio = normalize_audio(batch["audio"], data["meta"]) if cfg.audio else None
+            *losses, target_feats = train_step(trained, target_encoder, opt, video, audio, masks,
+                                               momentum, cfg, loss_fn)
+            if run.after_step(s, losses, target_feats, masks, batch["has_audio"], (lr, wd, momentum)):
                 break
-            if save_step and s + 1 < args.steps:
-                save(s + 1)
-    finally:
-        progress.close()
-    save(end)
-    if master and progress.last:
-        plot_log(run_dir / "log.jsonl", run_dir / "training.png")
-        print(summary_line(args, progress.last, encoder.config["width"], run_dir, end))
-    end_run(run_dir)
-    if end < args.steps:
-        raise SystemExit(progress.exit_code())
+    run.finish()
     return encoder, predictor, target_encoder
 
 

@@ -37,7 +37,7 @@ import common
 import kernels
 
 FRAME_SECONDS, HOP_SECONDS = 4 / 30, 0.01   # prepare.py's defaults: every 4th frame at 30 fps, 10 ms mel hop
-CONFIGS = ["short", "long"]                 # V-JEPA's two mask configs, as training uses them
+CONFIGS = ("short", "long")                 # V-JEPA's two mask configs, as training uses them
 HEAD_COUNTS = (6, 12)                       # vit_small's and vit_base's; head dim 64 in every V-JEPA size
 # what the kernels must reach, as speedups over the fastest correct row of a kind (fwd+bwd), or of copy
 TARGETS = dict(dense=0.9, ragged=1.5, varlen=1.0, gather=0.8, mfu=0.4)
@@ -172,8 +172,9 @@ def sample_masks(args, batch, audio=True, truncate=False, seed=0):
     """The real mask generator's output for a batch of clips with sound (or video only), the context
     encoded one modality at a time as training does by default."""
     rng = np.random.default_rng(seed)
-    return avjepa.sample_masks(rng, CONFIGS, batch, args.video_grid, args.audio_grid if audio else None,
-                               np.full(batch, audio), truncate, separate=True)
+    cfg = avjepa.Config(masks=CONFIGS, truncate=truncate)
+    return avjepa.sample_masks(rng, cfg, batch, args.video_grid, args.audio_grid if audio else None,
+                               np.full(batch, audio))
 
 # -----------------------------------------------------------------------------
 # 1. Attention. FLOPs count useful work only: 4 * sum(L_i^2) * H * hd forward (QK^T and PV, non-causal),
@@ -191,8 +192,8 @@ def attention_cases(args):
         cases += [(f"dense AV, {heads} heads", heads, 64, [nv + na] * B), (f"dense V, {heads} heads", heads, 64, [nv] * B)]
         for audio in (True, False):
             for config in CONFIGS:
-                masks = avjepa.sample_masks(np.random.default_rng(0), [config], B, args.video_grid,
-                                            args.audio_grid if audio else None, np.full(B, audio), separate=True)
+                masks = avjepa.sample_masks(np.random.default_rng(0), avjepa.Config(masks=(config,)), B,
+                                            args.video_grid, args.audio_grid if audio else None, np.full(B, audio))
                 lengths = np.diff(masks.enc.cu.numpy()).tolist()   # the segments the encoder attends within
                 cases.append((f"JEPA {config} context, {'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
     masks = sample_masks(args, B)
@@ -412,11 +413,11 @@ def step_setup(args, model_name, audio, truncate, compiled):
     """A model as avjepa.train builds it, random inputs already on the device, and fresh masks for every
     warmup and timed step. Returns (run(masks) -> loss, host masks, device masks, training args, encoder, predictor)."""
     B, dev = args.batch_size, args.dev
-    targs = avjepa.get_args(["--model", model_name, "--masks", ",".join(CONFIGS)] + ["--audio"] * audio + ["--truncate"] * truncate)
     meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],   # a dataset of this shape
                 frame_seconds=FRAME_SECONDS, audio_hop_seconds=HOP_SECONDS)
+    targs = avjepa.Config(model=model_name, masks=CONFIGS, audio=audio, truncate=truncate).with_data(meta)
     torch.manual_seed(0)
-    encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(targs, meta))
+    encoder, predictor, target_encoder = avjepa.build(targs)
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target_encoder.to(dev)
     loss_fn = torch.compile(avjepa.step_loss, dynamic=True) if compiled else avjepa.step_loss   # as avjepa.train

@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,8 @@ def number(kind, low=-math.inf, high=math.inf, above=None):
     return parse
 
 
-COUNT, NONNEG_INT, POSITIVE, NONNEG, FRACTION = number(int, 1), number(int, 0), number(float, above=0.0), \
-    number(float, 0.0), number(float, 0.0, 1.0)
+COUNT, NONNEG_INT, POSITIVE = number(int, 1), number(int, 0), number(float, above=0.0)
+NONNEG, FRACTION = number(float, 0.0), number(float, 0.0, 1.0)
 
 
 def check_shape(name, x, expected):
@@ -132,7 +133,7 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     epoch, i = divmod(step, max(n // per_step, 1))
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     start = i * per_step + rank * batch_size
-    return perm[np.arange(start, start + batch_size) % n]
+    return np.sort(perm[np.arange(start, start + batch_size) % n])   # sorted: kinder to a memmap
 
 
 def to_device(x, device):
@@ -145,8 +146,7 @@ def to_device(x, device):
 
 
 def get_batch(data, idx, device):
-    """Clips idx of a split as tensors on the device (video still uint8; augmented there)."""
-    idx = np.sort(idx)  # sorted reads are kinder to a memmap
+    """Clips idx of a split, in that order, as tensors on the device (video still uint8; augmented there)."""
     def t(a):
         return to_device(torch.from_numpy(np.ascontiguousarray(a[idx])), device)
     return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
@@ -293,37 +293,26 @@ def read_checkpoint(path, digest=False):
                          f"short. Pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar") from None
 
 
-RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # printed; others are refused
-RESUME_WHERE = ("resume", "name", "out")   # where the run is, not how it trains: not compared
-CONFIG_ADDED = {"fuse": 0, "pred_pass": "joint"}   # config keys newer than some runs: what those ran with
-
-
-def flag(key):
-    return f"--{key.replace('_', '-')}"
-
-
-def check_resume(ck, path, flags, cfg):
-    """A run resumes only with the flags it was trained with: exit naming each changed flag's old and new
-    value, except the RESUME_MAY_CHANGE ones, which are printed. Checkpoints from before flags were
-    recorded: their config alone is compared."""
-    old = ck.get("flags", {})
-    changed = {flag(k): (old[k], v) for k, v in flags.items()
-               if k in old and old[k] != v and k not in RESUME_MAY_CHANGE + RESUME_WHERE}
-    was = {**CONFIG_ADDED, **ck["config"]}
-    changed.update({k: (was.get(k), v) for k, v in cfg.items()
-                    if k != "data" and was.get(k) != v and flag(k) not in changed})
+def check_resume(path, step, old, new, may_change=(), ignore=()):
+    """A run resumes only with the settings it was trained with (old, new: dicts): exit naming each
+    changed one's old and new value, except the may_change ones, which are printed; `ignore` says
+    where the run is, not how it trains."""
+    def flag(key):
+        return f"--{key.replace('_', '-')}"
+    changed = [f"{flag(k)} {old.get(k)}, not {v}" for k, v in new.items()
+               if old.get(k) != v and k not in may_change + ignore]
     if changed:
-        raise SystemExit(f"{path} was trained with other settings: "
-                         + "; ".join(f"{k} {a}, not {b}" for k, (a, b) in changed.items())
-                         + ". Resume with the flags it was trained with, or start a new --name")
-    moved = [f"{flag(k)} {old[k]} -> {flags[k]}" for k in RESUME_MAY_CHANGE if k in old and old[k] != flags[k]]
-    print(f"resuming {path} at step {ck['step']}" + (f", with {', '.join(moved)}" if moved else ""))
+        raise SystemExit(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the "
+                         f"flags it was trained with, or start a new --name")
+    moved = [f"{flag(k)} {old[k]} -> {new[k]}" for k in may_change if k in old and old[k] != new[k]]
+    print(f"resuming {path} at step {step}" + (f", with {', '.join(moved)}" if moved else ""))
 
 
-def save_checkpoint(path, modules, opt, step, cfg, flags):
-    """modules (name -> nn.Module) by their state dicts, the optimizer, step, run config, flags and RNG."""
+def save_checkpoint(path, modules, opt, step, config):
+    """modules (name -> nn.Module) by their state dicts, the optimizer, step, the run's config (a dict)
+    and the RNG."""
     ckpt = {name: m.state_dict() for name, m in modules.items()}
-    ckpt.update(opt=opt.state_dict(), step=step, config=cfg, flags=flags, rng=dict(torch=torch.get_rng_state()))
+    ckpt.update(opt=opt.state_dict(), step=step, config=config, rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
     survives = lambda: checkpoint_survives(path, "previous ")   # noqa: E731 (read only on a full disk)
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
@@ -349,13 +338,13 @@ def tensors(obj):
             yield from tensors(v)
 
 
-def resume_or_init(args, cfg, ckpt_path, modules, opt):
+def resume_or_init(cfg, ckpt_path, modules, opt, saved_config):
     """The step to start from: a --resume'd run's, after loading its modules, optimizer and RNG; else 0,
     after --init's encoder weights if given (the target encoder starts as the encoder). Never overwrites a
-    run by accident."""
-    if args.resume:
+    run by accident. saved_config(checkpoint): the config it was trained with, as a dict."""
+    if cfg.resume:
         ck = read_checkpoint(ckpt_path)
-        check_resume(ck, ckpt_path, args.flags, cfg)   # the flags it was trained with, or an exit
+        check_resume(ckpt_path, ck["step"], saved_config(ck), asdict(cfg), cfg.MAY_CHANGE, cfg.WHERE)
         for name, module in modules.items():
             module.load_state_dict(ck[name])
         opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
@@ -365,8 +354,8 @@ def resume_or_init(args, cfg, ckpt_path, modules, opt):
         return ck["step"]
     if ckpt_path.exists():
         raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
-    if args.init:
-        init_from(modules["encoder"], args.init)
+    if cfg.init:
+        init_from(modules["encoder"], cfg.init)
         modules["target_encoder"].load_state_dict(modules["encoder"].state_dict())
     return 0
 
@@ -378,7 +367,7 @@ def init_from(encoder, path):
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
             raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but {list(own[k].shape)} "
-                             f"here (width {encoder.config['width']}); pick the --model and --crop it was trained with")
+                             f"here (width {encoder.width}); pick the --model and --crop it was trained with")
     missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
     if missing:
         raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
@@ -389,8 +378,9 @@ def init_from(encoder, path):
 def stop_non_finite(step, ckpt_path, data=None, idx=None):
     """Stop on a non-finite loss, saying whether the inputs of that step's batch (clips `idx` of `data`)
     were finite: bad data is not the optimiser's fault."""
-    kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})" \
-        if ckpt_path.exists() else "no checkpoint was written yet"
+    kept = "no checkpoint was written yet"
+    if ckpt_path.exists():
+        kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})"
     if data is not None and idx is not None:
         bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i], np.float32)).all()]
         if bad:
@@ -412,17 +402,6 @@ def encoder_weights(ckpt, path):
     else:
         raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA checkpoint")
     return {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd.items()}
-
-
-def vjepa_encoder_shape(sd, path, heads_of_width):
-    """(width, depth, heads, frames, size) of a V-JEPA video ViT, read off its tensor shapes."""
-    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
-    width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    frames = 16                                           # every released V-JEPA model sees 16 frames
-    size = int(math.isqrt(sd["pos_embed"].shape[1] // (frames // tubelet))) * patch
-    return width, depth, heads_of_width.get(width, width // 64), frames, size
 
 
 # -----------------------------------------------------------------------------
@@ -601,15 +580,11 @@ def plot_log(log_path, png_path):
     save_figure(fig, png_path)
 
 
-# each mask config's colour; the cross-modal ones stand apart (reds and purples)
-MASK_COLOURS = {"short": "#1f77b4", "long": "#2ca02c", "future": "#ff7f0e", "window": "#8c564b",
-                "v2a": "#d62728", "a2v": "#9467bd"}
-
-
 def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
     """masks.png: one row per mask config, of the split's first clip: its frames (the first of each tubelet)
     and, with audio, its log-mel spectrogram. The targets, which the predictor must fill in, are painted in
-    the config's colour; the context, what the encoder sees, is left clear. targets {config: bool [Nv + Na]}."""
+    the config's colour; the context, what the encoder sees, is left clear. targets {config: (colour, bool
+    [Nv + Na])}."""
     frames = np.asarray(data["video"][0])                                  # uint8 [T, H, W, 3]
     mel = np.asarray(data["audio"][0], np.float32) if audio else None      # [128, Ta]
     plt = pyplot()
@@ -620,8 +595,8 @@ def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
     fig, axes = plt.subplots(len(targets), cols, figsize=(1.7 * cols + 1.3 * (mel is not None),
                              1.8 * len(targets)), squeeze=False,
                              gridspec_kw=dict(width_ratios=[1] * T + ([2] if mel is not None else [])))
-    for i, (row, (config, is_target)) in enumerate(zip(axes, targets.items())):
-        colour = np.array(to_rgb(MASK_COLOURS.get(config, "#7f7f7f")))
+    for i, (row, (config, (colour, is_target))) in enumerate(zip(axes, targets.items())):
+        colour = np.array(to_rgb(colour))
         hidden = is_target[:nv].reshape(T, H, W)
         for t in range(T):
             img = frames[t * len(frames) // T].astype(np.float32) / 255

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import to_device
 
 try:
     import triton
@@ -91,8 +90,11 @@ class Packed(NamedTuple):
     cu: torch.Tensor      # [S + 1] int32 cu_seqlens: segment s is rows cu[s]:cu[s + 1]
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
-    def to(self, device):   # without waiting, as common.to_device
-        return Packed(to_device(self.index, device), to_device(self.cu, device), self.max_len)
+    def to(self, device):
+        """On the device without waiting: a host tensor bound for a GPU goes through page-locked memory."""
+        pin = torch.device(device).type == "cuda" and self.index.device.type == "cpu"
+        index, cu = (x.pin_memory() if pin else x for x in (self.index, self.cu))
+        return Packed(index.to(device, non_blocking=pin), cu.to(device, non_blocking=pin), self.max_len)
 
     def segment_ids(self):
         """[total]: the segment of each row."""

@@ -31,6 +31,7 @@ import os
 import time
 import warnings
 import wave
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def open_run(args):
     if not (isinstance(ckpt, dict) and {"config", "encoder", "predictor", "target_encoder"} <= ckpt.keys()):
         raise SystemExit(f"{path} is not an avjepa checkpoint (no encoder/predictor/target_encoder/config): "
                          f"pass a ckpt.pt written by avjepa.py")
-    data = Path(args.data or ckpt["config"]["data"])
+    ckpt["config"] = avjepa.Config.of(ckpt)   # the run's settings, whatever the checkpoint's age
+    data = Path(args.data or ckpt["config"].data)
     if not (data / "meta.json").exists():
         raise SystemExit(f"no dataset at {data}: run prepare.py, or pass --data")
     print(f"probing {path} (step {ckpt['step']}) on {data}")
@@ -132,11 +134,11 @@ def frozen_models(ckpt, init, seed):
 
 
 def check_data(meta, encoder, audio):
-    if meta["frames"] != encoder.config["frames"]:
-        raise SystemExit(f"the dataset has {meta['frames']} frames per clip, the model {encoder.config['frames']}")
+    if meta["frames"] != encoder.cfg.frames:
+        raise SystemExit(f"the dataset has {meta['frames']} frames per clip, the model {encoder.cfg.frames}")
     if audio and meta["audio_shape"][1] // PATCH != encoder.audio_grid[1]:
         raise SystemExit(f"the dataset has {meta['audio_shape'][1]} log-mel frames per clip, the model "
-                         f"{encoder.config['audio_frames']}")
+                         f"{encoder.cfg.audio_frames}")
 
 
 def clip_ids(data, n_max, labelled=False, sounding=False):
@@ -187,7 +189,7 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
     xs, valids = [], []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
         b = get_batch(data, ids[i:i + batch_size], device)
-        video = avjepa.augment_video(b["video"], encoder.config["size"]) if modalities != "audio" else None
+        video = avjepa.augment_video(b["video"], encoder.cfg.size) if modalities != "audio" else None
         audio = avjepa.normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
         with autocast(device):
             parts = [encode(encoder, video, audio, b["has_audio"], separate=r == "separate")
@@ -337,8 +339,8 @@ def paired(feats, encoder, k=16, seed=0):
     pairs = [torch.einsum("ntk,ntl->nkl", pv[:, :-1], pv[:, 1:]).flatten(1) / max(T - 1, 1)]
     if x.shape[1] > nv and encoder.audio_grid:
         Fa, C = encoder.audio_grid
-        c = encoder.config
-        col_t = ((torch.arange(C) + 0.5) * c["audio_patch_seconds"] / c["tubelet_seconds"]).long().clamp(max=T - 1)
+        c = encoder.cfg
+        col_t = ((torch.arange(C) + 0.5) * c.audio_patch_seconds / c.tubelet_seconds).long().clamp(max=T - 1)
         onehot = F.one_hot(col_t, T).float()                                         # [C, T]
         a = (x[:, nv:nv + Fa * C] * valid[:, nv:nv + Fa * C]).view(n, Fa, C, D).sum(1)   # [n, C, D]
         cnt = valid[:, nv:nv + Fa * C].view(n, Fa, C, 1).sum(1)
@@ -400,7 +402,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     labels = feats["val"]["y"]
     runs = []
     for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
-        probe = train_probe(feats["train"], outputs, targets, encoder.config["heads"], args, device, args.seed + k)
+        probe = train_probe(feats["train"], outputs, targets, encoder.heads, args, device, args.seed + k)
         logits = predict_classes(probe, feats["val"], targets, device)
         run = dict(top1=top_k(logits, labels, 1),
                    train_top1=top_k(predict_classes(probe, feats["train"], targets, device), feats["train"]["y"], 1))
@@ -441,15 +443,14 @@ def labels_ceiling(args, ckpt, data_dir, device):
     factor on the mean of its tokens. Augmented as in training, but a flip swaps the direction label (it
     stays true) and a crop keeps 80% of the frame or more (the object stays in view). Scored on val, its
     own heads, and cached in the dataset folder (keyed by the dataset, the config and the budget)."""
-    cfg, flags = ckpt["config"], ckpt.get("flags", {})
-    steps, batch = args.labels_steps or ckpt["step"], flags.get("batch_size", 16)
-    lr, seed = flags.get("lr", 6.25e-4), args.seed
+    cfg = ckpt["config"]
+    steps, batch, lr, seed = args.labels_steps or ckpt["step"], cfg.batch_size, cfg.lr, args.seed
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train["meta"]
     key = dict(data=str(data_dir.resolve()), data_mtime=(data_dir / "meta.json").stat().st_mtime_ns,
-               model=cfg["model"], audio=cfg["audio"], crop=cfg["crop"], fuse=cfg.get("fuse", 0), steps=steps,
+               model=cfg.model, audio=cfg.audio, crop=cfg.size, fuse=cfg.fuse, steps=steps,
                batch=batch, lr=lr, seed=seed)
-    cache = data_dir / f"labels_{cfg['model']}_{'av' if cfg['audio'] else 'v'}_{steps}steps_seed{seed}.json"
+    cache = data_dir / f"labels_{cfg.model}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
     if cache.exists():
         res = json.loads(cache.read_text())
         if res.get("key") == key:
@@ -460,14 +461,14 @@ def labels_ceiling(args, ckpt, data_dir, device):
     flip_swaps = factors.index("direction") if "direction" in factors else None
     torch.manual_seed(seed)
     encoder = avjepa.build(cfg)[0].to(device)
-    head = nn.Linear(encoder.config["width"], sum(sizes)).to(device)
+    head = nn.Linear(encoder.width, sum(sizes)).to(device)
     params = [p for p in list(encoder.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     ids = clip_ids(train, 0, labelled=True)
 
     def logits(b, theta=None):
-        video = avjepa.augment_video(b["video"], cfg["crop"], theta)
-        audio = avjepa.normalize_audio(b["audio"], meta) if cfg["audio"] else None
+        video = avjepa.augment_video(b["video"], cfg.size, theta)
+        audio = avjepa.normalize_audio(b["audio"], meta) if cfg.audio else None
         with autocast(device):
             return head(encoder(video, audio).float().mean(1)).split(sizes, -1)   # one joint pass
 
@@ -511,8 +512,10 @@ def mean_of(runs):
     """The mean of a list of score dicts (nested one level, for the factors)."""
     out = {}
     for k, v in runs[0].items():
-        out[k] = {f: sum(r[k][f] for r in runs) / len(runs) for f in v} if isinstance(v, dict) else \
-            sum(r[k] for r in runs) / len(runs)
+        if isinstance(v, dict):
+            out[k] = {f: sum(r[k][f] for r in runs) / len(runs) for f in v}
+        else:
+            out[k] = sum(r[k] for r in runs) / len(runs)
     return out
 
 
@@ -532,8 +535,8 @@ def classify(args, path, ckpt, data_dir, device):
     """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
     encoder of the same config read the same way; one summary line with both."""
     cfg = ckpt["config"]
-    args.modalities = args.modalities or ("both" if cfg["audio"] else "video")
-    if args.modalities != "video" and not cfg["audio"]:
+    args.modalities = args.modalities or ("both" if cfg.audio else "video")
+    if args.modalities != "video" and not cfg.audio:
         raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
     res, describe, secs = with_baseline(classify_one, args, path, ckpt, data_dir, device)
     labels = ""
@@ -544,8 +547,9 @@ def classify(args, path, ckpt, data_dir, device):
     def scores(r):
         factors = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r.get("factors", {}).items())
         return f"top-1 {100 * r['top1']:.1f}%" + (f" ({factors})" if factors else "")
-    seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts" if args.probe_seeds > 1 else \
-        "1 probe seed"
+    seeds = "1 probe seed"
+    if args.probe_seeds > 1:
+        seeds = f"{args.probe_seeds} probe seeds, spread {100 * res['top1_spread']:.1f} pts"
     attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
     if "labels" in res:
         labels = f" [labels: {scores(res['labels'])}]; the labels' encoder trained {res['labels']['steps']} steps"
@@ -650,13 +654,13 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     modality, so a match can only come from what the predictor inferred across the senses. Beside it, the
     same ranking through a ridge map fit on the train clips' features (ridge_ranks)."""
     cfg = ckpt["config"]
-    if not cfg["audio"]:
+    if not cfg.audio:
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
-    if cfg.get("pred_pass") == "separate":
+    if cfg.pred_pass == "separate":
         raise SystemExit(f"{path} was trained with --pred-pass separate: its predictor fills in each sense from "
                          f"that sense alone, so it cannot say one sense from the other. Retrieve with a joint one")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
-    configs = {d: next((m for m in (d, "long") if m in cfg["masks"]), cfg["masks"][0]) for d in ("v2a", "a2v")}
+    configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     val, train = load_split(data_dir, "val"), load_split(data_dir, "train")
@@ -664,7 +668,7 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     ids = clip_ids(val, args.clips, sounding=True)
     if len(ids) < 2:
         raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
-    t0, D = time.time(), encoder.config["width"]
+    t0, D = time.time(), encoder.width
     out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
     jobs = [("val", val, ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
@@ -672,11 +676,11 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
         b = get_batch(data, batch_ids, device)
-        video, audio = avjepa.augment_video(b["video"], cfg["crop"]), avjepa.normalize_audio(b["audio"], data["meta"])
+        video, audio = avjepa.augment_video(b["video"], cfg.size), avjepa.normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
                 if split == "val":
-                    c = cfg["masks"].index(configs[direction])
+                    c = cfg.masks.index(configs[direction])
                     out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
                 alone = target_encoder(None, audio) if name == "audio" else target_encoder(video, None)
                 out[name if split == "val" else "train_" + name].append(F.layer_norm(alone.float(), (D,)).cpu())
@@ -784,12 +788,10 @@ def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
     drawn from `rng` for every mask config of the checkpoint; crop=True: training's random crops too."""
     b = get_batch(data, ids, device)
     theta = avjepa.crop_params(rng, len(ids)).to(device) if crop else None
-    video = avjepa.augment_video(b["video"], cfg["crop"], theta)
-    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg["audio"] else None
-    has_audio = b["has_audio"].cpu().numpy() if cfg["audio"] else np.zeros(len(ids), bool)
-    masks = avjepa.sample_masks(rng, cfg["masks"], len(ids), encoder.video_grid, encoder.audio_grid, has_audio,
-                                separate=cfg.get("context_pass") == "separate",
-                                pred_separate=cfg.get("pred_pass") == "separate")
+    video = avjepa.augment_video(b["video"], cfg.size, theta)
+    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg.audio else None
+    has_audio = b["has_audio"].cpu().numpy() if cfg.audio else np.zeros(len(ids), bool)
+    masks = avjepa.sample_masks(rng, cfg, len(ids), encoder.video_grid, encoder.audio_grid, has_audio)
     return video, audio, masks.to(device)
 
 
@@ -802,7 +804,7 @@ def predict(jepa, target_encoder, cfg, data, ids, rng, device):
     video, audio, masks = masked_clips(encoder, cfg, data, ids, rng, device)
     with autocast(device):
         pred, _ = jepa(video, audio, masks)
-        target = avjepa.target_features(target_encoder, video, audio, cfg.get("target_pass") == "separate")
+        target = avjepa.target_features(target_encoder, video, audio, replace(cfg, target_layers=1))
     index, N = masks.tgt.index, encoder.n_tokens(audio is not None)
     mean = torch.tensor(avjepa.IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
     std = torch.tensor(avjepa.IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
@@ -827,15 +829,15 @@ def reconstruct(args, path, ckpt, data_dir, device):
     read the same way) and its ceiling (the oracle: the target encoder's own features at the hidden tokens,
     through a decoder fit the same way: what a perfect predictor could show)."""
     cfg = ckpt["config"]
-    args.mask = args.mask or cfg["masks"][0]
-    if args.mask not in cfg["masks"]:
-        raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg['masks'])} only, not {args.mask!r}")
+    args.mask = args.mask or cfg.masks[0]
+    if args.mask not in cfg.masks:
+        raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg.masks)} only, not {args.mask!r}")
     res, describe, secs = with_baseline(reconstruct_one, args, path, ckpt, data_dir, device)
     rnd = res.get("random", {})
     def beside(k, fmt, unit=""):
         extra = f", random {fmt(rnd[k])}" if k in rnd else ""
         return f"{fmt(res[k])}{unit} (mean-fill {fmt(res[k + '_mean_fill'])}{extra}, oracle {fmt(res[k + '_oracle'])})"
-    audio_part = f", audio L1 {beside('l1', '{:.3f}'.format)}" if cfg["audio"] else ""
+    audio_part = f", audio L1 {beside('l1', '{:.3f}'.format)}" if cfg.audio else ""
     print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR "
           f"{beside('psnr', '{:.1f}'.format, ' dB')}{audio_part} on {res['val_clips']} val clips in {secs:.0f} s; "
           f"examples in {path.parent / 'reconstruct'}")
@@ -844,13 +846,13 @@ def reconstruct(args, path, ckpt, data_dir, device):
 
 def reconstruct_one(args, path, ckpt, data_dir, device, init):
     cfg = ckpt["config"]
-    config_id = cfg["masks"].index(args.mask)
+    config_id = cfg.masks.index(args.mask)
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
-    check_data(meta, encoder, cfg["audio"])
-    nv, D, bs = encoder.nv, encoder.config["width"], args.batch_size
+    check_data(meta, encoder, cfg.audio)
+    nv, D, bs = encoder.nv, encoder.width, args.batch_size
     t0 = time.time()
 
     # 1. One frozen pass over the train clips, fresh masks per batch; every hidden token of every mask
@@ -858,7 +860,7 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
     #    oracle) from the target encoder's features at the same tokens.
     sources = ("x", "target")
     decoders = {(s, "video"): Decoder(D, TUBELET * PATCH * PATCH * 3) for s in sources}
-    if cfg["audio"]:
+    if cfg.audio:
         decoders.update({(s, "audio"): Decoder(D, PATCH * PATCH) for s in sources})
     train_ids = clip_ids(train_data, args.clips)
     for i in tqdm(range(0, len(train_ids), bs), desc=f"fit decoders ({init})", dynamic_ncols=True):
@@ -867,7 +869,7 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
         v = r["token"] < nv
         for s in sources:
             decoders[s, "video"].accumulate(r[s][v], r["pix"][r["clip"][v], r["token"][v]])
-            if cfg["audio"]:
+            if cfg.audio:
                 decoders[s, "audio"].accumulate(r[s][~v], r["mel"][r["clip"][~v], r["token"][~v] - nv])
     for d in decoders.values():
         d.solve()
@@ -887,14 +889,14 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
             vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders[s, "video"], source=s)
             vid = vid.clamp(0, 1)
             score("psnr" + suffix, masked_psnr(vid, r["pix"], vmask))
-            if cfg["audio"]:
+            if cfg.audio:
                 mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv), decoders[s, "audio"], nv, source=s)
                 for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
                     score(name + suffix, fn(mel, r["mel"], amask))
             if s == "x":
-                pred_vid, pred_mel = vid, mel if cfg["audio"] else None
+                pred_vid, pred_mel = vid, mel if cfg.audio else None
         score("psnr_mean_fill", masked_psnr(mean_fill(r["pix"], vmask), r["pix"], vmask))
-        if cfg["audio"]:
+        if cfg.audio:
             fill = mean_fill(r["mel"], amask)
             for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
                 score(name + "_mean_fill", fn(fill, r["mel"], amask))
@@ -902,7 +904,7 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
             examples.append(dict(pix=r["pix"][j], vid=pred_vid[j], vmask=vmask[j],
                                  has_audio=bool(val_data["has_audio"][ids[i + j]]),
                                  **(dict(mel=r["mel"][j], rec=pred_mel[j], amask=amask[j],
-                                         Ta=encoder.audio_grid[1] * PATCH) if cfg["audio"] else {})))
+                                         Ta=encoder.audio_grid[1] * PATCH) if cfg.audio else {})))
 
     res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
                mask=args.mask, init=init, train_clips=len(train_ids), val_clips=len(ids),
@@ -921,11 +923,10 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
 REFIT_LEARNED = 0.25   # share of the gap to the oracle that more predictor training must close
 
 
-def predictor_loss(jepa, target_encoder, video, audio, masks, train_args):
+def predictor_loss(jepa, target_encoder, video, audio, masks, cfg):
     """Training's JEPA loss with the encoder and the EMA target encoder frozen: only the predictor learns."""
     with autocast(video.device):
-        target = avjepa.target_features(target_encoder, video, audio, train_args.target_pass == "separate",
-                                        train_args.target_layers)
+        target = avjepa.target_features(target_encoder, video, audio, cfg)
         pred, _ = jepa(video, audio, masks)
         return avjepa.jepa_loss(pred, target.flatten(0, 1)[masks.tgt.index], masks)[0].float()
 
@@ -937,31 +938,29 @@ def refit(args, path, ckpt, data_dir, device):
     barely moves, the context these masks leave does not pin the hidden content down: smaller masks, or
     a set whose hidden parts follow from what is seen. Writes <run>/refit/ckpt.pt (the refit predictor)."""
     cfg = ckpt["config"]
-    args.mask = args.mask or cfg["masks"][0]
-    train_args = avjepa.make_parser().parse_args([])   # the run's flags over training's defaults
-    vars(train_args).update({k: v for k, v in ckpt.get("flags", {}).items() if v is not None})
+    args.mask = args.mask or cfg.masks[0]
     steps = args.refit_steps or ckpt["step"]
     encoder, predictor, target_encoder = frozen_models(ckpt, "pretrained", args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
-    check_data(train_data["meta"], encoder, cfg["audio"])
+    check_data(train_data["meta"], encoder, cfg.audio)
     val_ids = clip_ids(val_data, args.clips)
 
     @torch.no_grad()
     def val_loss():   # the same val clips and masks before and after
         losses = [predictor_loss(jepa, target_encoder, *masked_clips(
             encoder, cfg, val_data, val_ids[i:i + args.batch_size], np.random.default_rng([args.seed, 3, i]),
-            device), train_args) for i in range(0, len(val_ids), args.batch_size)]
+            device), cfg) for i in range(0, len(val_ids), args.batch_size)]
         return torch.stack(losses).mean().item()
 
     before = val_loss()
     predictor.train().requires_grad_(True)
-    opt = torch.optim.AdamW(predictor.parameters(), lr=train_args.lr, weight_decay=train_args.wd[0])
-    n, B = train_data["n"], min(train_args.batch_size, train_data["n"])
+    opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=cfg.wd[0])
+    n, B = train_data["n"], min(cfg.batch_size, train_data["n"])
     for s in tqdm(range(steps), desc="refit the predictor", dynamic_ncols=True):
         ids = batch_indices(n, B, s, args.seed)
         loss = predictor_loss(jepa, target_encoder, *masked_clips(
-            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device, crop=True), train_args)
+            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device, crop=True), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -970,9 +969,9 @@ def refit(args, path, ckpt, data_dir, device):
 
     refit_path = path.parent / "refit" / "ckpt.pt"
     refit_ckpt = {**ckpt, "predictor": predictor.state_dict(), "refit_steps": steps}
-    refit_ckpt.pop("sha256", None)
+    saved = {k: v for k, v in refit_ckpt.items() if k != "sha256"}
     refit_path.parent.mkdir(exist_ok=True)
-    write_atomic(refit_path, lambda tmp: torch.save(refit_ckpt, tmp))
+    write_atomic(refit_path, lambda tmp: torch.save({**saved, "config": asdict(cfg)}, tmp))
     args.baseline = False
     old = reconstruct_one(args, path, ckpt, data_dir, device, "pretrained")
     new = reconstruct_one(args, refit_path, refit_ckpt, data_dir, device, "pretrained")
@@ -983,7 +982,7 @@ def refit(args, path, ckpt, data_dir, device):
         return (f"{fmt(old[k])} -> {fmt(new[k])}{unit} (oracle {fmt(old[k + '_oracle'])}): {closed:.0%} of the "
                 f"gap closed, {verdict}"), closed
     video, v_closed = moved("psnr", "{:.1f}".format, " dB")
-    audio, a_closed = moved("l1", "{:.3f}".format) if cfg["audio"] else ("", None)
+    audio, a_closed = moved("l1", "{:.3f}".format) if cfg.audio else ("", None)
     res = dict(task="refit", run=path.parent.name, ckpt=str(refit_path), steps=steps, mask=args.mask,
                loss_before=before, loss_after=after, before=old, after=new, video_closed=v_closed,
                audio_closed=a_closed)
@@ -1024,11 +1023,11 @@ def colormap(x, lo, hi):
 def example_png(rows, ex, cfg, k):
     """original | hidden | reconstruction over (up to 8 of) the frames, then the three spectrograms."""
     from PIL import Image, ImageDraw
-    T, S = cfg["frames"], cfg["crop"]
+    T, S = cfg.frames, cfg.size
     shown = np.linspace(0, T - 1, min(T, 8)).round().astype(int)
     tile, label, gap, names = S * k, 110, 4, ("original", "hidden", "reconstruction")
     specs = []
-    if cfg["audio"]:
+    if cfg.audio:
         lo, hi = ex["mel"].min().item(), ex["mel"].max().item()       # one colour scale for all three
         for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
             mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)   # low pitch at the bottom
@@ -1052,14 +1051,14 @@ def example_png(rows, ex, cfg, k):
 def write_example(stem, ex, cfg, meta):
     """stem.png; stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav and
     stem_original.wav (the original log-mel through the same resynthesis, to compare like with like)."""
-    T, S = cfg["frames"], cfg["crop"]
+    T, S = cfg.frames, cfg.size
     def frames(p):   # patches -> uint8 frames [T, S, S, 3]
         return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
     rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], 0.5, ex["pix"])), frames(ex["vid"])]
     k = max(1, math.ceil(128 / S))                       # scale-up factor for small frames
     write_atomic(f"{stem}.png", lambda t: example_png(rows, ex, cfg, k).save(t, format="PNG"))
     sr, sound = meta.get("sample_rate", 16000), None
-    if cfg["audio"]:
+    if cfg.audio:
         waves = [mel_to_wave(unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0], meta).numpy() if ex["has_audio"]
                  else np.zeros(ex["Ta"] * 160, np.float32) for p in (ex["rec"], ex["mel"])]
         for w, suffix in zip(waves, ("", "_original")):

@@ -42,7 +42,6 @@ import probe
 needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV is not installed")
 
 # A micro encoder for tests of mechanics (the real sizes are tested where they matter).
-avjepa.MODELS.setdefault("vit_micro", (32, 2, 2))
 
 
 def write_fake_dataset(root, n_train=16, n_val=8, frames=4, size=32, audio_frames=32, seed=0):
@@ -81,9 +80,30 @@ VIDEO_GRID, AUDIO_GRID = (8, 14, 14), (8, 13)   # 16 x 224^2 frames, 2.08 s of l
 N = math.prod(VIDEO_GRID) + math.prod(AUDIO_GRID)   # 1568 + 104 tokens per clip
 
 
+def micro_config(**settings):
+    """The Config of the micro model on 4 frames of 32 x 32 px and 32 log-mel columns, with sound."""
+    return avjepa.Config(**{"model": "vit_micro", "audio": True, "frames": 4, "size": 32, "audio_frames": 32,
+                            "tubelet_seconds": 0.27, "audio_patch_seconds": 0.16, **settings})
+
+
+@pytest.fixture
+def vit(monkeypatch):
+    """vit(width, depth, heads, **settings): an encoder of any shape, a model of MODELS for this test alone."""
+    def make(width, depth, heads, **settings):
+        monkeypatch.setitem(avjepa.MODELS, f"vit_{width}x{depth}", (width, depth, heads))
+        return avjepa.Encoder(avjepa.Config(**{"model": f"vit_{width}x{depth}", **settings}))
+    return make
+
+
+def mask_config(*names, context_pass="joint", **settings):
+    """The Config that sample_masks reads: these mask configs; one context pass over both senses."""
+    return avjepa.Config(masks=names, context_pass=context_pass, **settings)
+
+
 def masks_for(config, batch=24, seed=0, has_audio=None, truncate=False):
     has_audio = np.ones(batch, bool) if has_audio is None else has_audio
-    return avjepa.sample_masks(np.random.default_rng(seed), [config], batch, VIDEO_GRID, AUDIO_GRID, has_audio, truncate)
+    cfg = mask_config(config, truncate=truncate)
+    return avjepa.sample_masks(np.random.default_rng(seed), cfg, batch, VIDEO_GRID, AUDIO_GRID, has_audio)
 
 
 def segments(packed):
@@ -154,7 +174,7 @@ def test_window_hides_one_sense_in_half_the_clips_time_and_nothing_else():
 
 def test_context_is_never_empty_even_on_a_tiny_grid():
     for config in ["short", "long", "v2a", "a2v", "future", "window"]:
-        m = avjepa.sample_masks(np.random.default_rng(1), [config], 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
+        m = avjepa.sample_masks(np.random.default_rng(1), mask_config(config), 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
         index, cu, _ = m.ctx
         assert (cu[1:] - cu[:-1]).min() >= 1
 
@@ -174,7 +194,7 @@ def test_each_clip_gets_its_own_masks():
 
 
 def test_packed_offsets_are_consistent():
-    m = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 6, VIDEO_GRID, AUDIO_GRID, np.ones(6, bool))
+    m = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 6, VIDEO_GRID, AUDIO_GRID, np.ones(6, bool))
     for index, cu, max_len in (m.ctx, m.tgt):
         lengths = (cu[1:] - cu[:-1]).numpy()
         assert cu[0] == 0 and cu[-1] == len(index) and len(cu) == 13 and max_len == lengths.max()
@@ -195,17 +215,15 @@ def test_varlen_keeps_every_token_but_truncate_cuts_to_the_batch_minimum():
 def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
     """A micro encoder, predictor and target encoder, as training builds them."""
     torch.manual_seed(seed)
-    cfg = dict(model="vit_micro", audio=audio, masks=list(masks), frames=4, crop=32, audio_frames=32,
-               tubelet_seconds=0.27, audio_patch_seconds=0.16, pred_width=0, pred_depth=0, fuse=fuse)
-    return avjepa.build(cfg)
+    return avjepa.build(micro_config(audio=audio, masks=tuple(masks), fuse=fuse))
 
 
 def micro_step_inputs(config="long", batch=3, seed=0):
     """A random batch for micro_jepa and its masks (separate passes, as the defaults)."""
     g = torch.Generator().manual_seed(seed)
     video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32, generator=g)
-    masks = avjepa.sample_masks(np.random.default_rng(seed), [config], batch, (2, 2, 2), (8, 2),
-                                np.ones(batch, bool), separate=True)
+    masks = avjepa.sample_masks(np.random.default_rng(seed), mask_config(config, context_pass="separate"), batch,
+                                (2, 2, 2), (8, 2), np.ones(batch, bool))
     return video, audio, masks
 
 
@@ -213,7 +231,7 @@ def test_no_gradient_reaches_the_target_encoder():
     encoder, predictor, target_encoder = micro_jepa()
     jepa = avjepa.JEPA(encoder, predictor)
     video, audio, masks = micro_step_inputs()
-    args = avjepa.get_args(["--audio", "--device", "cpu"])
+    args = avjepa.Config(audio=True)
     opt = avjepa.make_optimizer(jepa, 1e-3)
     before = [p.clone() for p in target_encoder.parameters()]
     _, _, _, target_feats = avjepa.train_step(jepa, target_encoder, opt, video, audio, masks, 1.0, args)
@@ -249,8 +267,8 @@ def test_context_features_and_predictions_do_not_change_when_the_target_pixels_d
     with torch.no_grad():
         pred, context = jepa(video, audio, masks)
         pred2, context2 = jepa(changed_video, changed_audio, masks)
-        feats = avjepa.target_features(target_encoder, video, audio, separate=True)
-        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, separate=True)
+        feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config())
+        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, avjepa.Config())
     torch.testing.assert_close(context2, context, atol=1e-6, rtol=0)
     torch.testing.assert_close(pred2, pred, atol=1e-6, rtol=0)
     # while the target encoder, which sees whole clips, does see the change: the test is not vacuous
@@ -273,7 +291,7 @@ def test_ema_update_moves_the_target_encoder_a_fraction_towards_the_encoder():
 
 def test_packed_encoder_equals_each_clip_encoded_alone():
     torch.manual_seed(0)
-    enc = avjepa.Encoder(32, 2, 2, frames=4, size=32, audio_frames=32).eval()
+    enc = avjepa.Encoder(micro_config()).eval()
     video, audio = torch.randn(3, 3, 4, 32, 32), torch.randn(3, 1, 128, 32)
     n = enc.nv + 16
     keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
@@ -286,7 +304,7 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
 
 def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     torch.manual_seed(0)
-    enc = avjepa.Encoder(32, 2, 2, frames=4, size=32, audio_frames=32).eval()
+    enc = avjepa.Encoder(micro_config()).eval()
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
     n = enc.n_tokens()
     whole = enc(video, audio, keep=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
@@ -345,14 +363,14 @@ def vjepa_sincos_3d(dim, grid_size, grid_depth):
 
 
 @pytest.mark.parametrize("dim", [192, 200])
-def test_video_positions_equal_vjepa_sincos_table(dim):
-    enc = avjepa.Encoder(dim, 1, 2, frames=4, size=48)
+def test_video_positions_equal_vjepa_sincos_table(dim, vit):
+    enc = vit(dim, 1, 2, frames=4, size=48)
     np.testing.assert_allclose(enc.pos_embed[0].numpy(), vjepa_sincos_3d(dim, 3, 2), atol=1e-6)
 
 
-def test_encoder_output_equals_vjepa_vision_transformer_on_same_weights():
+def test_encoder_output_equals_vjepa_vision_transformer_on_same_weights(vit):
     torch.manual_seed(0)
-    enc = avjepa.Encoder(192, 3, 3, frames=4, size=64).eval()
+    enc = vit(192, 3, 3, frames=4, size=64).eval()
     ref = RefViT(192, 3, 3, frames=4, size=64)
     ref.load_state_dict(enc.state_dict(), strict=True)   # same names and shapes, pos_embed included
     video = torch.randn(2, 3, 4, 64, 64)
@@ -360,7 +378,7 @@ def test_encoder_output_equals_vjepa_vision_transformer_on_same_weights():
 
 
 def test_vit_tiny_has_vjepa_key_layout_and_size():
-    enc = avjepa.Encoder(*avjepa.MODELS["vit_tiny"], frames=16, size=224)
+    enc = avjepa.Encoder(avjepa.Config(model="vit_tiny", frames=16, size=224))
     sd = enc.state_dict()
     assert sd["pos_embed"].shape == (1, 1568, 192) and sd["patch_embed.proj.weight"].shape == (192, 3, 2, 16, 16)
     assert {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")} == {
@@ -369,9 +387,9 @@ def test_vit_tiny_has_vjepa_key_layout_and_size():
     assert abs(trained / 1e6 - 5.63) < 0.01
 
 
-def test_load_encoder_reads_a_vjepa_checkpoint_with_prefixes(tmp_path):
+def test_load_encoder_reads_a_vjepa_checkpoint_with_prefixes(tmp_path, vit):
     torch.manual_seed(0)
-    enc = avjepa.Encoder(192, 2, 3, frames=16, size=32)
+    enc = vit(192, 2, 3, frames=16, size=32)
     sd = {f"module.backbone.{k}": v for k, v in enc.state_dict().items()}
     torch.save({"encoder": sd, "target_encoder": sd, "epoch": 3}, tmp_path / "vitt.pth.tar")
     loaded = avjepa.load_encoder(tmp_path / "vitt.pth.tar")
@@ -397,8 +415,8 @@ def test_targets_of_one_layer_are_the_last_blocks_normed_output_and_of_k_the_mea
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
     hidden = []   # [total, D] after each block
     hooks = [b.register_forward_hook(lambda m, i, o: hidden.append(o)) for b in encoder.blocks]
-    one = avjepa.target_features(encoder, video, audio, separate=True).flatten(0, 1)
-    two = avjepa.target_features(encoder, video, audio, separate=True, layers=2).flatten(0, 1)
+    one = avjepa.target_features(encoder, video, audio, avjepa.Config()).flatten(0, 1)
+    two = avjepa.target_features(encoder, video, audio, avjepa.Config(target_layers=2)).flatten(0, 1)
     [h.remove() for h in hooks]
     norm = lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:])
     before_last, last = hidden[-2], encoder.norm(hidden[-1])
@@ -423,14 +441,14 @@ def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skip
 
 
 def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_at_scale():
-    assert avjepa.get_args(["--steps", "600"]).ema == pytest.approx((0.99, 1.0))
-    assert avjepa.get_args(["--steps", "90000"]).ema == pytest.approx((0.998, 1.0))
-    assert avjepa.get_args(["--steps", "3"]).ema == pytest.approx((0.9, 1.0))
-    assert avjepa.get_args(["--ema", "0.9", "0.95"]).ema == [0.9, 0.95]
+    assert avjepa.ema_range(600) == pytest.approx((0.99, 1.0))
+    assert avjepa.ema_range(90000) == pytest.approx((0.998, 1.0))
+    assert avjepa.ema_range(3) == pytest.approx((0.9, 1.0))
+    assert avjepa.schedules(0, avjepa.get_config(["--ema", "0.9", "0.95"]))[2] == 0.9   # given, it is used
 
 
 def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once():
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short"], 2, VIDEO_GRID, AUDIO_GRID, np.ones(2, bool))
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short"), 2, VIDEO_GRID, AUDIO_GRID, np.ones(2, bool))
     assert masks.enc is masks.ctx and masks.pred_ctx is masks.ctx and masks.pred_tgt is masks.tgt
     moved = masks.to("cpu")
     assert moved.enc is moved.ctx and moved.pred_tgt is moved.tgt
@@ -441,7 +459,7 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
     predictor.eval()
     nn.init.normal_(predictor.mask_tokens)             # distinct mask tokens per config and modality
     N = encoder.n_tokens()
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 3, encoder.video_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 3, encoder.video_grid,
                                 encoder.audio_grid, np.array([1, 0, 1]))
     context = torch.randn(len(masks.ctx.index), 32)
     pred = predictor(context, masks)
@@ -457,8 +475,8 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
 def test_a_predictor_pass_per_sense_predicts_each_sense_from_its_own_context_alone():
     encoder, predictor, _ = micro_jepa()
     predictor.eval()
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "window"], 3, encoder.video_grid,
-                                encoder.audio_grid, np.ones(3, bool), pred_separate=True)
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "window", pred_pass="separate"), 3,
+                                encoder.video_grid, encoder.audio_grid, np.ones(3, bool))
     context = torch.randn(len(masks.ctx.index), 32)
     ctx_audio = (masks.ctx.index % encoder.n_tokens() >= encoder.nv)[:, None]
     changed = context + 5 * ctx_audio                  # every audio context row moved, video rows kept
@@ -488,11 +506,10 @@ def test_an_audio_column_and_the_tubelet_playing_at_the_same_time_share_their_ti
 # -----------------------------------------------------------------------------
 # Loss, schedules and EMA
 
-def hand_masks(audio_weight=1.0):
+def hand_masks():
     """One clip of 4 video + 4 audio tokens, two configs: config 0 hides 3 video and 1 audio token,
     config 1 hides 1 video token only."""
-    return avjepa.pack_masks([[3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]], [[0, 1, 2, 4], [3]], 1, 4, 8,
-                             audio_weight=audio_weight)
+    return avjepa.pack_masks([[3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]], [[0, 1, 2, 4], [3]], 1, 4, 8)
 
 
 def loss_of(errors, masks):
@@ -508,12 +525,6 @@ def test_jepa_loss_averages_each_config_and_modality_then_the_configs():
     assert video == pytest.approx((1 + 2 + 3 + 4) / 4) and audio == pytest.approx(8)   # plain means, for the log
 
 
-@pytest.mark.parametrize("audio_weight", [0.0, 3.0])
-def test_audio_weight_scales_the_audio_share_of_each_config(audio_weight):
-    loss, _, _ = loss_of([1, 2, 3, 8, 4], hand_masks(audio_weight))
-    assert loss == pytest.approx(((2 + audio_weight * 8) / (1 + audio_weight) + 4) / 2)
-
-
 def test_a_modality_without_targets_has_no_loss_and_takes_no_weight():
     masks = avjepa.pack_masks([[2, 3]], [[0, 1]], 1, 4, 4)          # video only
     loss, video, audio = loss_of([1, 3], masks)
@@ -522,24 +533,25 @@ def test_a_modality_without_targets_has_no_loss_and_takes_no_weight():
 
 
 def schedule_args(*flags):
-    return avjepa.get_args(["--steps", "100", *flags])
+    return avjepa.get_config(["--steps", "100", *flags])
 
 
 def test_vjepa1_schedules_warm_up_then_follow_cosines_and_stop_at_80_percent():
     args = schedule_args()
     total = 100 * args.schedule_scale                                # 125: the schedules run past the last step
     warm = args.warmup * total
-    assert avjepa.schedules(0, args) == pytest.approx((args.start_lr, args.wd[0], args.ema[0]))
+    ema = avjepa.ema_range(100)
+    assert avjepa.schedules(0, args) == pytest.approx((args.start_lr, args.wd[0], ema[0]))
     assert avjepa.schedules(warm, args)[0] == pytest.approx(args.lr)
     lr, wd, ema = avjepa.schedules(100, args)
     assert args.final_lr < lr < args.lr and args.wd[0] < wd < args.wd[1]
-    assert ema == pytest.approx(args.ema[0] + (args.ema[1] - args.ema[0]) * 100 / total)
+    assert ema == pytest.approx(avjepa.ema_range(100)[0] + (1 - avjepa.ema_range(100)[0]) * 100 / total)
 
 
 def test_vjepa2_schedule_holds_lr_and_ema_then_cools_down_to_the_final_lr():
     args = schedule_args("--schedule", "vjepa2", "--cooldown", "0.2")
     assert avjepa.schedules(0, args)[0] == pytest.approx(args.start_lr)
-    assert avjepa.schedules(50, args) == pytest.approx((args.lr, args.wd[0], args.ema[0]))
+    assert avjepa.schedules(50, args) == pytest.approx((args.lr, args.wd[0], avjepa.ema_range(100)[0]))
     assert avjepa.schedules(80, args)[0] == pytest.approx(args.lr)
     assert avjepa.schedules(100, args)[0] == pytest.approx(args.final_lr)
 
@@ -677,13 +689,32 @@ def test_resume_reads_a_checkpoint_saved_before_the_optimizer_groups_carried_a_d
     assert torch.load(path, weights_only=True)["step"] == 4
 
 
+def saved_before_one_config(ck):
+    """A checkpoint as it was saved before there was one Config: the flags as given, beside a dict of
+    the model's settings whose "crop" was the frames' side."""
+    cfg = ck["config"]
+    geometry = ("frames", "size", "audio_frames", "tubelet_seconds", "audio_patch_seconds")
+    flags = {**{k: v for k, v in cfg.items() if k not in geometry}, "masks": ",".join(cfg["masks"])}
+    model = ("model", "audio", "pred_width", "pred_depth", "context_pass", "fuse", "target_pass", "pred_pass",
+             "data", *geometry[:1], *geometry[2:])
+    config = {**{k: cfg[k] for k in model}, "masks": list(cfg["masks"]), "crop": cfg["size"]}
+    return {**ck, "config": config, "flags": flags}
+
+
+def test_a_checkpoint_saved_before_the_one_config_reads_as_the_same_config(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--crop", "16"))
+    ck = torch.load(tmp_path / "vit_micro-av" / "ckpt.pt", weights_only=True)
+    assert avjepa.Config.of(saved_before_one_config(ck)) == avjepa.Config.of(ck)
+    assert avjepa.Config.of(ck).size == 16 and avjepa.Config.of(ck).crop == 16
+
+
 def test_resume_reads_a_checkpoint_saved_before_the_predictor_pass_was_a_setting(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--save-every", "2"))
     path = tmp_path / "vit_micro-v" / "ckpt.pt"
-    ck = torch.load(path, weights_only=True)
+    ck = saved_before_one_config(torch.load(path, weights_only=True))
     del ck["config"]["pred_pass"], ck["flags"]["pred_pass"]
     torch.save(ck, path)
-    with pytest.raises(SystemExit, match="pred_pass joint, not separate"):   # what it ran with
+    with pytest.raises(SystemExit, match="--pred-pass joint, not separate"):   # what it ran with
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--pred-pass", "separate", "--resume"))
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--resume"))
     assert torch.load(path, weights_only=True)["step"] == 4
@@ -701,7 +732,6 @@ DDP_CHILD = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 import avjepa
-avjepa.MODELS["vit_micro"] = (32, 2, 2)
 enc, pred, _ = avjepa.train({args!r})
 torch.save(enc.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
 """
@@ -767,19 +797,19 @@ def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
 
 def test_unknown_model_is_named(capsys):
     with pytest.raises(SystemExit):
-        avjepa.get_args(["--model", "vit_gigantic"])
-    assert "unknown model 'vit_gigantic'" in capsys.readouterr().err
+        avjepa.get_config(["--model", "vit_gigantic"])
+    assert "invalid choice: 'vit_gigantic'" in capsys.readouterr().err
 
 
 BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
-    (avjepa.get_args, "--batch-size", "0", ">= 1"), (avjepa.get_args, "--steps", "-5", ">= 1"),
-    (avjepa.get_args, "--lr", "0", "> 0"), (avjepa.get_args, "--lr", "nan", "> 0"),
-    (avjepa.get_args, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_args, "--warmup", "2", "in [0.0, 1.0]"),
-    (avjepa.get_args, "--wd", "-1 0.4", ">= 0"), (avjepa.get_args, "--save-every", "0", ">= 1"),
-    (avjepa.get_args, "--log-every", "0", ">= 1"), (avjepa.get_args, "--seed", "-1", ">= 0"),
-    (avjepa.get_args, "--crop", "100", "multiple of 16"), (avjepa.get_args, "--pred-width", "100", "multiple of"),
-    (avjepa.get_args, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_args, "--cooldown", "1.5", "in [0.0, 1.0]"),
-    (avjepa.get_args, "--device", "tpu", "use cpu, cuda"), (avjepa.get_args, "--target-layers", "13", "more than"), (avjepa.get_args, "--steps", "ten", "not an integer"),
+    (avjepa.get_config, "--batch-size", "0", ">= 1"), (avjepa.get_config, "--steps", "-5", ">= 1"),
+    (avjepa.get_config, "--lr", "0", "> 0"), (avjepa.get_config, "--lr", "nan", "> 0"),
+    (avjepa.get_config, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_config, "--warmup", "2", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--wd", "-1 0.4", ">= 0"), (avjepa.get_config, "--save-every", "0", ">= 1"),
+    (avjepa.get_config, "--log-every", "0", ">= 1"), (avjepa.get_config, "--seed", "-1", ">= 0"),
+    (avjepa.get_config, "--crop", "100", "multiple of 16"), (avjepa.get_config, "--pred-width", "100", "multiple of"),
+    (avjepa.get_config, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_config, "--cooldown", "1.5", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--device", "tpu", "use cpu, cuda"), (avjepa.get_config, "--target-layers", "13", "more than"), (avjepa.get_config, "--steps", "ten", "not an integer"),
     (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
     (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
     (bench.get_args, "--repeats", "-1", ">= 0"),
@@ -825,8 +855,8 @@ def test_no_flag_of_avjepa_is_a_prefix_of_a_torchrun_option():
     assert not clashes, f"torchrun would read these as its own options: {clashes}"
 
 
-def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path):
-    other = avjepa.Encoder(64, 2, 2, frames=4, size=32)
+def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
+    other = vit(64, 2, 2, frames=4, size=32)
     torch.save({"target_encoder": other.state_dict()}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="does not fit this model"):
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--init", str(tmp_path / "other.pt")))
@@ -940,7 +970,7 @@ def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_s
 
 def test_context_rows_that_do_not_fit_the_masks_are_a_value_error():
     encoder, predictor, _ = micro_jepa()
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid,
                                 encoder.audio_grid, np.ones(2, bool))
     with pytest.raises(ValueError, match="does not fit the masks"):
         predictor(torch.randn(len(masks.ctx.index) + 1, 32), masks)
@@ -1188,10 +1218,10 @@ def test_the_whole_step_compiles_as_one_graph_with_no_break(monkeypatch, backend
     monkeypatch.setattr(kernels, "BACKEND", backend)
     encoder, predictor, target_encoder = micro_jepa()
     model = avjepa.JEPA(encoder, predictor)
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid,
-                                encoder.audio_grid, np.ones(2, bool), separate=True)
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long", context_pass="separate"), 2,
+                                encoder.video_grid, encoder.audio_grid, np.ones(2, bool))
     def step_loss(video, audio, masks):
-        target_feats = avjepa.target_features(target_encoder, video, audio, True, layers=2)
+        target_feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config(target_layers=2))
         pred, context = model(video, audio, masks)
         targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)
         return (avjepa.jepa_loss(pred, targets, masks)[0] + avjepa.sigreg(context)
@@ -1224,7 +1254,7 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
     encoder, predictor, _ = micro_jepa()
     model = avjepa.JEPA(encoder, predictor).to(DEVICE)
     video, audio = torch.randn(2, 3, 4, 32, 32, device=DEVICE), torch.randn(2, 1, 128, 32, device=DEVICE)
-    masks = avjepa.sample_masks(np.random.default_rng(0), ["short", "long"], 2, encoder.video_grid, encoder.audio_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid, encoder.audio_grid,
                                 [1, 0])
     masks = masks.to(DEVICE)
     target_tokens = torch.randn(len(masks.tgt.index), 32, device=DEVICE)
@@ -1261,14 +1291,14 @@ def test_gpu_auto_attention_on_whole_clips_matches_reference_with_every_gradient
 
 
 def gpu_training_setup(seed=0):
-    args = avjepa.get_args(["--model", "vit_tiny", "--audio", "--masks", "short,long,v2a"])
     meta = dict(frames=8, size=64, audio_shape=[128, 112], frame_seconds=4 / 30, audio_hop_seconds=0.01)
+    args = avjepa.Config(model="vit_tiny", audio=True, masks=("short", "long", "v2a")).with_data(meta)
     torch.manual_seed(seed)
-    encoder, predictor, target_encoder = avjepa.build(avjepa.run_config(args, meta))
+    encoder, predictor, target_encoder = avjepa.build(args)
     model, target_encoder = avjepa.JEPA(encoder, predictor).cuda(), target_encoder.cuda()
     g = torch.Generator().manual_seed(seed)
     video, audio = torch.randn(4, 3, 8, 64, 64, generator=g).cuda(), torch.randn(4, 1, 128, 112, generator=g).cuda()
-    masks = avjepa.sample_masks(np.random.default_rng(seed), args.masks, 4, encoder.video_grid, encoder.audio_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(seed), args, 4, encoder.video_grid, encoder.audio_grid,
                                 np.array([1, 1, 0, 1]))
     return args, model, target_encoder, avjepa.make_optimizer(model, args.lr), video, audio, masks.to("cuda")
 
@@ -1530,7 +1560,8 @@ def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
 
 
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
-    encoder = probe.frozen_models(common.read_checkpoint(probe_run["ckpt"]), "pretrained", 0)[2]
+    ckpt = common.read_checkpoint(probe_run["ckpt"])
+    encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0)[2]
     data = common.load_split(probe_run["data"], "val")
     feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
     silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
@@ -1544,7 +1575,7 @@ def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot(
     from types import SimpleNamespace
     T, H, W, Fa, C, D, n = 8, 2, 2, 2, 12, 8, 600
     enc = SimpleNamespace(video_grid=(T, H, W), nv=T * H * W, audio_grid=(Fa, C),
-                          config=dict(audio_patch_seconds=0.16, tubelet_seconds=0.24))
+                          cfg=SimpleNamespace(audio_patch_seconds=0.16, tubelet_seconds=0.24))
     rng = np.random.default_rng(0)
     height, step = rng.normal(size=(n, T + 2)), rng.choice([-1.0, 1.0], n)
     late = rng.random(n) < 0.5
@@ -1633,9 +1664,9 @@ def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, recon
 # -----------------------------------------------------------------------------
 # Patches and metrics
 
-def test_patchify_round_trips_and_rows_are_the_encoders_tokens():
+def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
     torch.manual_seed(0)
-    enc = avjepa.Encoder(32, 1, 2, frames=4, size=32, audio_frames=48)
+    enc = vit(32, 1, 2, audio=True, frames=4, size=32, audio_frames=48)
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
     pv, pa = probe.patchify_video(video), probe.patchify_audio(audio)
     assert torch.equal(probe.unpatchify_video(pv, 3, 4, 32, 32), video)
@@ -2191,10 +2222,10 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(
     net = nn.Linear(3, 3)
     opt = torch.optim.AdamW(net.parameters())
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint(path, {"encoder": net}, opt, 200, {}, {})
+    common.save_checkpoint(path, {"encoder": net}, opt, 200, {})
     monkeypatch.setattr(torch, "save", enospc)
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(path, {"encoder": net}, opt, 400, {}, {})
+        common.save_checkpoint(path, {"encoder": net}, opt, 400, {})
     assert re.search(rf"no space left on the disk to write {re.escape(str(path))} \(about [0-9]+ MB needed", str(e.value))
     assert "the previous checkpoint at step 200 is intact, and --resume continues from it" in str(e.value)
     assert common.read_checkpoint(path)["step"] == 200 and os.listdir(tmp_path) == ["ckpt.pt"]
@@ -2213,7 +2244,7 @@ def test_a_checkpoint_that_cannot_fit_fails_before_writing(tmp_path, monkeypatch
     net = nn.Linear(300, 300)
     monkeypatch.setattr(common.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(tmp_path / "ckpt.pt", {"encoder": net}, torch.optim.SGD(net.parameters()), 1, {}, {})
+        common.save_checkpoint(tmp_path / "ckpt.pt", {"encoder": net}, torch.optim.SGD(net.parameters()), 1, {})
     assert "MB needed, 0 MB free" in str(e.value) and "no checkpoint of this run was written yet" in str(e.value)
     assert os.listdir(tmp_path) == []
 
