@@ -26,18 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Progress, batch_indices,
-                    check_device, check_shape, collapse_monitor, ddp, encoder_weights, end_run, get_batch,
-                    load_split, lock_run, number, peak_flops, plot_log, plot_masks, prefetch, read_checkpoint,
-                    resume_or_init, save_checkpoint, setup_process, step_flops, summary_line, to_device)
+from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Run,
+                    augment_video, batch_indices, check_device, collapse_monitor, crop_params, ddp,
+                    encoder_weights, get_batch, load_split, normalize_audio, number, plot_masks,
+                    prefetch, read_checkpoint, setup_process, to_device)
 
 # -----------------------------------------------------------------------------
 # Config
 
 # name: (width, depth, heads), V-JEPA's encoders: mlp ratio 4, qkv bias, LayerNorm eps 1e-6, GELU.
 # vit_micro: for the tests, and a first look in seconds.
-MODELS = {"vit_micro": (32, 2, 2), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
-          "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)}
+MODELS = {"vit_micro": (32, 2, 2), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+          "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16)}
 
 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
@@ -48,81 +48,67 @@ def predictor_size(width, depth):
 
 
 class MaskConfig(NamedTuple):
-    """How one mask config picks the targets. multiblock: the union of `blocks` rectangles of `scale`
-    of the grid each, spanning all time (V-JEPA); all_audio, all_video: one sense whole, predicted
-    from the other; future: the second half of the clip in both senses; window: one sense (either,
-    at random) in half the clip's time, both seen elsewhere, so what is hidden is pinned down by
-    the other sense at the same moment (a question about timing)."""
+    """How a mask config picks the targets. multiblock: `blocks` rectangles of `scale` of the grid
+    each, through all time (V-JEPA); all_audio / all_video: one sense whole, predicted from the
+    other; future: the second half of the clip, in both senses."""
     kind: str
-    blocks: int = 0        # multiblock: V-JEPA's count, for its 14 x 14 grid (grid_blocks)
-    scale: float = 0.0     # multiblock: each rectangle's share of the grid
-    colour: str = "#7f7f7f"   # in masks.png
+    blocks: int = 0          # multiblock: V-JEPA's count, for its 14 x 14 grid (grid_blocks)
+    scale: float = 0.0       # multiblock: each rectangle's share of the grid
+    colour: str = "#7f7f7f"  # in masks.png; the cross-modal ones in reds and purples
 
 
-# V-JEPA uses "short" and "long" every step. The cross-modal ones stand apart in reds and purples.
+# V-JEPA uses "short" and "long" every step.
 MASKS = {"short": MaskConfig("multiblock", 8, 0.15, "#1f77b4"),
          "long": MaskConfig("multiblock", 2, 0.7, "#2ca02c"),
          "v2a": MaskConfig("all_audio", colour="#d62728"), "a2v": MaskConfig("all_video", colour="#9467bd"),
-         "future": MaskConfig("future", colour="#ff7f0e"), "window": MaskConfig("window", colour="#8c564b")}
+         "future": MaskConfig("future", colour="#ff7f0e")}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PASSES = ["joint", "separate"]   # one attention pass over both senses, or one per sense
 # TUBELET, PATCH = 2, 16 (common.py): video tubelets of 2 frames x 16 x 16 px, audio patches 16 x 16
 
 
 def mask_names(text):   # an argparse type: "short,long" -> ("short", "long")
-    names = tuple(text.split(","))
-    for m in names:
+    for m in text.split(","):
         if m not in MASKS:
-            raise argparse.ArgumentTypeError(f"unknown mask config {m!r}: choose from {', '.join(MASKS)}")
-    return names
+            raise argparse.ArgumentTypeError(f"unknown mask config {m!r}: pick from {', '.join(MASKS)}")
+    return tuple(text.split(","))
 
 
 def flag(default, help, **argparse_settings):   # a Config field that is a command-line flag
     return field(default=default, metadata=dict(help=help, **argparse_settings))
 
 
-def from_data(default=0):   # a Config field read off the dataset (the clips' geometry), not a flag
-    return field(default=default, metadata=dict(flag=False))
-
-
 @dataclass
 class Config:
-    """A run, whole: its flags (make_parser is generated from these fields) and the geometry of its
-    clips, read off the dataset (with_data). Checkpoints store it as a dict; Config.of reads any."""
+    """A run, whole: its flags (make_parser is generated from these fields) and its clips' geometry,
+    read off the dataset (with_data). Checkpoints store it as a dict, which Config.of reads back."""
     data: str = flag("data/synthetic", "dataset folder written by prepare.py")
     model: str = flag("vit_tiny", "encoder size", choices=list(MODELS))
     audio: bool = flag(False, "train on video + audio (AV-JEPA); without it, V-JEPA")
-    masks: tuple = flag(("short", "long"), f"mask configs used every step, from {', '.join(MASKS)}",
-                        type=mask_names)
+    masks: tuple = flag(("short", "long"), f"mask configs of every step: {', '.join(MASKS)}", type=mask_names)
     truncate: bool = flag(False, "cut masks to the batch minimum, as V-JEPA does")
     pred_width: int = flag(0, "predictor width (0: half the encoder's)", type=NONNEG_INT)
     pred_depth: int = flag(0, "predictor depth (0: 6, or 12)", type=NONNEG_INT)
     crop: int = flag(0, "crop size, a multiple of 16 (0: none)", type=NONNEG_INT)
     batch_size: int = flag(16, "clips per step per process", type=COUNT)
     steps: int = flag(600, "optimizer steps (600: ~10 min on a 2-core CPU)", type=COUNT)
-    context_pass: str = flag("separate", "the context: an attention pass per sense (they meet in the "
-                             "predictor), or one over both", choices=["joint", "separate"])
-    target_pass: str = flag("separate", "the same, for the targets", choices=["joint", "separate"])
-    pred_pass: str = flag("joint", "separate: each sense predicted from its own context, so the senses "
-                          "meet only in the encoder (--fuse)", choices=["joint", "separate"])
+    context_pass: str = flag("separate", "the context: a pass per sense, or one over both", choices=PASSES)
+    target_pass: str = flag("separate", "the same, for the targets", choices=PASSES)
     fuse: int = flag(0, "last blocks that attend across senses (CAV-MAE)", type=NONNEG_INT)
     target_layers: int = flag(1, "targets: mean of this many last blocks (data2vec 2)", type=COUNT)
-    nce_weight: float = flag(0.0, "weight of an InfoNCE term between pooled predictions and targets, "
-                             "so that they tell clips apart (CAV-MAE: 0.01)", type=NONNEG)
-    reg: str = flag("sigreg", "anti-collapse term on the context features: SIGReg (LeJEPA), or none "
-                    "(V-JEPA: collapses at small scale)", choices=["none", "sigreg"])
+    nce_weight: float = flag(0.0, "InfoNCE of pooled predictions and targets (CAV-MAE)", type=NONNEG)
+    reg: str = flag("sigreg", "anti-collapse term: SIGReg (LeJEPA) or none (V-JEPA)", choices=["none", "sigreg"])
     reg_weight: float = flag(1.0, "weight of --reg", type=NONNEG)
-    schedule: str = flag("vjepa1", "vjepa1: warmup, cosine lr, rising EMA; vjepa2: warmup, constant lr "
-                         "and EMA (the first --ema), linear cool-down", choices=["vjepa1", "vjepa2"])
+    schedule: str = flag("vjepa1", "vjepa1: cosine lr, rising EMA; vjepa2: constant, then a cool-down",
+                         choices=["vjepa1", "vjepa2"])
     cooldown: float = flag(0.2, "vjepa2: fraction of steps cooling down", type=FRACTION)
     lr: float = flag(6.25e-4, "peak learning rate", type=POSITIVE)
     start_lr: float = flag(2e-4, "learning rate at the start of warmup", type=NONNEG)
     final_lr: float = flag(1e-6, "learning rate at the end", type=NONNEG)
     warmup: float = flag(40 / 300, "warmup fraction (V-JEPA: 40/300)", type=FRACTION)
     wd: tuple = flag((0.04, 0.4), "weight decay, cosine from/to", type=NONNEG, nargs=2)
-    ema: tuple = flag(None, "EMA momentum, linear from/to (default: min(0.998, 1 - 6 / steps) to 1: "
-                      "ema_range)", type=FRACTION, nargs=2)
-    schedule_scale: float = flag(1.25, "schedules span steps x this (V-JEPA)", type=number(float, 1.0))
+    ema: tuple = flag(None, "EMA momentum from/to (default: ema_range)", type=FRACTION, nargs=2)
+    schedule_scale: float = flag(1.25, "schedules span steps x this (V-JEPA)", type=number(float, 1))
     clip_grad: float = flag(10.0, "gradient norm clipping (0: off)", type=NONNEG)
     init: str = flag("", "video encoder to start from (ours, or V-JEPA's)")
     out: str = flag("out", "folder for runs")
@@ -133,35 +119,30 @@ class Config:
     log_every: int = flag(10, "a log.jsonl line every this many steps", type=COUNT)
     device: str = flag("", "cpu, cuda or cuda:N (default: cuda when available)")
     compile: bool = flag(False, "torch.compile the step's forward as one graph")
-    deterministic: bool = flag(False, "deterministic kernels: a run and its rerun, or its --resume, "
-                               "give bit-identical weights (about 5%% slower)")
+    deterministic: bool = flag(False, "bit-identical reruns and resumes (about 5%% slower)")
     seed: int = flag(0, "seed: init, data order, masks, crops", type=NONNEG_INT)
-    # the clips' geometry, from the dataset's meta.json
-    frames: int = from_data()                 # frames per clip
-    size: int = from_data()                   # the frames' side as the encoder sees them (--crop or the data's)
-    audio_frames: int = from_data()           # log-mel columns per clip
-    tubelet_seconds: float = from_data(1.0)   # seconds a tubelet spans
-    audio_patch_seconds: float = from_data(1.0)   # seconds an audio patch column spans
+    frames: int = field(default=0, metadata=dict(flag=False))   # from here on, the clips' geometry:
+    size: int = field(default=0, metadata=dict(flag=False))     # the side the encoder sees (--crop)
+    audio_frames: int = field(default=0, metadata=dict(flag=False))           # log-mel columns
+    tubelet_seconds: float = field(default=1.0, metadata=dict(flag=False))
+    audio_patch_seconds: float = field(default=1.0, metadata=dict(flag=False))
 
-    # what may change when a run resumes (printed), and where a run is rather than how it trains
-    MAY_CHANGE = ("steps", "save_every", "log_every", "device")
-    WHERE = ("resume", "name", "out")
+    MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # when a run resumes (printed)
+    WHERE = ("resume", "name", "out")   # where a run is, not how it trains
 
     def check(self, error):
-        """Settings that are each valid but do not fit together: error(message) (argparse's, an exit)."""
+        """Settings that are each valid but do not fit together: error(message), argparse's exit."""
         _, depth, heads = MODELS[self.model]
         for m in self.masks:
-            if MASKS[m].kind in ("all_audio", "all_video") and (not self.audio or self.pred_pass == "separate"):
-                error(f"mask config {m!r} predicts one sense from the other: it needs --audio and "
-                      f"--pred-pass joint")
+            if MASKS[m].kind in ("all_audio", "all_video") and not self.audio:
+                error(f"mask config {m!r} predicts one sense from the other: it needs --audio")
         if self.pred_width % heads:
             error(f"argument --pred-width: {self.pred_width} must be a multiple of {self.model}'s {heads} heads")
         if self.crop % PATCH:
             error(f"argument --crop: {self.crop} must be a multiple of {PATCH}")
         for name in ("fuse", "target_layers"):
             if getattr(self, name) > depth:
-                error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than "
-                      f"{self.model}'s {depth} blocks")
+                error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than {depth} blocks")
         self.name = self.name or f"{self.model}-{'av' if self.audio else 'v'}"
 
     def with_data(self, meta):
@@ -172,81 +153,46 @@ class Config:
 
     @classmethod
     def of(cls, ckpt):
-        """The Config a checkpoint was trained with. Before there was one config, a checkpoint kept the
-        flags as given ("flags") beside a dict of the model's settings ("config", whose "crop" was the
-        frames' side), and the oldest lack later settings: they ran with fuse 0 and a joint predictor."""
+        """The Config a checkpoint was trained with. Before there was one, checkpoints kept the flags
+        as given beside a dict of the model's settings (its "crop" the frames' side); the oldest lack
+        settings that came later (they ran with fuse 0). Settings since removed are refused."""
         saved = ckpt["config"]
         if "flags" in ckpt:
             flags = {k: v for k, v in ckpt["flags"].items() if v is not None}
-            saved = {"fuse": 0, "pred_pass": "joint", **flags, **saved, "size": saved["crop"],
-                     "crop": flags.get("crop", 0)}
+            saved = {"fuse": 0, **flags, **saved, "size": saved["crop"], "crop": flags.get("crop", 0)}
+        if saved.get("pred_pass", "joint") != "joint" or "window" in saved["masks"]:
+            raise SystemExit("this checkpoint was trained with --pred-pass separate or the window masks, "
+                             "which avjepa no longer has: use the version of avjepa that trained it")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+        return cls(**{k: tuple(v) if type(v) is list else v for k, v in saved.items() if k in names})
 
 
 def make_parser():
-    """The command line, one flag per Config field that is a flag."""
     p = argparse.ArgumentParser(description="Pretrain AV-JEPA (V-JEPA without --audio) on prepare.py's data.")
-    for f in fields(Config):
-        settings = dict(f.metadata)
+    for f in fields(Config):   # a flag per field, but the geometry's
+        settings = dict(f.metadata, **({"action": "store_true"} if f.default is False else {}))
         if settings.pop("flag", True):
-            if f.default is False:
-                settings["action"] = "store_true"
             p.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **settings)
     return p
 
 
 def get_config(argv=None):
-    """The Config of a command line, checked."""
     p = make_parser()
-    given = vars(p.parse_args(argv))
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    cfg = Config(**{k: tuple(v) if type(v) is list else v for k, v in vars(p.parse_args(argv)).items()})
     cfg.check(p.error)
     check_device(p, cfg.device)
     return cfg
 
 
 def ema_range(steps):
-    """Default EMA start and end. An EMA of m averages about the last 1 / (1 - m) steps and keeps m^steps
-    of the random init (V-JEPA's 0.998: a third after 600). So: a sixth of the run, 10 to 500 steps."""
+    """Default EMA start and end. An EMA of m averages about the last 1 / (1 - m) steps and keeps
+    m^steps of the random init (V-JEPA's 0.998: a third after 600): a sixth of the run, 10 to 500."""
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
 # Data: prepare.py's memmaps, video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta], read in batches by
-# common.get_batch. The augmentation happens here, on the device.
-
-def crop_params(rng, B, area=(0.3, 1.0)):
-    """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
-    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps [B, 2, 3]."""
-    theta = torch.zeros(B, 2, 3)
-    area = rng.uniform(*area, B)
-    ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
-    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
-    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
-    theta[:, 0, 0], theta[:, 1, 1] = torch.tensor(w * flip), torch.tensor(h)
-    theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
-    theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
-    return theta
-
-
-def augment_video(video, size, theta=None):
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3]
-    (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
-    None: resize only."""
-    B, T, H, W, _ = video.shape
-    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)  # frames as channels
-    if theta is None:
-        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
-    grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
-    # per channel with Python scalars: no host-to-device copy of the constants
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
-
-
-def normalize_audio(audio, meta):
-    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as AudioMAE/CAV-MAE."""
-    return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
+# common.get_batch, and augmented on the device as V-JEPA does (common.crop_params, augment_video:
+# a random resized crop and flip per clip; the log-mel normalised as AudioMAE, normalize_audio).
 
 # -----------------------------------------------------------------------------
 # Masks. Tokens are numbered video first, then audio: [t, h, w] raster, then [mel, time] raster.
@@ -278,18 +224,11 @@ def sample_targets(rng, config, video_grid, audio_grid):
     elif kind == "future":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
-    elif kind == "window":   # tokens centred (as a share of the clip) in [u, u + 1/2)
-        u, hide_video = rng.uniform(0, 0.5), not audio_grid or rng.random() < 0.5
-        def in_window(n):
-            centre = (np.arange(n) + 0.5) / n
-            return (centre >= u) & (centre < u + 0.5)
-        v = np.repeat(in_window(T) & hide_video, H * W)
-        a = np.tile(in_window(Ca) & (not hide_video), Fa)
     else:
         _, blocks, scale, _ = MASKS[config]
         v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)
         v = np.broadcast_to(v, (T, H, W)).reshape(-1)
-        a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).reshape(-1) if Ca else v[:0]
+        a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).ravel() if Ca else v[:0]
     return np.concatenate([v, a])
 
 
@@ -321,21 +260,19 @@ class Masks:
     tgt_config: torch.Tensor    # [Tt] each target's mask config: picks the predictor's mask token
     tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
     tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
-    pred_ctx: kernels.Packed    # ctx and tgt as the predictor's segments take them: the same rows,
-    pred_tgt: kernels.Packed    # cut per sense when each sense is predicted from its own context
     pred_max_len: int           # the longest [context ; targets] segment of the predictor
 
-    def to(self, device):   # without waiting for the device (common.to_device); a shared field moves once
+    def to(self, device):   # without waiting (common.to_device); a shared field moves once
         moved = {id(x): x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
                  else to_device(x, device) for x in {id(x): x for x in vars(self).values()}.values()}
         return Masks(**{k: moved[id(x)] for k, x in vars(self).items()})
 
 
-def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, pred_separate=False):
+def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False):
     """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
     every mask config counts the same, and within a config video and audio each count the same
     whatever their token counts, so that the few audio tokens are not drowned by the video ones.
-    separate (the encoder) and pred_separate (the predictor) attend within each sense."""
+    separate: the encoder attends within each sense."""
     n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
     config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
@@ -343,19 +280,15 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False, pred_separate=Fals
     count = np.bincount(group, minlength=2 * n_configs)  # targets per group
     senses = (count.reshape(n_configs, 2) > 0).sum(1)    # senses with targets, per config
     weight = 1.0 / count[group] / senses[config] / n_configs
-    packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, where a pass asks for it
+    packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, if a pass asks for it
     enc = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
-    pred_ctx, pred_tgt = packed_ctx, packed_tgt
-    if pred_separate:   # empty pieces kept, so that context and target segments stay paired
-        pred_ctx, pred_tgt = (kernels.pack(x, n_tokens, batch, nv, keep_empty=True) for x in (ctx, tgt))
     return Masks(ctx=packed_ctx, enc=enc, tgt=packed_tgt, tgt_config=torch.from_numpy(config),
                  tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)),
-                 pred_ctx=pred_ctx, pred_tgt=pred_tgt,
-                 pred_max_len=int((pred_ctx.cu.diff() + pred_tgt.cu.diff()).max()))
+                 pred_max_len=int((packed_ctx.cu.diff() + packed_tgt.cu.diff()).max()))
 
 
 def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
-    """Sample the context and targets of every (mask config, clip) pair -> Masks (see pack_masks)."""
+    """Sample the context and targets of each (mask config, clip) pair -> Masks (see pack_masks)."""
     nv = math.prod(video_grid)
     N = nv + (math.prod(audio_grid) if audio_grid else 0)
     ctx, tgt = [], []
@@ -371,13 +304,12 @@ def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
                 is_target[rng.choice(np.flatnonzero(is_target))] = False
             ctx.append(np.flatnonzero(exists & ~is_target))
             tgt.append(np.flatnonzero(is_target))
-    if cfg.truncate:   # V-JEPA's collation, for comparison: each list cut to its config's batch minimum
+    if cfg.truncate:   # V-JEPA's collation, for comparison: lists cut to their config's batch minimum
         for lists in (ctx, tgt):
             for c in range(0, len(lists), batch):
                 keep = min(len(x) for x in lists[c:c + batch])
                 lists[c:c + batch] = [x[:keep] for x in lists[c:c + batch]]
-    return pack_masks(ctx, tgt, batch, nv, N, cfg.context_pass == "separate" and bool(audio_grid),
-                      cfg.pred_pass == "separate" and bool(audio_grid))
+    return pack_masks(ctx, tgt, batch, nv, N, cfg.context_pass == "separate" and bool(audio_grid))
 
 # -----------------------------------------------------------------------------
 # Positions: fixed sin-cos, V-JEPA's 3D table for video. Audio reuses the same three axes: its time
@@ -395,7 +327,7 @@ def sincos(coords, dim):
 
 
 def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_seconds=1.0):
-    """(t, h, w) coordinates of every token: video in [t, h, w] raster, then audio in [mel, time]."""
+    """(t, h, w) coordinates of each token: video in [t, h, w] raster, then audio in [mel, time]."""
     T, H, W = video_grid
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
     coords = [torch.stack([t, h, w], -1).reshape(-1, 3).double()]
@@ -408,8 +340,7 @@ def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_s
     return torch.cat(coords)
 
 # -----------------------------------------------------------------------------
-# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment
-# starts.
+# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment starts.
 
 class Attention(nn.Module):
     def __init__(self, dim, heads):
@@ -445,8 +376,7 @@ class Block(nn.Module):
 
 
 def init_weights(module, blocks):
-    """V-JEPA's init: trunc-normal(0.02) weights, zero biases, block outputs scaled by 1/sqrt(2
-    layer)."""
+    """V-JEPA's init: trunc-normal(0.02) weights, zero biases, block outputs by 1/sqrt(2 layer)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -458,8 +388,7 @@ def init_weights(module, blocks):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets or Conv2d
-    patches)."""
+    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets, Conv2d patches)."""
     def __init__(self, conv, in_ch, dim, kernel):
         super().__init__()
         self.proj = conv(in_ch, dim, kernel_size=kernel, stride=kernel)
@@ -474,18 +403,18 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, (self.width, depth, self.heads) = cfg, MODELS[cfg.model]
-        self.fuse_from = depth - (cfg.fuse if cfg.audio else 0)  # blocks from here on attend across senses
+        self.fuse_from = depth - (cfg.fuse if cfg.audio else 0)  # from here on, across the senses
         self.video_grid = (cfg.frames // TUBELET, cfg.size // PATCH, cfg.size // PATCH)
         self.audio_grid = (128 // PATCH, cfg.audio_frames // PATCH) if cfg.audio else None
         self.patch_embed = PatchEmbed(nn.Conv3d, 3, self.width, (TUBELET, PATCH, PATCH))
         coords = token_coords(self.video_grid, self.audio_grid, cfg.tubelet_seconds, cfg.audio_patch_seconds)
         pos = sincos(coords, self.width)
         self.nv = math.prod(self.video_grid)
-        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D], as V-JEPA
+        self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D]: V-JEPA
         if cfg.audio:
             self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
             self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
-            self.modality_embed = nn.Parameter(torch.zeros(2, self.width))           # [video, audio]
+            self.modality_embed = nn.Parameter(torch.zeros(2, self.width))   # [video, audio]
         self.blocks = nn.ModuleList(Block(self.width, self.heads) for _ in range(depth))
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
         init_weights(self, self.blocks)
@@ -496,18 +425,26 @@ class Encoder(nn.Module):
         """Tokens per clip: video, plus audio when it is given."""
         return self.nv + (math.prod(self.audio_grid) if audio and self.audio_grid else 0)
 
+    @staticmethod
+    def check_shape(name, x, expected):
+        """A clip must fit the grid the model was built for: positions are found by token number, so
+        a clip with more or fewer tokens would otherwise run on, silently wrong."""
+        if tuple(x.shape[1:]) != tuple(expected):
+            raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
+                             f"[batch, {', '.join(map(str, expected))}]")
+
     def embed(self, video=None, audio=None):
         """Patch tokens [B, N, D] of the given modalities, and their positions [N, D]."""
         tokens, pos = [], []
         c = self.cfg
         if video is not None:
-            check_shape("video", video, (3, c.frames, c.size, c.size))
+            self.check_shape("video", video, (3, c.frames, c.size, c.size))
             tokens.append(self.patch_embed(video))
             pos.append(self.pos_embed[0] + (self.modality_embed[0] if self.audio_grid else 0))
         if audio is not None:
             if not self.audio_grid:
                 raise ValueError("this encoder was built for video only, and was given audio")
-            check_shape("audio", audio, (1, 128, c.audio_frames))
+            self.check_shape("audio", audio, (1, 128, c.audio_frames))
             tokens.append(self.audio_patch_embed(audio))
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
@@ -557,7 +494,7 @@ class Predictor(nn.Module):
     def forward(self, context, masks):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
         N = self.pos_embed.shape[0]
-        ctx, tgt = masks.pred_ctx, masks.pred_tgt   # masks.ctx's and .tgt's rows, in its segments
+        ctx, tgt = masks.ctx, masks.tgt
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
             raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
                              f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
@@ -600,18 +537,35 @@ class JEPA(nn.Module):
         return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
 
 
+def step_flops(encoder, predictor, masks, batch, target_pass="separate"):
+    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
+    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
+    trained), over the segments each pass really attends within. masks on the CPU."""
+    def lin(m):   # weights applied per token
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
+    def attn(m, cu):
+        L = (cu[1:] - cu[:-1]).double()
+        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
+    N, nv, tc, tt = encoder.n_tokens(), encoder.nv, int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
+    parts = [nv, N - nv] if target_pass == "separate" and N > nv else [N]   # the targets' segments
+    whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
+            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
+            + attn(encoder, whole_cu))
+
+
 def build(cfg):
     """Encoder, predictor and EMA target encoder of a Config."""
     encoder = Encoder(cfg)
-    predictor, target_encoder = Predictor(cfg, encoder), Encoder(cfg)   # in this order: the seed's init
+    predictor, target_encoder = Predictor(cfg, encoder), Encoder(cfg)   # this order: the seed's init
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
 
 
 def vjepa_config(sd, path):
-    """The Config of a V-JEPA video ViT's state dict, read off its tensor shapes (16 frames, as every
-    released V-JEPA model sees)."""
+    """The Config of a V-JEPA video ViT's state dict, read off its tensor shapes (16 frames, as all
+    released V-JEPA models see)."""
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
         raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
     width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
@@ -774,64 +728,24 @@ def make_optimizer(model, lr):
                              betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
-class Run:
-    """A run's bookkeeping, kept out of train(): its folder (one process at a time), a resumed or new
-    start, masks.png, the bar and log.jsonl (with the collapse monitor and the MFU), checkpoints, the
-    stop signals, and at the end the curves, the summary line and the exit code."""
-    def __init__(self, cfg, data, nets, opt, device, rank, world):
-        self.cfg, self.nets, self.opt, self.master = cfg, nets, opt, rank == 0
-        self.dir = Path(cfg.out) / cfg.name
-        if self.master:
-            lock_run(self.dir)
-        modules = dict(zip(("encoder", "predictor", "target_encoder"), nets))
-        self.start = resume_or_init(cfg, self.dir / "ckpt.pt", modules, opt, lambda ck: asdict(Config.of(ck)))
-        encoder = nets[0]
-        if self.master:   # masks.png: the first clip under each mask config's targets
-            rng, grids = np.random.default_rng(cfg.seed), (encoder.video_grid, encoder.audio_grid)
-            targets = {m: (MASKS[m].colour, sample_targets(rng, m, *grids)) for m in cfg.masks}
-            plot_masks(self.dir / "masks.png", data, cfg.audio, *grids, targets)
-        self.progress = Progress(cfg, self.dir, self.start, self.master, world, device, data, rank)
-        self.peak, self.world, self.end = peak_flops(device), world, cfg.steps
+def first_masks(cfg, encoder):
+    """What masks.png shows: the grids, and each mask config's colour and targets for one clip."""
+    rng, grids = np.random.default_rng(cfg.seed), (encoder.video_grid, encoder.audio_grid)
+    return *grids, {m: (MASKS[m].colour, sample_targets(rng, m, *grids)) for m in cfg.masks}
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *error):   # also when an error ends the loop: Ctrl-C's own handling comes back
-        self.progress.close()
-
-    def after_step(self, s, losses, target_feats, masks, has_audio, schedule):
-        """Log, save, or stop after step s: True to stop (a signal came; saved by finish)."""
-        log, save, stop = self.progress.step(s, losses[0])
-        if log:
-            cfg, (encoder, predictor, _), B = self.cfg, self.nets, self.cfg.batch_size
-            rec = dict(step=s, loss=losses[0].item(), loss_video=losses[1].item(),
-                       loss_audio=losses[2].item() if cfg.audio else None,
-                       **dict(zip(("lr", "wd", "ema"), schedule)), clips_per_s=self.progress.clips_per_s())
-            rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, has_audio)
-            if self.peak:   # this step's FLOPs per process, times its steps per second
-                flops = step_flops(encoder, predictor, masks.to("cpu"), B, cfg.target_pass == "separate")
-                rec["mfu"] = flops * rec["clips_per_s"] / (B * self.world) / self.peak
-            self.progress.write(rec)
-        if stop:
-            self.end = s + 1
-        elif save and s + 1 < self.cfg.steps:
-            self.save(s + 1)
-        return stop
-
-    def save(self, step):
-        if self.master:
-            modules = dict(zip(("encoder", "predictor", "target_encoder"), self.nets))
-            save_checkpoint(self.dir / "ckpt.pt", modules, self.opt, step, asdict(self.cfg))
-
-    def finish(self):
-        """The last checkpoint, the curves and the summary; a run stopped by a signal exits 128 + it."""
-        self.save(self.end)
-        if self.master and self.progress.last:
-            plot_log(self.dir / "log.jsonl", self.dir / "training.png")
-            print(summary_line(self.cfg, self.progress.last, self.nets[0].width, self.dir, self.end))
-        end_run(self.dir)
-        if self.end < self.cfg.steps:
-            raise SystemExit(self.progress.exit_code())
+def log_record(s, losses, schedule, target_feats, masks, has_audio, encoder, predictor, run):
+    """What log.jsonl keeps of step s: the losses and schedules, the target features' RankMe per
+    sense (they collapse if it falls towards 1), the speed and, on a GPU, the MFU."""
+    cfg, B = run.cfg, run.cfg.batch_size
+    rec = dict(step=s, loss=losses[0].item(), loss_video=losses[1].item(),
+               loss_audio=losses[2].item() if cfg.audio else None, clips_per_s=run.clips_per_s(),
+               **dict(zip(("lr", "wd", "ema"), schedule)))
+    rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, has_audio)
+    if run.peak:   # this step's FLOPs per process, times its steps per second
+        flops = step_flops(encoder, predictor, masks.to("cpu"), B, cfg.target_pass)
+        rec["mfu"] = flops * rec["clips_per_s"] / (B * run.world) / run.peak
+    return rec
 
 
 def train(argv=None):
@@ -849,16 +763,18 @@ def train(argv=None):
     loss_fn = torch.compile(step_loss, dynamic=True) if cfg.compile else step_loss
 
     def make_batch(s):
-        """Step s's clips, masks and augmentation, made in the prefetch thread and sent to the device
-        without waiting. All that is random comes from (seed, step, rank): resume replays it exactly."""
+        """Step s's clips, masks and crops, made in the prefetch thread, sent to the device without
+        waiting. All that is random comes from (seed, step, rank): resume replays it exactly."""
         rng = np.random.default_rng([cfg.seed, s, rank])
         idx = batch_indices(data["n"], cfg.batch_size, s, cfg.seed, rank, world)
         heard = data["has_audio"][idx].astype(bool) & cfg.audio
         masks = sample_masks(rng, cfg, len(idx), encoder.video_grid, encoder.audio_grid, heard)
-        theta = to_device(crop_params(rng, len(idx)), device)
-        return get_batch(data, idx, device), masks.to(device), theta
+        return get_batch(data, idx, device), masks.to(device), to_device(crop_params(rng, len(idx)), device)
 
-    with Run(cfg, data, (encoder, predictor, target_encoder), opt, device, rank, world) as run:
+    run = Run(cfg, (encoder, predictor, target_encoder), opt, device, rank, world, data, Config.of)
+    if rank == 0:   # masks.png: the first clip under each mask config's targets
+        plot_masks(run.dir / "masks.png", data, cfg.audio, *first_masks(cfg, encoder))
+    try:
         steps = range(run.start, cfg.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):
             lr, wd, momentum = schedules(s, cfg)
@@ -868,9 +784,15 @@ def train(argv=None):
             audio = normalize_audio(batch["audio"], data["meta"]) if cfg.audio else None
             *losses, target_feats = train_step(trained, target_encoder, opt, video, audio, masks,
                                                momentum, cfg, loss_fn)
-            if run.after_step(s, losses, target_feats, masks, batch["has_audio"], (lr, wd, momentum)):
+            log, stop = run.step(s, losses[0])   # saves on save steps; stop: Ctrl-C or SIGTERM came
+            if log:
+                run.write(log_record(s, losses, (lr, wd, momentum), target_feats, masks, batch["has_audio"],
+                                     encoder, predictor, run))
+            if stop:   # finish saves, draws the curves, sums up, and exits with 128 + the signal
                 break
-    run.finish()
+    finally:
+        run.close()
+    run.finish(encoder.width)
     return encoder, predictor, target_encoder
 
 

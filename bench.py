@@ -434,7 +434,7 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
     B = args.batch_size
     run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate, compiled)
     timed = host[args.warmup_steps:]
-    flops = sum(common.step_flops(encoder, predictor, m, B, targs.target_pass == "separate") for m in timed)
+    flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass) for m in timed)
     with backend(path):
         t_compile = time.perf_counter()
         for m in masks[:args.warmup_steps]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 # The clip geometry every script agrees on: a video tubelet is 2 frames x 16 x 16 pixels, an audio
@@ -57,14 +58,6 @@ def number(kind, low=-math.inf, high=math.inf, above=None):
 
 COUNT, NONNEG_INT, POSITIVE = number(int, 1), number(int, 0), number(float, above=0.0)
 NONNEG, FRACTION = number(float, 0.0), number(float, 0.0, 1.0)
-
-
-def check_shape(name, x, expected):
-    """A clip must fit the grid the model was built for: positions are looked up by token number, so
-    a clip with more or fewer tokens would otherwise run on, silently wrong."""
-    if tuple(x.shape[1:]) != tuple(expected):
-        raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
-                         f"[batch, {', '.join(map(str, expected))}]")
 
 
 def check_device(p, device):
@@ -125,6 +118,42 @@ def load_split(root, split):
         raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. "
                          f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
 
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def crop_params(rng, B, area=(0.3, 1.0)):
+    """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
+    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps [B, 2, 3]."""
+    theta = torch.zeros(B, 2, 3)
+    area = rng.uniform(*area, B)
+    ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
+    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
+    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
+    theta[:, 0, 0], theta[:, 1, 1] = torch.tensor(w * flip), torch.tensor(h)
+    theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
+    theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
+    return theta
+
+
+def augment_video(video, size, theta=None):
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3]
+    (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
+    None: resize only."""
+    B, T, H, W, _ = video.shape
+    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)  # frames as channels
+    if theta is None:
+        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+    grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
+    # per channel with Python scalars: no host-to-device copy of the constants
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+
+
+def normalize_audio(audio, meta):
+    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as AudioMAE/CAV-MAE."""
+    return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
 
 def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
@@ -338,13 +367,13 @@ def tensors(obj):
             yield from tensors(v)
 
 
-def resume_or_init(cfg, ckpt_path, modules, opt, saved_config):
+def resume_or_init(cfg, ckpt_path, modules, opt, config_of):
     """The step to start from: a --resume'd run's, after loading its modules, optimizer and RNG; else 0,
     after --init's encoder weights if given (the target encoder starts as the encoder). Never overwrites a
-    run by accident. saved_config(checkpoint): the config it was trained with, as a dict."""
+    run by accident. config_of(checkpoint): the config it was trained with."""
     if cfg.resume:
         ck = read_checkpoint(ckpt_path)
-        check_resume(ckpt_path, ck["step"], saved_config(ck), asdict(cfg), cfg.MAY_CHANGE, cfg.WHERE)
+        check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.MAY_CHANGE, cfg.WHERE)
         for name, module in modules.items():
             module.load_state_dict(ck[name])
         opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
@@ -431,22 +460,6 @@ def collapse_monitor(target_feats, nv, heard, rows=4096):
     audio = rankme(sample(target_feats[heard, nv:].reshape(-1, D))) if target_feats.shape[1] > nv else math.nan
     return video, audio
 
-
-def step_flops(encoder, predictor, masks, batch, separate_targets=True):
-    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
-    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
-    trained), over the segments each pass really attends within. masks on the CPU."""
-    def lin(m):   # weights applied per token
-        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
-    def attn(m, cu):
-        L = (cu[1:] - cu[:-1]).double()
-        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    N, nv, tc, tt = encoder.n_tokens(), encoder.nv, int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
-    parts = [nv, N - nv] if separate_targets and N > nv else [N]      # the target pass's segments per clip
-    whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, masks.pred_ctx.cu + masks.pred_tgt.cu) + 2 * lin(encoder) * batch * N
-            + attn(encoder, whole_cu))
 
 def summary_line(args, last, width, run_dir, end):
     """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its files."""
@@ -643,34 +656,44 @@ def stop_requested(caught, log_step, world, device):
     return flag.item() > 0
 
 
-class Progress:
-    """The training loop's bookkeeping, kept out of the loop: the tqdm bar, log.jsonl (from `step` on, written
-    by the main process), the speed, the stop signals and the non-finite loss check. After each step,
-    step(s, loss) says whether to log it, save after it, and stop after it; write(rec) logs one record."""
-    def __init__(self, args, run_dir, step, master, world, device, data=None, rank=0):
-        """data, rank: the dataset and this process's rank, to say whether a bad loss came from bad data."""
-        self.args, self.world, self.device, self.ckpt_path = args, world, device, run_dir / "ckpt.pt"
-        self.data, self.rank = data, rank
-        self.log, self.last = start_log(run_dir / "log.jsonl", step) if master else (None, None)
-        self.bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.name, dynamic_ncols=True)
+class Run:
+    """A training run's bookkeeping, kept out of the loop: its folder (one process at a time), where it
+    starts (its checkpoint when resumed, else --init's weights or the init), the bar and log.jsonl
+    (written by the main process), the speed, the stop signals, the non-finite loss check, its
+    checkpoints, and at the end the curves, the summary line and the exit code. nets: (encoder,
+    predictor, target encoder); config_of(checkpoint): the config it was trained with, for --resume."""
+    def __init__(self, cfg, nets, opt, device, rank, world, data, config_of):
+        modules = dict(zip(("encoder", "predictor", "target_encoder"), nets))
+        self.cfg, self.modules, self.opt, self.world, self.device = cfg, modules, opt, world, device
+        self.dir, self.master, self.data, self.rank = Path(cfg.out) / cfg.name, rank == 0, data, rank
+        self.ckpt_path = self.dir / "ckpt.pt"
+        if self.master:
+            lock_run(self.dir)
+        self.start = self.end = resume_or_init(cfg, self.ckpt_path, modules, opt, config_of)
+        self.log, self.last = start_log(self.dir / "log.jsonl", self.start) if self.master else (None, None)
+        self.bar = tqdm(total=cfg.steps, initial=self.start, disable=not self.master, desc=cfg.name,
+                        dynamic_ncols=True)
         self.caught, self.restore_signals = catch_stop_signals()
         self.first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
-        self.t0, self.clips = time.time(), 0
+        self.t0, self.clips, self.peak = time.time(), 0, peak_flops(device)
 
     def step(self, s, loss):
-        """(log step, save step, stop). Nothing waits for the device but on those steps, which check once
-        that every loss so far was finite."""
+        """After step s: (log it, stop after it); saves on save steps. Nothing waits for the device
+        but on log, save and stop steps, which check once that every loss so far was finite."""
+        cfg, self.end = self.cfg, s + 1
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), s, self.first_bad)
-        self.clips += self.args.batch_size * self.world
+        self.clips += cfg.batch_size * self.world
         self.bar.update(1)
-        log = s % self.args.log_every == 0 or s == self.args.steps - 1
-        save = (s + 1) % self.args.save_every == 0
+        log = s % cfg.log_every == 0 or s == cfg.steps - 1
+        save = (s + 1) % cfg.save_every == 0 and s + 1 < cfg.steps
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
-            bad, a = self.first_bad.item(), self.args
-            idx = batch_indices(self.data["n"], a.batch_size, bad, a.seed, self.rank, self.world) if self.data else None
+            bad = self.first_bad.item()
+            idx = batch_indices(self.data["n"], cfg.batch_size, bad, cfg.seed, self.rank, self.world)
             stop_non_finite(bad, self.ckpt_path, self.data, idx)   # the clips of that step, read again
-        return log, save, stop
+        if save and not stop:
+            self.save(s + 1)
+        return log, stop
 
     def clips_per_s(self):
         """Clips per second, all processes together, since the last record."""
@@ -682,10 +705,21 @@ class Progress:
             write_log_line(self.log, rec)
         self.last, self.t0, self.clips = rec, time.time(), 0
 
+    def save(self, step):
+        if self.master:
+            save_checkpoint(self.ckpt_path, self.modules, self.opt, step, asdict(self.cfg))
+
     def close(self):   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
         self.restore_signals()
         self.bar.close()
 
-    def exit_code(self):
-        """A run stopped by a signal exits with 128 + its number, as a shell reports it."""
-        return 128 + (self.caught[0] if self.caught else signal.SIGTERM)
+    def finish(self, width):
+        """The last checkpoint, the curves and the summary (width: the encoder's, for its RankMe); a
+        run stopped by a signal exits with 128 + its number, as a shell reports it."""
+        self.save(self.end)
+        if self.master and self.last:
+            plot_log(self.dir / "log.jsonl", self.dir / "training.png")
+            print(summary_line(self.cfg, self.last, width, self.dir, self.end))
+        end_run(self.dir)
+        if self.end < self.cfg.steps:
+            raise SystemExit(128 + (self.caught[0] if self.caught else signal.SIGTERM))

@@ -101,18 +101,17 @@ class Packed(NamedTuple):
         return segment_ids(self.cu, len(self.index))
 
 
-def pack(lists, n_tokens, batch, split_at=None, keep_empty=False):
+def pack(lists, n_tokens, batch, split_at=None):
     """Token lists (numbers within a clip) of segments s = (config s // batch, clip s % batch) ->
     Packed rows of the flattened [batch * n_tokens] tokens. split_at=nv also cuts each sorted list
     where its audio starts: the same rows, attended as one segment per modality (empty pieces are
-    dropped, unless keep_empty: then segment 2s + m is always modality m of list s)."""
+    dropped)."""
     index = np.concatenate([np.asarray(x, np.int64) + (s % batch) * n_tokens
                             for s, x in enumerate(lists)])
     if split_at is None:
         lengths = [len(x) for x in lists]
     else:
-        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at)))
-                   if n or keep_empty]
+        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at))) if n]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths, default=0))
 

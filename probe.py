@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 import avjepa
 import kernels
-from common import (COUNT, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, batch_indices, check_device, get_batch,
-                    load_split,
-                    pyplot, read_checkpoint, save_figure, write_atomic)
+from common import (COUNT, IMAGENET_MEAN, IMAGENET_STD, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
+                    augment_video, batch_indices, check_device, crop_params, get_batch, load_split,
+                    normalize_audio, pyplot, read_checkpoint, save_figure, write_atomic)
 
 
 def get_args(argv=None):
@@ -189,8 +189,8 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
     xs, valids = [], []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
         b = get_batch(data, ids[i:i + batch_size], device)
-        video = avjepa.augment_video(b["video"], encoder.cfg.size) if modalities != "audio" else None
-        audio = avjepa.normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
+        video = augment_video(b["video"], encoder.cfg.size) if modalities != "audio" else None
+        audio = normalize_audio(b["audio"], data["meta"]) if modalities != "video" else None
         with autocast(device):
             parts = [encode(encoder, video, audio, b["has_audio"], separate=r == "separate")
                      for r in (["separate", "joint"] if read == "both" else [read])]
@@ -467,8 +467,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
     ids = clip_ids(train, 0, labelled=True)
 
     def logits(b, theta=None):
-        video = avjepa.augment_video(b["video"], cfg.size, theta)
-        audio = avjepa.normalize_audio(b["audio"], meta) if cfg.audio else None
+        video = augment_video(b["video"], cfg.size, theta)
+        audio = normalize_audio(b["audio"], meta) if cfg.audio else None
         with autocast(device):
             return head(encoder(video, audio).float().mean(1)).split(sizes, -1)   # one joint pass
 
@@ -482,7 +482,7 @@ def labels_ceiling(args, ckpt, data_dir, device):
         rng = np.random.default_rng([seed, step])
         idx = np.sort(ids[np.random.default_rng([seed, step, 1]).choice(len(ids), min(batch, len(ids)), replace=False)])
         b = get_batch(train, idx, device)
-        theta = avjepa.crop_params(rng, len(idx), area=(0.8, 1.0))
+        theta = crop_params(rng, len(idx), area=(0.8, 1.0))
         y = targets[b["label"].cpu()].clone()
         if flip_swaps is not None:   # a flipped clip moves the other way
             flipped = theta[:, 0, 0] < 0
@@ -656,9 +656,6 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     cfg = ckpt["config"]
     if not cfg.audio:
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
-    if cfg.pred_pass == "separate":
-        raise SystemExit(f"{path} was trained with --pred-pass separate: its predictor fills in each sense from "
-                         f"that sense alone, so it cannot say one sense from the other. Retrieve with a joint one")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
     configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
@@ -676,7 +673,7 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
         b = get_batch(data, batch_ids, device)
-        video, audio = avjepa.augment_video(b["video"], cfg.size), avjepa.normalize_audio(b["audio"], data["meta"])
+        video, audio = augment_video(b["video"], cfg.size), normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
                 if split == "val":
@@ -787,9 +784,9 @@ def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
     """Clips `ids` as the networks take them (video normalised, audio normalised or None) and their masks,
     drawn from `rng` for every mask config of the checkpoint; crop=True: training's random crops too."""
     b = get_batch(data, ids, device)
-    theta = avjepa.crop_params(rng, len(ids)).to(device) if crop else None
-    video = avjepa.augment_video(b["video"], cfg.size, theta)
-    audio = avjepa.normalize_audio(b["audio"], data["meta"]) if cfg.audio else None
+    theta = crop_params(rng, len(ids)).to(device) if crop else None
+    video = augment_video(b["video"], cfg.size, theta)
+    audio = normalize_audio(b["audio"], data["meta"]) if cfg.audio else None
     has_audio = b["has_audio"].cpu().numpy() if cfg.audio else np.zeros(len(ids), bool)
     masks = avjepa.sample_masks(rng, cfg, len(ids), encoder.video_grid, encoder.audio_grid, has_audio)
     return video, audio, masks.to(device)
@@ -806,8 +803,8 @@ def predict(jepa, target_encoder, cfg, data, ids, rng, device):
         pred, _ = jepa(video, audio, masks)
         target = avjepa.target_features(target_encoder, video, audio, replace(cfg, target_layers=1))
     index, N = masks.tgt.index, encoder.n_tokens(audio is not None)
-    mean = torch.tensor(avjepa.IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(avjepa.IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
     return dict(pix=patchify_video(video * std + mean).cpu(), mel=patchify_audio(audio).cpu() if audio is not None else None,
                 config=masks.tgt_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu(),
                 target=target.flatten(0, 1)[index].float().cpu())

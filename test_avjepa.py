@@ -119,7 +119,7 @@ def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
     assert hidden["short"] < 3.5 and hidden["long"] < 10.5, hidden   # 8 x 0.15 and 2 x 0.7 hid 11 and 12 of 16
 
 
-@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future", "window"])
+@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
     for c, t in zip(segments(m.ctx), segments(m.tgt)):
@@ -154,26 +154,8 @@ def test_future_hides_the_second_half_of_both_senses():
     assert (audio == (np.arange(13) >= 7)[None, :]).all()                      # audio columns 7-12 of 13
 
 
-def test_window_hides_one_sense_in_half_the_clips_time_and_nothing_else():
-    nv = math.prod(VIDEO_GRID)
-    hidden = {"video": 0, "audio": 0}
-    for t in segments(masks_for("window", batch=40).tgt):
-        video = np.isin(np.arange(nv), t % N).reshape(VIDEO_GRID).any((1, 2))        # [t]: a tubelet hidden
-        audio = np.isin(np.arange(nv, N), t % N).reshape(AUDIO_GRID)                # [mel, time]
-        assert video.any() != audio.any()                                         # one sense, never both
-        if video.any():
-            assert video.sum() == 4 and np.ptp(np.flatnonzero(video)) == 3          # 4 of 8 tubelets, in a row
-            assert len(t) == 4 * 14 * 14                                             # whole frames of them
-        else:
-            cols = audio.any(0)
-            assert (audio == cols[None]).all() and 6 <= cols.sum() <= 7             # all bands of half the columns
-            assert np.ptp(np.flatnonzero(cols)) == cols.sum() - 1                    # in a row
-        hidden["video" if video.any() else "audio"] += 1
-    assert min(hidden.values()) > 5                                                # either sense, at random
-
-
 def test_context_is_never_empty_even_on_a_tiny_grid():
-    for config in ["short", "long", "v2a", "a2v", "future", "window"]:
+    for config in ["short", "long", "v2a", "a2v", "future"]:
         m = avjepa.sample_masks(np.random.default_rng(1), mask_config(config), 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
         index, cu, _ = m.ctx
         assert (cu[1:] - cu[:-1]).min() >= 1
@@ -449,9 +431,9 @@ def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_a
 
 def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once():
     masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short"), 2, VIDEO_GRID, AUDIO_GRID, np.ones(2, bool))
-    assert masks.enc is masks.ctx and masks.pred_ctx is masks.ctx and masks.pred_tgt is masks.tgt
+    assert masks.enc is masks.ctx
     moved = masks.to("cpu")
-    assert moved.enc is moved.ctx and moved.pred_tgt is moved.tgt
+    assert moved.enc is moved.ctx
 
 
 def test_packed_predictor_equals_each_segment_predicted_alone():
@@ -470,20 +452,6 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
         alone.tgt_config.fill_(s // 3)
         torch.testing.assert_close(pred[tgt_cu[s]:tgt_cu[s + 1]],
                                    predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5, rtol=1e-5)
-
-
-def test_a_predictor_pass_per_sense_predicts_each_sense_from_its_own_context_alone():
-    encoder, predictor, _ = micro_jepa()
-    predictor.eval()
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "window", pred_pass="separate"), 3,
-                                encoder.video_grid, encoder.audio_grid, np.ones(3, bool))
-    context = torch.randn(len(masks.ctx.index), 32)
-    ctx_audio = (masks.ctx.index % encoder.n_tokens() >= encoder.nv)[:, None]
-    changed = context + 5 * ctx_audio                  # every audio context row moved, video rows kept
-    before, after = predictor(context, masks), predictor(changed, masks)
-    video = masks.tgt_modality == 0
-    torch.testing.assert_close(before[video], after[video])           # video never saw the audio
-    assert not torch.allclose(before[~video], after[~video])
 
 
 def test_predictor_slots_put_each_segments_targets_after_its_context():
@@ -695,8 +663,8 @@ def saved_before_one_config(ck):
     cfg = ck["config"]
     geometry = ("frames", "size", "audio_frames", "tubelet_seconds", "audio_patch_seconds")
     flags = {**{k: v for k, v in cfg.items() if k not in geometry}, "masks": ",".join(cfg["masks"])}
-    model = ("model", "audio", "pred_width", "pred_depth", "context_pass", "fuse", "target_pass", "pred_pass",
-             "data", *geometry[:1], *geometry[2:])
+    model = ("model", "audio", "pred_width", "pred_depth", "context_pass", "fuse", "target_pass", "data",
+             *geometry[:1], *geometry[2:])
     config = {**{k: cfg[k] for k in model}, "masks": list(cfg["masks"]), "crop": cfg["size"]}
     return {**ck, "config": config, "flags": flags}
 
@@ -708,15 +676,23 @@ def test_a_checkpoint_saved_before_the_one_config_reads_as_the_same_config(fake_
     assert avjepa.Config.of(ck).size == 16 and avjepa.Config.of(ck).crop == 16
 
 
-def test_resume_reads_a_checkpoint_saved_before_the_predictor_pass_was_a_setting(fake_data, tmp_path):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--save-every", "2"))
-    path = tmp_path / "vit_micro-v" / "ckpt.pt"
+def test_a_checkpoint_trained_with_a_removed_setting_is_refused_by_name(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1"))
+    ck = saved_before_one_config(torch.load(tmp_path / "vit_micro-av" / "ckpt.pt", weights_only=True))
+    ck["config"]["pred_pass"] = "separate"
+    with pytest.raises(SystemExit, match="--pred-pass separate"):
+        avjepa.Config.of(ck)
+
+
+def test_resume_reads_a_checkpoint_saved_before_fuse_was_a_setting(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "2", "--save-every", "2"))
+    path = tmp_path / "vit_micro-av" / "ckpt.pt"
     ck = saved_before_one_config(torch.load(path, weights_only=True))
-    del ck["config"]["pred_pass"], ck["flags"]["pred_pass"]
+    del ck["config"]["fuse"], ck["flags"]["fuse"]
     torch.save(ck, path)
-    with pytest.raises(SystemExit, match="--pred-pass joint, not separate"):   # what it ran with
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--pred-pass", "separate", "--resume"))
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--resume"))
+    with pytest.raises(SystemExit, match="--fuse 0, not 1"):   # what it ran with
+        avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "4", "--fuse", "1", "--resume"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "4", "--resume"))
     assert torch.load(path, weights_only=True)["step"] == 4
 
 
@@ -1451,12 +1427,6 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
         assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1   # the baseline, read the same way
     assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
     assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
-
-
-def test_retrieve_refuses_a_predictor_that_never_crossed_the_senses(probe_run, tmp_path):
-    avjepa.train(micro_args(probe_run["data"], tmp_path, "--audio", "--pred-pass", "separate", "--steps", "1"))
-    with pytest.raises(SystemExit, match="--pred-pass separate"):
-        probe.main(["--task", "retrieve", "--ckpt", str(tmp_path / "vit_micro-av" / "ckpt.pt")])
 
 
 def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
