@@ -36,9 +36,11 @@ import avjepa
 import common
 import kernels
 
-FRAME_SECONDS, HOP_SECONDS = 4 / 30, 0.01   # prepare.py's defaults: every 4th frame at 30 fps, 10 ms mel hop
+# prepare.py's defaults: every 4th frame at 30 fps, 10 ms mel hop
+FRAME_SECONDS, HOP_SECONDS = 4 / 30, 0.01
 CONFIGS = ("short", "long")                 # V-JEPA's two mask configs, as training uses them
-HEAD_COUNTS = (6, 12)                       # vit_small's and vit_base's; head dim 64 in every V-JEPA size
+# vit_small's and vit_base's; head dim 64 in every V-JEPA size
+HEAD_COUNTS = (6, 12)
 # what the kernels must reach, as speedups over the fastest correct row of a kind (fwd+bwd), or of copy
 TARGETS = dict(dense=0.9, ragged=1.5, varlen=1.0, gather=0.8, mfu=0.4)
 SKIP = "skipped: Triton rows need CUDA"
@@ -46,31 +48,42 @@ SKIP_CUDA = "skipped: needs CUDA"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Time avjepa's attention, gather/scatter and training step against baselines.")
-    p.add_argument("--only", choices=["attention", "gather", "step"], help="run this section only (default: all three)")
+    p = argparse.ArgumentParser(description="Time avjepa's attention, gather/scatter and "
+                                            "training step against baselines.")
+    p.add_argument("--only", choices=["attention", "gather", "step"], help="run this section "
+                                                                           "only (default: all "
+                                                                           "three)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
                    "proves the script runs, on a CPU too; the numbers mean nothing")
     p.add_argument("--batch-size", type=common.NONNEG_INT, default=0,
                    help="clips per batch in every section (0: 32, or 2 with --quick)")
     p.add_argument("--steps", type=common.NONNEG_INT, default=0,
-                   help="timed training steps per step row, after warmup (0: 10, or 2 with --quick)")
+                   help="timed training steps per step row, after warmup (0: 10, or 2 with "
+                        "--quick)")
     p.add_argument("--models", default="",
-                   help="comma list of encoders for the step section (default: vit_tiny,vit_small,vit_base; "
-                   "vit_tiny with --quick)")
+                   help="comma list of encoders for the step section (default: "
+                   "vit_tiny,vit_small,vit_base; vit_tiny with --quick)")
     p.add_argument("--repeats", type=common.NONNEG_INT, default=0,
-                   help="timed calls per kernel row; the median is reported (0: 20, or 3 with --quick)")
+                   help="timed calls per kernel row; the median is reported (0: 20, or 3 with "
+                        "--quick)")
     p.add_argument("--compile", action="store_true",
-                   help="step section: also time the AV rows with varlen masks under torch.compile, as avjepa.py "
-                   "--compile runs them (each compiles anew: 'warmup s' says how long)")
+                   help="step section: also time the AV rows with varlen masks under "
+                   "torch.compile, as avjepa.py --compile runs them (each compiles anew: "
+                   "'warmup s' says how long)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the last --models' AV step (auto path; compiled with --compile): the top kernels "
-                   "by time, and the shares of attention, matmul, norm and elementwise, gather/scatter, optimizer, idle")
+                   help="also profile the last --models' AV step (auto path; compiled with "
+                   "--compile): the top kernels by time, and the shares of attention, "
+                   "matmul, norm and elementwise, gather/scatter, optimizer, idle")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", default="", help="also write the header and every row to this JSON file")
-    p.add_argument("--tune", action="store_true", help="instead of the sections: sweep BLOCK_M, BLOCK_N, warps and "
-                   "stages of each attention kernel and the tiles of gather/scatter, check each config against the "
-                   "reference, time it, and print the winners as kernels._attn_config's table")
+    p.add_argument("--json", default="", help="also write the header and every row to this JSON "
+                                              "file")
+    p.add_argument("--tune", action="store_true", help="instead of the sections: sweep BLOCK_M, "
+                   "BLOCK_N, warps and stages of each "
+                   "attention kernel and the tiles of "
+                   "gather/scatter, check each config against "
+                   "the reference, time it, and print the "
+                   "winners as kernels._attn_config's table")
     args = p.parse_args(argv)
     common.check_device(p, args.device)
     q = args.quick
@@ -86,13 +99,15 @@ def get_args(argv=None):
     args.dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.cuda = args.dev.type == "cuda"
     args.triton = args.cuda and kernels.HAS_TRITON
-    args.dtype = torch.bfloat16 if args.cuda else torch.float32   # what training computes in (autocast on CUDA only)
+    # what training computes in (autocast on CUDA only)
+    args.dtype = torch.bfloat16 if args.cuda else torch.float32
     name = torch.cuda.get_device_name(args.dev) if args.cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     args.device_name = name
     args.peak = next((v for k, v in common.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
     args.video_grid = (args.frames // common.TUBELET, args.crop // common.PATCH, args.crop // common.PATCH)
     args.audio_grid = (128 // common.PATCH, args.audio_frames // common.PATCH)
-    args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)   # video and audio tokens per clip
+    # video and audio tokens per clip
+    args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)
     return args
 
 # -----------------------------------------------------------------------------
@@ -100,7 +115,8 @@ def get_args(argv=None):
 
 def median_time(fn, args):
     """Median seconds of one fn() call. Warm up first (Triton compiles on its first call), then time
-    each call alone: on CUDA between events, after flushing L2 so no call reads what the last one left."""
+    each call alone: on CUDA between events, after flushing L2 so no call reads what the last one
+    left."""
     for _ in range(args.warmup):
         fn()
     if not args.cuda:
@@ -110,7 +126,8 @@ def median_time(fn, args):
             fn()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=args.dev)   # more than any L2 (H100: 50 MB)
+    # more than any L2 (H100: 50 MB)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=args.dev)
     events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(args.repeats)]
     torch.cuda.synchronize()
     for start, end in events:
@@ -123,8 +140,9 @@ def median_time(fn, args):
 
 
 def attempt(fn, args):
-    """(fn(), None), or (None, why) when it raises: an unsupported backend, out of memory, a kernel bug.
-    SDPA explains a refusal in a warning and raises 'No available kernel', so the warning is the reason."""
+    """(fn(), None), or (None, why) when it raises: an unsupported backend, out of memory, a kernel
+    bug. SDPA explains a refusal in a warning and raises 'No available kernel', so the warning is
+    the reason."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -139,7 +157,8 @@ def attempt(fn, args):
 
 @contextlib.contextmanager
 def backend(name):
-    """kernels.BACKEND = name inside the block: "triton" forces the kernels, "torch" the references."""
+    """kernels.BACKEND = name inside the block: "triton" forces the kernels, "torch" the
+    references."""
     old, kernels.BACKEND = kernels.BACKEND, name
     try:
         yield
@@ -162,8 +181,9 @@ def verdict(value, need, fmt):
 
 
 def moved_rows(args, batch):
-    """The rows gather and scatter move in a real step: the encoder gathers the packed context (its rows
-    repeat across mask configs), the predictor scatters onto its slots (distinct). Both on the device."""
+    """The rows gather and scatter move in a real step: the encoder gathers the packed context (its
+    rows repeat across mask configs), the predictor scatters onto its slots (distinct). Both on the
+    device."""
     masks = sample_masks(args, batch)
     return masks.ctx.index.to(args.dev), torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(args.dev)
 
@@ -182,10 +202,11 @@ def sample_masks(args, batch, audio=True, truncate=False, seed=0):
 # is 3.5x. Padded baselines get the same count: the work they waste on padding earns nothing.
 
 def attention_cases(args):
-    """(name, heads, head dim, sequence lengths): dense clips, and the context segments the real mask
-    generator makes (short and long configs, clips with and without sound), for vit_small's and vit_base's
-    head counts at head dim 64. Last, vit_base's predictor (384 wide, so head dim 32) over context + targets:
-    a clip with sound has all its tokens there, so it is only ragged where clips are silent."""
+    """(name, heads, head dim, sequence lengths): dense clips, and the context segments the real
+    mask generator makes (short and long configs, clips with and without sound), for vit_small's and
+    vit_base's head counts at head dim 64. Last, vit_base's predictor (384 wide, so head dim 32)
+    over context + targets: a clip with sound has all its tokens there, so it is only ragged where
+    clips are silent."""
     B, nv, na = args.batch_size, args.nv, args.na
     cases = []
     for heads in HEAD_COUNTS:
@@ -194,8 +215,10 @@ def attention_cases(args):
             for config in CONFIGS:
                 masks = avjepa.sample_masks(np.random.default_rng(0), avjepa.Config(masks=(config,)), B,
                                             args.video_grid, args.audio_grid if audio else None, np.full(B, audio))
-                lengths = np.diff(masks.enc.cu.numpy()).tolist()   # the segments the encoder attends within
-                cases.append((f"JEPA {config} context, {'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
+                # the segments the encoder attends within
+                lengths = np.diff(masks.enc.cu.numpy()).tolist()
+                cases.append((f"JEPA {config} context, "
+                              f"{'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
     masks = sample_masks(args, B)
     ctx, tgt = (np.diff(p.cu.numpy()).tolist() for p in (masks.ctx, masks.tgt))
     cases.append(("JEPA predictor (vit_base), AV", 12, 32, [c + t for c, t in zip(ctx, tgt)]))
@@ -204,8 +227,8 @@ def attention_cases(args):
 
 def varlen_and_flex(cu, segment, L, total):
     """torch's own packed attention, the baselines a user would pick instead of ours: varlen_attn
-    (FlashAttention-2 on [total, H, hd]) and FlexAttention with a document mask, its BlockMask built once
-    per batch as every layer would reuse it, compiled."""
+    (FlashAttention-2 on [total, H, hd]) and FlexAttention with a document mask, its BlockMask built
+    once per batch as every layer would reuse it, compiled."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
     def varlen(q, k, v):
@@ -213,17 +236,21 @@ def varlen_and_flex(cu, segment, L, total):
     # compiled: built eagerly, the mask is first materialized dense, [total, total], which outgrows the GPU
     block_mask = torch.compile(create_block_mask)(lambda b, h, qi, ki: segment[qi] == segment[ki], None, None,
                                                   total, total, device=segment.device)
-    torch._dynamo.config.recompile_limit = 64   # one compile per case; past the limit flex runs eager, unfused
+    # one compile per case; past the limit flex runs eager, unfused
+    torch._dynamo.config.recompile_limit = 64
     flex_compiled = torch.compile(flex_attention, dynamic=False)
-    def flex(q, k, v):   # [total, H, hd] -> one sequence [1, H, total, hd] that the mask cuts into clips
+    # [total, H, hd] -> one sequence [1, H, total, hd] that the mask cuts into clips
+    def flex(q, k, v):
         o = flex_compiled(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)
         return o[0].transpose(0, 1)
     return varlen, flex
 
 
 def bench_attention(args):
-    print("\n== attention: TFLOP/s of useful work (fwd+bwd = 3.5x fwd), forward timed with autograd on, as in training")
-    print("   max err: largest |row - kernels.attention_torch in fp32| on the real tokens; padded rows pay no pad/unpad")
+    print("\n== attention: TFLOP/s of useful work (fwd+bwd = 3.5x fwd), forward timed with "
+          "autograd on, as in training")
+    print("   max err: largest |row - kernels.attention_torch in fp32| on the real tokens; "
+          "padded rows pay no pad/unpad")
     if not args.triton:
         print(f"   ({SKIP})")
     results = []
@@ -234,15 +261,18 @@ def bench_attention(args):
         flops = 4 * sum(n * n for n in lengths) * heads * hd
         torch.manual_seed(0)
         q, k, v = packed = [torch.randn(total, heads, hd, device=dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
-        clip = kernels.segment_ids(cu, total)                                          # packed row -> (clip, offset)
+        # packed row -> (clip, offset)
+        clip = kernels.segment_ids(cu, total)
         offset = torch.arange(total, device=dev) - cu[:-1].long()[clip]
-        def pad(x):   # [total, H, hd] -> [B, H, L, hd], zeros after each clip's end: what a padded batch holds
+        # [total, H, hd] -> [B, H, L, hd], zeros after each clip's end: what a padded batch holds
+        def pad(x):
             out = x.new_zeros(len(lengths), L, heads, hd)
             out[clip, offset] = x
             return out.transpose(1, 2).contiguous().requires_grad_()
         padded = [pad(t.detach()) for t in packed]
         unpad = lambda o: o.transpose(1, 2)[clip, offset]
-        key_mask = (torch.arange(L, device=dev)[None] < lens[:, None])[:, None, None, :]   # [B, 1, 1, L]
+        # [B, 1, 1, L]
+        key_mask = (torch.arange(L, device=dev)[None] < lens[:, None])[:, None, None, :]
         with torch.no_grad():
             ref = kernels.attention_torch(q.float(), k.float(), v.float(), cu, L)
         spans = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
@@ -275,16 +305,19 @@ def bench_attention(args):
             name = f"sdpa {b.name.lower()}"
             if not ragged:
                 rows.append((name, "sdpa", padded, sdpa(b, None), unpad))
-            elif b == SDPBackend.FLASH_ATTENTION:   # takes no mask: it attends to the padding, a wrong result
+            # takes no mask: it attends to the padding, a wrong result
+            elif b == SDPBackend.FLASH_ATTENTION:
                 rows.append((name + ", padded, NO mask", "wrong", padded, sdpa(b, None), unpad))
             else:
-                rows.append((name + ", padded + key mask", "padded", padded, sdpa(b, key_mask), unpad))
+                rows.append((name + ", padded + key "
+                                    "mask", "padded", padded, sdpa(b, key_mask), unpad))
         if ragged:
             rows.append(("sdpa per-clip loop (auto backend)", "loop", packed, loop, same))
 
         at_peak = f"{flops / args.peak * 1e3:.3f} ms fwd, {3.5 * flops / args.peak * 1e3:.3f} ms fwd+bwd" if args.peak else "n/a"
-        print(f"\n{case}: {len(lengths)} sequences of {min(lengths)}-{L} tokens (mean {total / len(lengths):.0f}), "
-              f"{heads} heads x {hd}, {str(args.dtype)[6:]}; {flops / 1e9:.1f} GFLOP fwd; at peak: {at_peak}")
+        print(f"\n{case}: {len(lengths)} sequences of {min(lengths)}-{L} tokens (mean "
+              f"{total / len(lengths):.0f}), {heads} heads x {hd}, {str(args.dtype)[6:]}; "
+              f"{flops / 1e9:.1f} GFLOP fwd; at peak: {at_peak}")
         out_rows = []
         for name, kind, inputs, fn, unpack in rows:
             row = dict(case=case, row=name, kind=kind)
@@ -321,7 +354,8 @@ def bench_attention(args):
             base = [r for r in out_rows if r["kind"] == base_kind and r.get("fb_ms") and r["note"] == ""]
             if args.cuda and mine.get("fb_ms") and base:
                 best = min(base, key=lambda r: r["fb_ms"])
-                verdicts.append(f"{verdict(best['fb_ms'] / mine['fb_ms'], need, '{:.2f}x')} vs {best['row'].split(',')[0]}")
+                verdicts.append(f"{verdict(best['fb_ms'] / mine['fb_ms'], need, '{:.2f}x')} vs "
+                                f"{best['row'].split(',')[0]}")
         for r in out_rows[1:]:
             if mine.get("fb_ms") and r.get("fb_ms"):
                 r["ours_speedup"] = r["fb_ms"] / mine["fb_ms"]
@@ -346,7 +380,8 @@ def bench_gather(args):
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), args)
     copy_bw = 2 * src.nbytes / t
-    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (copy_ of {src.nbytes / 2**20:.0f} MiB, read + write)")
+    print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (copy_ of {src.nbytes / 2**20:.0f} MiB, read "
+          "+ write)")
     del src, dst
     if not args.triton:
         print(f"   ({SKIP})")
@@ -379,8 +414,9 @@ def bench_gather(args):
                ("kernels.scatter_torch (index_copy)", "", lambda: kernels.scatter_torch(rows, slot, n), s_ref, s_bytes),
                ("zeros, then out[index] = x", "", indexed_scatter, s_ref, s_bytes),
                ("zeros, then scatter_", "", lambda: rows.new_zeros(n, D).scatter_(0, slot[:, None].expand(-1, D), rows), s_ref, s_bytes)]
-        print(f"\nD = {D}: gather moves {g_bytes / 1e6:.1f} MB -> {g_bytes / copy_bw * 1e6:.1f} us at copy bandwidth; "
-              f"scatter {s_bytes / 1e6:.1f} MB -> {s_bytes / copy_bw * 1e6:.1f} us")
+        print(f"\nD = {D}: gather moves {g_bytes / 1e6:.1f} MB -> {g_bytes / copy_bw * 1e6:.1f} us "
+              f"at copy bandwidth; scatter {s_bytes / 1e6:.1f} MB -> {s_bytes / copy_bw * 1e6:.1f} "
+              "us")
         out_rows = []
         for name, kind, fn, ref, nbytes in ops:
             row = dict(D=D, row=name, mb=nbytes / 1e6, note="")
@@ -395,8 +431,10 @@ def bench_gather(args):
                 continue
             row["err"] = (out.float() - ref.float()).abs().max().item()
             row.update(us=t * 1e6, gbs=nbytes / t / 1e9, pct=100 * nbytes / t / copy_bw)
-            if row["err"] > (2**-7 * ref.abs().max().item() if "pos" in name else 0):   # copies are exact; an add may
-                row["note"] = "MISMATCH"                                                 # round one bf16 ulp apart
+            # copies are exact; an add may
+            if row["err"] > (2**-7 * ref.abs().max().item() if "pos" in name else 0):
+                # round one bf16 ulp apart
+                row["note"] = "MISMATCH"
             if args.cuda and kind == "ours":
                 row["target"] = verdict(row["pct"], 100 * TARGETS["gather"], "{:.0f}%")
         table([("row", "row", None), ("mb", "MB", "{:.1f}"), ("us", "us", "{:.1f}"), ("gbs", "GB/s", "{:.0f}"),
@@ -410,24 +448,29 @@ def bench_gather(args):
 # step as in training. MFU counts avjepa.step_flops (attention's backward at 2x, no recompute).
 
 def step_setup(args, model_name, audio, truncate, compiled):
-    """A model as avjepa.train builds it, random inputs already on the device, and fresh masks for every
-    warmup and timed step. Returns (run(masks) -> loss, host masks, device masks, training args, encoder, predictor)."""
+    """A model as avjepa.train builds it, random inputs already on the device, and fresh masks for
+    every warmup and timed step. Returns (run(masks) -> loss, host masks, device masks, training
+    args, encoder, predictor)."""
     B, dev = args.batch_size, args.dev
-    meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],   # a dataset of this shape
+    # a dataset of this shape
+    meta = dict(frames=args.frames, size=args.crop, audio_shape=[128, args.audio_frames],
                 frame_seconds=FRAME_SECONDS, audio_hop_seconds=HOP_SECONDS)
     targs = avjepa.Config(model=model_name, masks=CONFIGS, audio=audio, truncate=truncate).with_data(meta)
     torch.manual_seed(0)
     encoder, predictor, target_encoder = avjepa.build(targs)
     model = avjepa.JEPA(encoder, predictor).to(dev)
     target_encoder.to(dev)
-    loss_fn = torch.compile(avjepa.step_loss, dynamic=True) if compiled else avjepa.step_loss   # as avjepa.train
+    # as avjepa.train
+    loss_fn = torch.compile(avjepa.step_loss, dynamic=True) if compiled else avjepa.step_loss
     opt = avjepa.make_optimizer(model, targs.lr)
-    video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)      # stands for augment_video's output
+    # stands for augment_video's output
+    video = torch.randn(B, 3, args.frames, args.crop, args.crop, device=dev)
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
     host = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
     def run(m):
         return avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs, loss_fn)[0]
-    return run, host, [m.to(dev) for m in host], targs, encoder, predictor   # training prefetches the masks
+    # training prefetches the masks
+    return run, host, [m.to(dev) for m in host], targs, encoder, predictor
 
 
 def time_steps(args, model_name, audio, truncate, path, compiled):
@@ -443,7 +486,8 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         warmup_s = time.perf_counter() - t_compile
-        t0 = time.perf_counter()   # train_step never waits for the device: the synchronize below does
+        # train_step never waits for the device: the synchronize below does
+        t0 = time.perf_counter()
         losses = [run(m) for m in masks[args.warmup_steps:]]
         if args.cuda:
             torch.cuda.synchronize()
@@ -458,9 +502,9 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
 
 
 def bench_step(args):
-    print(f"\n== training step: avjepa.train_step, batch {args.batch_size}, {args.warmup_steps} warmup + {args.steps} "
-          f"timed steps; 'auto' is the path training takes; 'ms at peak' is the step's FLOPs at the bf16 peak; "
-          f"'warmup s' includes compiling")
+    print(f"\n== training step: avjepa.train_step, batch {args.batch_size}, {args.warmup_steps} "
+          f"warmup + {args.steps} timed steps; 'auto' is the path training takes; 'ms at peak' is "
+          "the step's FLOPs at the bf16 peak; 'warmup s' includes compiling")
     results = []
     for model_name in args.models:
         for audio in (True, False):
@@ -489,7 +533,8 @@ def bench_step(args):
 # -----------------------------------------------------------------------------
 # 4. Where the step's time goes: torch.profiler over the timed steps of one AV varlen step row (auto path)
 
-CATEGORIES = [   # (category, substrings of kernel or op names), first match wins; the rest is "other"
+# (category, substrings of kernel or op names), first match wins; the rest is "other"
+CATEGORIES = [
     ("attention", ("attn", "attention", "flash", "fmha", "cudnn")),
     ("gather/scatter", ("_rows_kernel", "index", "gather", "scatter")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
@@ -505,8 +550,9 @@ def category(name):
 
 
 def profile_step(args):
-    """The top kernels (CUDA) or ops (CPU) by self time, and each category's share of the step's wall time;
-    idle is the wall time no kernel ran in (on a CPU: no op's own code ran in, e.g. the Python between)."""
+    """The top kernels (CUDA) or ops (CPU) by self time, and each category's share of the step's
+    wall time; idle is the wall time no kernel ran in (on a CPU: no op's own code ran in, e.g. the
+    Python between)."""
     from torch.profiler import ProfilerActivity, profile
     model_name, compiled = args.models[-1], args.compile
     run, _, masks, *_ = step_setup(args, model_name, True, False, compiled)
@@ -526,8 +572,9 @@ def profile_step(args):
     key = "self_device_time_total" if args.cuda else "self_cpu_time_total"
     # on CUDA only the kernels (device-side events) count, so CPU-side ops are not counted twice
     leaves = [e for e in events if getattr(e, key) > 0 and (not args.cuda or e.device_type.name == "CUDA")]
-    print(f"\n== profile: {model_name} AV varlen, auto path, {'compiled' if compiled else 'eager'}, {args.steps} steps "
-          f"of batch {args.batch_size}, {wall_us / args.steps / 1e3:.1f} ms/step")
+    print(f"\n== profile: {model_name} AV varlen, auto path, "
+          f"{'compiled' if compiled else 'eager'}, {args.steps} steps of batch {args.batch_size}, "
+          f"{wall_us / args.steps / 1e3:.1f} ms/step")
     print(events.table(sort_by=key, row_limit=15))
     shares = {c: 0.0 for c, _ in CATEGORIES}
     shares["other"] = 0.0
@@ -548,7 +595,8 @@ def tune_attention(args):
     row = max(64, 64 * elem // 2)   # kernels._attn_config's key for head dim 64
     tiles = (16, 32) if args.quick else (32, 64, 128)
     launch = [(1, 1)] if kernels.INTERPRET else [(w, st) for w in (4, 8) for st in (2, 3, 4)]
-    cases = [c for c in attention_cases(args) if c[1] == 12 and c[2] == 64 and "AV" in c[0]][:3]   # dense, short, long
+    # dense, short, long
+    cases = [c for c in attention_cases(args) if c[1] == 12 and c[2] == 64 and "AV" in c[0]][:3]
     inputs = []
     for case, heads, hd, lengths in cases:
         heads = 2 if args.quick else heads    # the interpreter runs one program at a time
@@ -556,11 +604,13 @@ def tune_attention(args):
         torch.manual_seed(0)
         qkv = [torch.randn(sum(lengths), heads, hd, device=args.dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
         grad = torch.randn_like(qkv[0])
-        leaves = [t.detach().float().requires_grad_() for t in qkv]   # the fp32 reference, once per case
+        # the fp32 reference, once per case
+        leaves = [t.detach().float().requires_grad_() for t in qkv]
         ref = kernels.attention_torch(*leaves, cu, max(lengths))
         refs = dict(fwd=[ref.detach()], bwd=list(torch.autograd.grad(ref, leaves, grad.float())))
         inputs.append((case, qkv, cu, max(lengths), grad, refs))
-    print(f"\n== tune attention: head dim 64, {str(args.dtype)[6:]} (table row {row}); cases: {', '.join(c[0] for c in cases)}")
+    print(f"\n== tune attention: head dim 64, {str(args.dtype)[6:]} (table row {row}); cases: "
+          f"{', '.join(c[0] for c in cases)}")
     results = []
     for kernel in ("fwd", "dkdv", "dq"):
         rows = []
@@ -587,12 +637,15 @@ def tune_attention(args):
             rows.append(r)
         good = [r for r in rows if r["ms"] is not None]
         if not good:
-            raise SystemExit(f"--tune: no config of the {kernel} kernel works; see the notes: {rows[0]['note']}")
+            raise SystemExit(f"--tune: no config of the {kernel} kernel works; see the notes: "
+                             f"{rows[0]['note']}")
         best = min(good, key=lambda r: r["ms"])
-        kernels.TILE_OVERRIDE[kernel, row] = best["config"]   # the next kernel is tuned with this one in place
+        # the next kernel is tuned with this one in place
+        kernels.TILE_OVERRIDE[kernel, row] = best["config"]
         best["best"] = "<-"
         print(f"\n{kernel} kernel")
-        table([("config", "BLOCK_M, BLOCK_N, warps, stages", None), ("ms", "ms (sum over cases)", "{:.3f}"),
+        table([("config", "BLOCK_M, BLOCK_N, "
+                          "warps, stages", None), ("ms", "ms (sum over cases)", "{:.3f}"),
                ("best", "best", None), ("note", "note", None)], rows)
         results += rows
     print("\nkernels._attn_config, measured winners (paste into its table):")
@@ -608,7 +661,8 @@ def tune_rows(args):
     index, slot = moved_rows(args, B)
     n = len(slot)
     results = []
-    print("\n== tune gather/scatter: (BLOCK_R, BLOCK_D) per row width, time of gather + pos and scatter")
+    print("\n== tune gather/scatter: (BLOCK_R, BLOCK_D) per row width, time of gather + pos and "
+          "scatter")
     for D in (384, 768):
         dt = args.dtype
         x, pos, rows_in = (torch.randn(m, D, device=args.dev, dtype=dt) for m in (B * N, N, n))
@@ -636,14 +690,16 @@ def tune_rows(args):
         table([("config", "BLOCK_R, BLOCK_D", None), ("us", "us (gather + scatter)", "{:.1f}"), ("best", "best", None),
                ("note", "note", None)], rows)
         if not good:
-            raise SystemExit(f"no gather/scatter tile ran correctly at D = {D}: see the notes above")
+            raise SystemExit(f"no gather/scatter tile ran correctly at D = {D}: see the notes "
+                             "above")
         results += rows
     return results
 
 
 def tune(args):
     if not (args.triton or kernels.INTERPRET):
-        raise SystemExit("--tune needs CUDA, or TRITON_INTERPRET=1 with --quick to rehearse it on a CPU")
+        raise SystemExit("--tune needs CUDA, or TRITON_INTERPRET=1 with --quick to rehearse it "
+                         "on a CPU")
     try:
         return dict(attention=tune_attention(args), rows=tune_rows(args))
     finally:

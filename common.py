@@ -1,9 +1,9 @@
 """
-What every avjepa script shares, and none of it is the method: argparse range types and device checks,
-the dataset reader, atomic writes, checkpoints (reading, resuming, V-JEPA's format), processes under
-torchrun, the run lock, run logs and their plot, and stop signals. As nanoGPT
-keeps configurator.py beside train.py, this keeps the plumbing beside avjepa.py, so that the method reads
-without it, and so that prepare.py and probe.py need not import the trainer for it.
+What every avjepa script shares, and none of it is the method: argparse range types and device
+checks, the dataset reader, atomic writes, checkpoints (reading, resuming, V-JEPA's format),
+processes under torchrun, the run lock, run logs and their plot, and stop signals. As nanoGPT
+keeps configurator.py beside train.py, this keeps the plumbing beside avjepa.py, so that the method
+reads without it, and so that prepare.py and probe.py need not import the trainer for it.
 """
 import argparse
 import errno
@@ -41,14 +41,16 @@ GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 3
 
 
 def number(kind, low=-math.inf, high=math.inf, above=None):
-    """An argparse type: a `kind` (int or float) in [low, high], or greater than `above`. A value out of
-    range is an argparse error that names the flag and the range (exit 2), never a traceback later on."""
+    """An argparse type: a `kind` (int or float) in [low, high], or greater than `above`. A value
+    out of range is an argparse error that names the flag and the range (exit 2), never a traceback
+    later on."""
     rule = f"> {above}" if above is not None else f"in [{low}, {high}]" if high < math.inf else f">= {low}"
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not "
+                                             f"{'an integer' if kind is int else 'a number'}")
         if not (x > above if above is not None else low <= x <= high):   # NaN fails both
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {rule}")
         return x
@@ -77,7 +79,8 @@ def check_device(p, device):
 # Data: prepare.py's flat memmaps, video uint8 [N, T, H, W, 3], log-mel float16 [N, 128, Ta]
 
 def load_split(root, split):
-    """Memmaps of one split of a prepare.py dataset, plus its meta.json; a clear exit if it is not one."""
+    """Memmaps of one split of a prepare.py dataset, plus its meta.json; a clear exit if it is not
+    one."""
     root = Path(root)
     if not (root / "meta.json").exists():
         raise SystemExit(f"no dataset at {root}: run `python prepare.py` (synthetic default) "
@@ -88,14 +91,15 @@ def load_split(root, split):
         T, H, W, C = meta["video_shape"]
         if (T, H, W, C) != (meta["frames"], meta["size"], meta["size"], 3) or meta["audio_shape"][0] != 128:
             raise ValueError(f"meta.json's video_shape {meta['video_shape']} and audio_shape "
-                             f"{meta['audio_shape']} do not match its frames {meta['frames']} and size "
-                             f"{meta['size']} (expected [{meta['frames']}, {meta['size']}, {meta['size']}, 3] "
-                             f"and [128, time])")
+                             f"{meta['audio_shape']} do not match its frames {meta['frames']} and "
+                             f"size {meta['size']} (expected [{meta['frames']}, {meta['size']}, "
+                             f"{meta['size']}, 3] and [128, time])")
         def mm(name, dtype, shape=()):
             path = root / f"{split}_{name}.bin"
             if path.stat().st_size != n * math.prod(shape) * np.dtype(dtype).itemsize:
-                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not the {n} clips of "
-                                 f"{shape} {np.dtype(dtype).name} that meta.json describes")
+                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not the {n} "
+                                 f"clips of {shape} {np.dtype(dtype).name} that meta.json "
+                                 "describes")
             if not n:
                 return np.zeros((0, *shape), dtype)
             return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))
@@ -103,20 +107,23 @@ def load_split(root, split):
             value = meta[key]
             finite = isinstance(value, (int, float)) and math.isfinite(value)
             if not finite or key == "audio_std" and value <= 0:
-                raise ValueError(f"meta.json's {key} is {value}, not a finite number (and audio_std above 0)")
+                raise ValueError(f"meta.json's {key} is {value}, not a finite number (and "
+                                 "audio_std above 0)")
         label = mm("label", np.int64)
         classes = len(meta.get("classes") or [])
         bad = np.flatnonzero((label < -1) | (label >= classes)) if classes and n else []
         if len(bad):
-            raise ValueError(f"{split} clip {bad[0]} has label {label[bad[0]]}, outside the {classes} classes "
-                             f"of meta.json (0 to {classes - 1}, or -1 for none); {len(bad)} such clips")
+            raise ValueError(f"{split} clip {bad[0]} has label {label[bad[0]]}, outside the "
+                             f"{classes} classes of meta.json (0 to {classes - 1}, or -1 for "
+                             f"none); {len(bad)} such clips")
         return dict(meta=meta, n=n, video=mm("video", np.uint8, meta["video_shape"]),
                     audio=mm("audio", np.float16, meta["audio_shape"]), label=label,
                     has_audio=mm("has_audio", np.uint8))
     except (OSError, ValueError, KeyError) as e:   # a missing file, a short array, a missing key
         why = f"{root / 'meta.json'} has no {e}" if isinstance(e, KeyError) else str(e)
-        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. "
-                         f"Rerun `python prepare.py` for it (it writes the arrays and meta.json together)")
+        raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. Rerun "
+                         "`python prepare.py` for it (it writes the arrays and meta.json "
+                         "together)")
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -152,7 +159,8 @@ def augment_video(video, size, theta=None):
 
 
 def normalize_audio(audio, meta):
-    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as AudioMAE/CAV-MAE."""
+    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as
+    AudioMAE/CAV-MAE."""
     return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
 
 def batch_indices(n, batch_size, step, seed, rank=0, world=1):
@@ -166,8 +174,9 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
 
 
 def to_device(x, device):
-    """x on the device, without waiting: a host tensor bound for a GPU goes through page-locked memory, from
-    which the copy runs in the background (non_blocking). Copies to the host wait, so they can be read."""
+    """x on the device, without waiting: a host tensor bound for a GPU goes through page-locked
+    memory, from which the copy runs in the background (non_blocking). Copies to the host wait, so
+    they can be read."""
     device = torch.device(device)
     if x.device.type == "cpu" and device.type == "cuda":
         x = x.pin_memory()
@@ -175,7 +184,8 @@ def to_device(x, device):
 
 
 def get_batch(data, idx, device):
-    """Clips idx of a split, in that order, as tensors on the device (video still uint8; augmented there)."""
+    """Clips idx of a split, in that order, as tensors on the device (video still uint8; augmented
+    there)."""
     def t(a):
         return to_device(torch.from_numpy(np.ascontiguousarray(a[idx])), device)
     return dict(video=t(data["video"]), audio=t(data["audio"]), label=t(data["label"]),
@@ -183,7 +193,8 @@ def get_batch(data, idx, device):
 
 
 def prefetch(make, steps, depth=2):
-    """Yield make(step) for each step, built ahead in a background thread (reads overlap compute)."""
+    """Yield make(step) for each step, built ahead in a background thread (reads overlap
+    compute)."""
     q = queue.Queue(depth)
     def worker():
         try:
@@ -217,15 +228,16 @@ def setup_process(device_flag, deterministic=False):
 
 
 def ddp(model, device):
-    """The model as torchrun's processes train it (DistributedDataParallel: gradients averaged across
-    processes in backward), or itself in a single process."""
+    """The model as torchrun's processes train it (DistributedDataParallel: gradients averaged
+    across processes in backward), or itself in a single process."""
     if not torch.distributed.is_initialized():
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def peak_flops(device):
-    """The device's dense bf16 peak (GPU_PEAK_FLOPS), None where unknown (CPUs): the MFU's denominator."""
+    """The device's dense bf16 peak (GPU_PEAK_FLOPS), None where unknown (CPUs): the MFU's
+    denominator."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
 
@@ -244,8 +256,9 @@ def process_alive(pid):
 
 
 def remove_stale(pattern):
-    """Remove the temporaries '<anything>.tmp-<pid>' matching a glob pattern whose process is gone: a process
-    killed outright (kill -9, power loss) never reaches its cleanup. Those of live processes stay."""
+    """Remove the temporaries '<anything>.tmp-<pid>' matching a glob pattern whose process is gone:
+    a process killed outright (kill -9, power loss) never reaches its cleanup. Those of live
+    processes stay."""
     for stale in glob.glob(pattern):
         pid = stale.rsplit(".tmp-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
@@ -257,15 +270,17 @@ def disk_full(e):
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e) or "unexpected pos" in str(e):   # torch.save's own words for it
+        # torch.save's own words for it
+        if "No space left on device" in str(e) or "unexpected pos" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
 
 
 def no_space(path, needed=None, survives=""):
-    """The message for a disk that filled up while writing `path`: what, where, how much, what survives
-    (a string, or a function that says it, so that nothing is read for it unless the disk is full)."""
+    """The message for a disk that filled up while writing `path`: what, where, how much, what
+    survives (a string, or a function that says it, so that nothing is read for it unless the disk
+    is full)."""
     survives = survives() if callable(survives) else survives
     free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
     need = f"about {needed / 1e6:.0f} MB needed, " if needed else ""
@@ -274,7 +289,8 @@ def no_space(path, needed=None, survives=""):
 
 
 def check_space(path, needed, survives=""):
-    """Fail early, before a large write of about `needed` bytes into `path`'s folder, if it cannot fit."""
+    """Fail early, before a large write of about `needed` bytes into `path`'s folder, if it cannot
+    fit."""
     folder = Path(path).parent
     while not folder.exists():
         folder = folder.parent
@@ -283,9 +299,10 @@ def check_space(path, needed, survives=""):
 
 
 def write_atomic(path, write, needed=None, survives=""):
-    """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under the real
-    name. A full disk ends the process with one line naming the path (and the bytes needed, if known) and
-    what survives, the temporary removed; `needed` also checks the free space first."""
+    """write(tmp) then rename: a crash never leaves half a file (checkpoint, result, picture) under
+    the real name. A full disk ends the process with one line naming the path (and the bytes needed,
+    if known) and what survives, the temporary removed; `needed` also checks the free space
+    first."""
     remove_stale(f"{glob.escape(str(path))}.tmp-*")
     if needed:
         check_space(path, needed, survives)
@@ -303,23 +320,28 @@ def write_atomic(path, write, needed=None, survives=""):
 
 
 def read_checkpoint(path, digest=False):
-    """A checkpoint's contents, read as tensors and plain values only (weights_only: no code runs on load).
-    digest=True: also the SHA-256 of the very bytes the weights came from, a key that a save landing at
-    the same moment cannot make wrong. Returns the contents, or (contents, digest)."""
+    """A checkpoint's contents, read as tensors and plain values only (weights_only: no code runs on
+    load). digest=True: also the SHA-256 of the very bytes the weights came from, a key that a save
+    landing at the same moment cannot make wrong. Returns the contents, or (contents, digest)."""
     if not Path(path).is_file():
-        raise SystemExit(f"no checkpoint at {path}: pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar")
+        raise SystemExit(f"no checkpoint at {path}: pass a run's ckpt.pt (out/<name>/ckpt.pt) or "
+                         "a V-JEPA .pth.tar")
     try:
         if digest:
-            raw = Path(path).read_bytes()   # one read: the weights and the key come from the same bytes
+            # one read: the weights and the key come from the same bytes
+            raw = Path(path).read_bytes()
             return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), hashlib.sha256(raw).hexdigest()
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # zip, EOF, decode and key errors: whatever a file that is not a checkpoint raises
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):   # a class, not a tensor
-            raise SystemExit(f"{path} holds Python objects besides tensors and plain values, and avjepa loads "
-                             f"only those (a checkpoint must not run code when read): save its state dicts "
-                             f"alone with torch.save") from None
-        raise SystemExit(f"{path} is not a checkpoint: it is not a file written by torch.save, or it was cut "
-                         f"short. Pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA .pth.tar") from None
+    # zip, EOF, decode and key errors: whatever a file that is not a checkpoint raises
+    except Exception as e:
+        # a class, not a tensor
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise SystemExit(f"{path} holds Python objects besides tensors and plain values, and "
+                             "avjepa loads only those (a checkpoint must not run code when read): "
+                             "save its state dicts alone with torch.save") from None
+        raise SystemExit(f"{path} is not a checkpoint: it is not a file written by torch.save, or "
+                         "it was cut short. Pass a run's ckpt.pt (out/<name>/ckpt.pt) or a V-JEPA "
+                         ".pth.tar") from None
 
 
 def check_resume(path, step, old, new, may_change=(), ignore=()):
@@ -331,19 +353,20 @@ def check_resume(path, step, old, new, may_change=(), ignore=()):
     changed = [f"{flag(k)} {old.get(k)}, not {v}" for k, v in new.items()
                if old.get(k) != v and k not in may_change + ignore]
     if changed:
-        raise SystemExit(f"{path} was trained with other settings: {'; '.join(changed)}. Resume with the "
-                         f"flags it was trained with, or start a new --name")
+        raise SystemExit(f"{path} was trained with other settings: {'; '.join(changed)}. Resume "
+                         "with the flags it was trained with, or start a new --name")
     moved = [f"{flag(k)} {old[k]} -> {new[k]}" for k in may_change if k in old and old[k] != new[k]]
     print(f"resuming {path} at step {step}" + (f", with {', '.join(moved)}" if moved else ""))
 
 
 def save_checkpoint(path, modules, opt, step, config):
-    """modules (name -> nn.Module) by their state dicts, the optimizer, step, the run's config (a dict)
-    and the RNG."""
+    """modules (name -> nn.Module) by their state dicts, the optimizer, step, the run's config (a
+    dict) and the RNG."""
     ckpt = {name: m.state_dict() for name, m in modules.items()}
     ckpt.update(opt=opt.state_dict(), step=step, config=config, rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
-    survives = lambda: checkpoint_survives(path, "previous ")   # noqa: E731 (read only on a full disk)
+    # noqa: E731 (read only on a full disk)
+    survives = lambda: checkpoint_survives(path, "previous ")
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
 
 
@@ -368,9 +391,9 @@ def tensors(obj):
 
 
 def resume_or_init(cfg, ckpt_path, modules, opt, config_of):
-    """The step to start from: a --resume'd run's, after loading its modules, optimizer and RNG; else 0,
-    after --init's encoder weights if given (the target encoder starts as the encoder). Never overwrites a
-    run by accident. config_of(checkpoint): the config it was trained with."""
+    """The step to start from: a --resume'd run's, after loading its modules, optimizer and RNG;
+    else 0, after --init's encoder weights if given (the target encoder starts as the encoder).
+    Never overwrites a run by accident. config_of(checkpoint): the config it was trained with."""
     if cfg.resume:
         ck = read_checkpoint(ckpt_path)
         check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.MAY_CHANGE, cfg.WHERE)
@@ -382,7 +405,8 @@ def resume_or_init(cfg, ckpt_path, modules, opt, config_of):
         torch.set_rng_state(ck["rng"]["torch"])
         return ck["step"]
     if ckpt_path.exists():
-        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick another --name")
+        raise SystemExit(f"{ckpt_path} already exists: add --resume to continue that run, or pick "
+                         "another --name")
     if cfg.init:
         init_from(modules["encoder"], cfg.init)
         modules["target_encoder"].load_state_dict(modules["encoder"].state_dict())
@@ -395,41 +419,45 @@ def init_from(encoder, path):
     own = encoder.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but {list(own[k].shape)} "
-                             f"here (width {encoder.width}); pick the --model and --crop it was trained with")
+            raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but "
+                             f"{list(own[k].shape)} here (width {encoder.width}); pick the --model "
+                             "and --crop it was trained with")
     missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
     if missing:
-        raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. {missing[0]}): "
-                         f"it was trained with a different --model")
+        raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. "
+                         f"{missing[0]}): it was trained with a different --model")
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
 def stop_non_finite(step, ckpt_path, data=None, idx=None):
-    """Stop on a non-finite loss, saying whether the inputs of that step's batch (clips `idx` of `data`)
-    were finite: bad data is not the optimiser's fault."""
+    """Stop on a non-finite loss, saying whether the inputs of that step's batch (clips `idx` of
+    `data`) were finite: bad data is not the optimiser's fault."""
     kept = "no checkpoint was written yet"
     if ckpt_path.exists():
         kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})"
     if data is not None and idx is not None:
         bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i], np.float32)).all()]
         if bad:
-            raise SystemExit(f"loss became non-finite at step {step} because its inputs were not: train clips "
-                             f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} hold NaN or Inf in "
-                             f"their audio. The dataset is damaged: rerun prepare.py for it; {kept}")
+            raise SystemExit(f"loss became non-finite at step {step} because its inputs were not: "
+                             "train clips "
+                             f"{', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''} "
+                             "hold NaN or Inf in their audio. The dataset is damaged: rerun "
+                             f"prepare.py for it; {kept}")
         kept = f"the batch's inputs were finite; {kept}"
     raise SystemExit(f"loss became non-finite at step {step}; stopping, {kept}. "
                      f"Try a lower --lr or a higher --ema start.")
 
 
 def encoder_weights(ckpt, path):
-    """The EMA target encoder's state dict from our checkpoints or V-JEPA's (.pth.tar: 'target_encoder'
-    or 'encoder', under 'module.' and 'backbone.' prefixes), prefixes stripped."""
+    """The EMA target encoder's state dict from our checkpoints or V-JEPA's (.pth.tar:
+    'target_encoder' or 'encoder', under 'module.' and 'backbone.' prefixes), prefixes stripped."""
     for key in ("target_encoder", "encoder"):
         if isinstance(ckpt, dict) and key in ckpt:
             sd = ckpt[key]
             break
     else:
-        raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA checkpoint")
+        raise SystemExit(f"{path} holds no 'target_encoder' or 'encoder': not an avjepa or V-JEPA "
+                         "checkpoint")
     return {k.replace("module.", "").replace("backbone.", ""): v for k, v in sd.items()}
 
 
@@ -439,9 +467,9 @@ def encoder_weights(ckpt, path):
 
 @torch.no_grad()
 def rankme(x):
-    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D]. About
-    how many directions the features use: up to min(n, D) when healthy, towards 1 as they collapse.
-    Costs an SVD and a host sync, so it runs on log steps only."""
+    """RankMe (Garrido et al.): exp of the entropy of the normalised singular values of x [n, D].
+    About how many directions the features use: up to min(n, D) when healthy, towards 1 as they
+    collapse. Costs an SVD and a host sync, so it runs on log steps only."""
     if len(x) < 2:
         return math.nan
     s = torch.linalg.svdvals(x.float())
@@ -450,9 +478,10 @@ def rankme(x):
 
 
 def collapse_monitor(target_feats, nv, heard, rows=4096):
-    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio tokens of
-    the clips with sound (heard [B] bool); nan for an absent modality. At most `rows` evenly spaced
-    tokens each: the SVD of a 50k x 768 matrix would cost more than the step it watches."""
+    """RankMe of the target features [B, N, D] per modality: video tokens of every clip, audio
+    tokens of the clips with sound (heard [B] bool); nan for an absent modality. At most `rows`
+    evenly spaced tokens each: the SVD of a 50k x 768 matrix would cost more than the step it
+    watches."""
     D = target_feats.shape[-1]
     def sample(x):
         return x[::max(1, len(x) // rows)][:rows]
@@ -462,33 +491,35 @@ def collapse_monitor(target_feats, nv, heard, rows=4096):
 
 
 def summary_line(args, last, width, run_dir, end):
-    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its files."""
+    """What a finished (or stopped) run prints: its last logged losses and ranks, speed, its
+    files."""
     audio_loss = f", audio {last['loss_audio']:.4f}" if args.audio else ""
     audio_rank = f", audio {last['rank_audio']:.0f}" if args.audio else ""
     stopped = f" (stopped of {args.steps}: --resume continues)" if end < args.steps else ""
     return (f"trained {args.name} to step {end}{stopped}: loss {last['loss']:.4f} (video "
-            f"{last['loss_video']:.4f}{audio_loss}), RankMe video {last['rank_video']:.0f}{audio_rank} of "
-            f"{width}, {last['clips_per_s']:.1f} clips/s; checkpoint {run_dir / 'ckpt.pt'}, curves "
-            f"{run_dir / 'training.png'}, masks {run_dir / 'masks.png'}")
+            f"{last['loss_video']:.4f}{audio_loss}), RankMe video "
+            f"{last['rank_video']:.0f}{audio_rank} of {width}, {last['clips_per_s']:.1f} clips/s; "
+            f"checkpoint {run_dir / 'ckpt.pt'}, curves {run_dir / 'training.png'}, masks "
+            f"{run_dir / 'masks.png'}")
 
 
 HELD_LOCKS = {}   # run folder -> the lock file this process holds on it
 
 
 def lock_run(run_dir):
-    """One process per run folder (made if new). An exclusive flock on <run>/lock, which holds the owner's pid:
-    the kernel drops it when that process ends, however it ends, so a lock left by a dead run is simply taken
-    over. Held until unlock_run or the process's end; a process that already holds it (train() called again)
-    keeps it."""
+    """One process per run folder (made if new). An exclusive flock on <run>/lock, which holds the
+    owner's pid: the kernel drops it when that process ends, however it ends, so a lock left by a
+    dead run is simply taken over. Held until unlock_run or the process's end; a process that
+    already holds it (train() called again) keeps it."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     take_lock(Path(run_dir).resolve(), Path(run_dir) / "lock",
-              lambda owner: f"{run_dir} is in use by another run (pid {owner}): wait for it to end, or pick "
-                            f"another --name")
+              lambda owner: f"{run_dir} is in use by another run (pid {owner}): wait for it to "
+                            "end, or pick another --name")
 
 
 def take_lock(key, lock_file, busy):
-    """An exclusive flock on lock_file, held under `key` in HELD_LOCKS; busy(owner) is the exit message when
-    another process holds it. The file holds the owner's pid."""
+    """An exclusive flock on lock_file, held under `key` in HELD_LOCKS; busy(owner) is the exit
+    message when another process holds it. The file holds the owner's pid."""
     if str(key) in HELD_LOCKS:
         return
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -517,8 +548,9 @@ def end_run(run_dir):
 
 
 def start_log(log_path, step):
-    """The run's log.jsonl from `step` on: a resumed run keeps the lines before its checkpoint's step (so the
-    steps only increase), a new run starts an empty log. Returns (the open log, its last kept record)."""
+    """The run's log.jsonl from `step` on: a resumed run keeps the lines before its checkpoint's
+    step (so the steps only increase), a new run starts an empty log. Returns (the open log, its
+    last kept record)."""
     kept = []
     if step and log_path.exists():
         for line in log_path.read_text().splitlines():
@@ -533,7 +565,8 @@ def start_log(log_path, step):
 
 
 def write_log_line(log, rec):
-    """One JSON line; a modality with no targets this step has no loss (nan): written as null, so it stays JSON."""
+    """One JSON line; a modality with no targets this step has no loss (nan): written as null, so it
+    stays JSON."""
     rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
     try:
         log.write(json.dumps(rec) + "\n")
@@ -560,9 +593,9 @@ def save_figure(fig, png_path):
 
 
 def plot_log(log_path, png_path):
-    """training.png: loss per modality, RankMe of the targets per modality, and the lr and EMA schedules
-    against steps, to see at a glance whether a run learns (loss down, rank holding) or collapses (rank
-    falling towards 1)."""
+    """training.png: loss per modality, RankMe of the targets per modality, and the lr and EMA
+    schedules against steps, to see at a glance whether a run learns (loss down, rank holding) or
+    collapses (rank falling towards 1)."""
     plt = pyplot()
     recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in recs]
@@ -570,7 +603,8 @@ def plot_log(log_path, png_path):
         pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), label=label, **kw)
-    fig, (loss, rank, sched) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")   # room for the labels
+    # room for the labels
+    fig, (loss, rank, sched) = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     curve(loss, "loss", "total (with the regulariser)", color="0.4", lw=1)
     curve(loss, "loss_video", "video", color="C0")
     curve(loss, "loss_audio", "audio", color="C1")
@@ -584,7 +618,8 @@ def plot_log(log_path, png_path):
     curve(ema, "ema", "EMA momentum", color="C3")
     ema.set_ylabel("EMA momentum")
     sched.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))   # 6e-4, not 0.0006
-    sched.legend(handles=sched.lines + ema.lines, loc="lower center")   # where the two curves are not
+    # where the two curves are not
+    sched.legend(handles=sched.lines + ema.lines, loc="lower center")
     for ax in (loss, rank):
         ax.legend()
     for ax in (loss, rank, sched):
@@ -594,10 +629,10 @@ def plot_log(log_path, png_path):
 
 
 def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
-    """masks.png: one row per mask config, of the split's first clip: its frames (the first of each tubelet)
-    and, with audio, its log-mel spectrogram. The targets, which the predictor must fill in, are painted in
-    the config's colour; the context, what the encoder sees, is left clear. targets {config: (colour, bool
-    [Nv + Na])}."""
+    """masks.png: one row per mask config, of the split's first clip: its frames (the first of each
+    tubelet) and, with audio, its log-mel spectrogram. The targets, which the predictor must fill
+    in, are painted in the config's colour; the context, what the encoder sees, is left clear.
+    targets {config: (colour, bool [Nv + Na])}."""
     frames = np.asarray(data["video"][0])                                  # uint8 [T, H, W, 3]
     mel = np.asarray(data["audio"][0], np.float32) if audio else None      # [128, Ta]
     plt = pyplot()
@@ -628,13 +663,15 @@ def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
             paint[hidden_a] = (*colour, 0.6)
             ax.imshow(paint, origin="lower", aspect="auto", extent=(-0.5, Ca * PATCH - 0.5, -0.5, Fa * PATCH - 0.5))
             ax.set(xticks=[], yticks=[], title="" if i else "log-mel spectrogram")
-    fig.suptitle("what the encoder sees (clear) and the targets the predictor fills in (coloured), per mask config")
+    fig.suptitle("what the encoder sees (clear) and the targets the predictor fills in "
+                 "(coloured), per mask config")
     save_figure(fig, png_path)
 
 
 def catch_stop_signals():
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second one ends the
-    process at once. Returns the list the handler appends the signal to, and a function that restores."""
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second one ends
+    the process at once. Returns the list the handler appends the signal to, and a function that
+    restores."""
     caught, before = [], {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     def handler(signum, frame):
         caught.append(signum)
@@ -645,8 +682,9 @@ def catch_stop_signals():
 
 
 def stop_requested(caught, log_step, world, device):
-    """Whether to stop after this step. Alone, as soon as a signal came. Under torchrun every rank must stop
-    at the same step, so they agree by an all-reduce on log steps only (no collective on the others)."""
+    """Whether to stop after this step. Alone, as soon as a signal came. Under torchrun every rank
+    must stop at the same step, so they agree by an all-reduce on log steps only (no collective on
+    the others)."""
     if world == 1:
         return bool(caught)
     if not log_step:
@@ -657,11 +695,12 @@ def stop_requested(caught, log_step, world, device):
 
 
 class Run:
-    """A training run's bookkeeping, kept out of the loop: its folder (one process at a time), where it
-    starts (its checkpoint when resumed, else --init's weights or the init), the bar and log.jsonl
-    (written by the main process), the speed, the stop signals, the non-finite loss check, its
-    checkpoints, and at the end the curves, the summary line and the exit code. nets: (encoder,
-    predictor, target encoder); config_of(checkpoint): the config it was trained with, for --resume."""
+    """A training run's bookkeeping, kept out of the loop: its folder (one process at a time), where
+    it starts (its checkpoint when resumed, else --init's weights or the init), the bar and
+    log.jsonl (written by the main process), the speed, the stop signals, the non-finite loss check,
+    its checkpoints, and at the end the curves, the summary line and the exit code. nets: (encoder,
+    predictor, target encoder); config_of(checkpoint): the config it was trained with, for
+    --resume."""
     def __init__(self, cfg, nets, opt, device, rank, world, data, config_of):
         modules = dict(zip(("encoder", "predictor", "target_encoder"), nets))
         self.cfg, self.modules, self.opt, self.world, self.device = cfg, modules, opt, world, device
@@ -674,7 +713,8 @@ class Run:
         self.bar = tqdm(total=cfg.steps, initial=self.start, disable=not self.master, desc=cfg.name,
                         dynamic_ncols=True)
         self.caught, self.restore_signals = catch_stop_signals()
-        self.first_bad = torch.tensor(-1, device=device)   # the first step whose loss was not finite
+        # the first step whose loss was not finite
+        self.first_bad = torch.tensor(-1, device=device)
         self.t0, self.clips, self.peak = time.time(), 0, peak_flops(device)
 
     def step(self, s, loss):
@@ -690,7 +730,8 @@ class Run:
         if (log or save or stop) and self.first_bad.item() >= 0:
             bad = self.first_bad.item()
             idx = batch_indices(self.data["n"], cfg.batch_size, bad, cfg.seed, self.rank, self.world)
-            stop_non_finite(bad, self.ckpt_path, self.data, idx)   # the clips of that step, read again
+            # the clips of that step, read again
+            stop_non_finite(bad, self.ckpt_path, self.data, idx)
         if save and not stop:
             self.save(s + 1)
         return log, stop
@@ -709,7 +750,8 @@ class Run:
         if self.master:
             save_checkpoint(self.ckpt_path, self.modules, self.opt, step, asdict(self.cfg))
 
-    def close(self):   # also when an error ends the loop: the caller's own Ctrl-C handling comes back
+    # also when an error ends the loop: the caller's own Ctrl-C handling comes back
+    def close(self):
         self.restore_signals()
         self.bar.close()
 

@@ -17,9 +17,10 @@ Each has a plain PyTorch reference (`*_torch`), which is the specification, and 
 the Triton kernel (CUDA) that must equal it. Under TRITON_INTERPRET=1 the kernels also run on
 the CPU (slowly), which is how the tests check them on a machine without a GPU.
 
-torch.compile sees each Triton kernel as one operator: they are registered as custom ops (torch.library),
-each with a fake version that only says the output's shape (what tracing needs) and its backward beside
-it. The references are plain torch that it traces into. So a compiled step has no graph break at them.
+torch.compile sees each Triton kernel as one operator: they are registered as custom ops
+(torch.library), each with a fake version that only says the output's shape (what tracing needs) and
+its backward beside it. The references are plain torch that it traces into. So a compiled step has
+no graph break at them.
 """
 import math
 import os
@@ -34,7 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton (e.g. macOS): the references still work, the kernels are never launched
+# no Triton (e.g. macOS): the references still work, the kernels are never launched
+except ImportError:
     class _NoTriton:
         jit = staticmethod(lambda fn: fn)
         constexpr = None
@@ -77,8 +79,8 @@ def _unit_stride(x):
 # Packed sequences: the rows of several segments (clips, or one sense of a clip) in one flat tensor
 
 def segment_ids(cu_seqlens, total):
-    """The segment of each packed row: cu_seqlens [0, 3, 5] -> [0, 0, 0, 1, 1]. total = cu_seqlens[-1],
-    passed in because reading it from the device would wait for the device."""
+    """The segment of each packed row: cu_seqlens [0, 3, 5] -> [0, 0, 0, 1, 1]. total =
+    cu_seqlens[-1], passed in because reading it from the device would wait for the device."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
 
@@ -91,7 +93,8 @@ class Packed(NamedTuple):
     max_len: int          # the longest segment, a Python int: nobody has to ask the device
 
     def to(self, device):
-        """On the device without waiting: a host tensor bound for a GPU goes through page-locked memory."""
+        """On the device without waiting: a host tensor bound for a GPU goes through page-locked
+        memory."""
         pin = torch.device(device).type == "cuda" and self.index.device.type == "cpu"
         index, cu = (x.pin_memory() if pin else x for x in (self.index, self.cu))
         return Packed(index.to(device, non_blocking=pin), cu.to(device, non_blocking=pin), self.max_len)
@@ -130,7 +133,8 @@ def attention_torch(q, k, v, cu_seqlens, max_seqlen=None):
     # row r of the packed tensor sits at (clip, offset) in the padded one
     clip = segment_ids(cu_seqlens, total)                              # [total]
     offset = torch.arange(total, device=q.device) - cu_seqlens[:-1].long()[clip]
-    def pad(x):                                                        # [total, H, hd] -> [B, H, L, hd]
+    # [total, H, hd] -> [B, H, L, hd]
+    def pad(x):
         out = x.new_zeros(B, L, H, hd)
         out[clip, offset] = x
         return out.transpose(1, 2)
@@ -176,8 +180,8 @@ def _attn_config(hd_pad, kernel, elem_bytes=2):
 
 @triton.jit
 def _clip_head(cu_seqlens, H):
-    """The (clip, head) that program axis 1 owns: its head, its first packed row (int64: row * stride can
-    pass 2^31) and its length."""
+    """The (clip, head) that program axis 1 owns: its head, its first packed row (int64: row *
+    stride can pass 2^31) and its length."""
     pid_bh = tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     start = tl.load(cu_seqlens + b)
@@ -186,13 +190,15 @@ def _clip_head(cu_seqlens, H):
 
 @triton.jit
 def _tile(P, rows, stride, offs_d, mask):
-    """Rows `rows` of one head's [L, hd] slice at P, as a [len(rows), HD_PAD] tile: zeros where mask is False."""
+    """Rows `rows` of one head's [L, hd] slice at P, as a [len(rows), HD_PAD] tile: zeros where mask
+    is False."""
     return tl.load(P + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def _scores(q, K, V, n, L, offs_d, d_mask, skt, svt, qk_scale):
-    """Key rows n of the clip, their values, and the scores of queries q against them: q k^T in log2 units,
+    """Key rows n of the clip, their values, and the scores of queries q against them: q k^T in log2
+    units,
     -inf for rows past the clip's end."""
     kv_mask = (n < L)[:, None] & d_mask[None, :]
     k, v = _tile(K, n, skt, offs_d, kv_mask), _tile(V, n, svt, offs_d, kv_mask)
@@ -207,7 +213,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
     h, row0, L = _clip_head(cu_seqlens, H)
     if pid_m * BLOCK_M >= L:  # the grid is sized for the longest clip
         return
-    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
+    # this clip and head
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh
     O += row0 * sot + h * soh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -219,8 +226,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HD_PAD], tl.float32)
     for start_n in range(0, L, BLOCK_N):
-        k, v, s = _scores(q, K, V, start_n + offs_n, L, offs_d, d_mask, skt, svt, qk_scale)   # s [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, 1))                          # finite: every tile has a real key
+        # s [BLOCK_M, BLOCK_N]
+        k, v, s = _scores(q, K, V, start_n + offs_n, L, offs_d, d_mask, skt, svt, qk_scale)
+        # finite: every tile has a real key
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)                                   # 0 on the first tile
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -256,7 +265,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale,
     h, row0, L = _clip_head(cu_seqlens, H)
     if pid_n * BLOCK_N >= L:
         return
-    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
+    # this clip and head
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh
     DO, DK, DV = DO + row0 * sdt + h * sdh, DK + row0 * sgt + h * sgh, DV + row0 * sgt + h * sgh
     LSE, DELTA = LSE + h * total + row0, DELTA + h * total + row0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -297,7 +307,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_sc
     h, row0, L = _clip_head(cu_seqlens, H)
     if pid_m * BLOCK_M >= L:
         return
-    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh   # this clip and head
+    # this clip and head
+    Q, K, V = Q + row0 * sqt + h * sqh, K + row0 * skt + h * skh, V + row0 * svt + h * svh
     DO, DQ = DO + row0 * sdt + h * sdh, DQ + row0 * sgt + h * sgh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -326,14 +337,16 @@ def _rows_heads(x):
 
 
 def _attn_scales(hd):
-    """(padded head dim, softmax scale, the same times log2(e)): one place, so that the backward recomputes
-    exactly the scores whose log-sum-exp the forward stored."""
+    """(padded head dim, softmax scale, the same times log2(e)): one place, so that the backward
+    recomputes exactly the scores whose log-sum-exp the forward stored."""
     sm_scale = 1.0 / math.sqrt(hd)
-    return max(16, triton.next_power_of_2(hd)), sm_scale, sm_scale * 1.4426950408889634   # scores in base 2
+    # scores in base 2
+    return max(16, triton.next_power_of_2(hd)), sm_scale, sm_scale * 1.4426950408889634
 
 
 def _attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen):
-    """(out [total, H, hd], lse [H, total] fp32, the log2-sum-exp of each row's scores, for the backward)."""
+    """(out [total, H, hd], lse [H, total] fp32, the log2-sum-exp of each row's scores, for the
+    backward)."""
     assert q.shape == k.shape == v.shape and q.dim() == 3, "q, k, v: [total, H, hd] each"
     assert q.dtype == k.dtype == v.dtype, "q, k, v: one dtype (tl.dot takes matching operands)"
     assert q.shape[2] <= 256, "head dims up to 256"
@@ -383,8 +396,9 @@ _DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBa
 
 
 def attention_dense(q, k, v, n_clips):
-    """attention() when all n_clips packed clips have one length L: [total, H, hd] is [n_clips, L, H, hd],
-    so plain SDPA does it without padding or masks; on CUDA cuDNN's kernel first, then torch's order."""
+    """attention() when all n_clips packed clips have one length L: [total, H, hd] is [n_clips, L,
+    H, hd], so plain SDPA does it without padding or masks; on CUDA cuDNN's kernel first, then
+    torch's order."""
     def clips(x):
         return x.unflatten(0, (n_clips, -1)).transpose(1, 2)              # [B, H, L, hd], a view
     with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
@@ -432,7 +446,8 @@ _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 def attention(q, k, v, cu_seqlens, max_seqlen=None):
     """Non-causal softmax(q k^T / sqrt(hd)) v within each packed clip. max_seqlen must be at least
     the longest clip (it sizes the kernel grid); None computes it, at the cost of a device sync.
-    The Triton path is one custom op; the others are plain torch, which torch.compile traces into."""
+    The Triton path is one custom op; the others are plain torch, which torch.compile traces
+    into."""
     if q.shape[0] == 0:
         return q.new_empty(q.shape)
     if max_seqlen is None:
@@ -473,8 +488,8 @@ def gather_torch(x, index, pos=None):
 @triton.jit
 def _rows_kernel(X, INDEX, POS, OUT, K, D, P, sx, spos, sout,
                  SCATTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Move K rows of width D, BLOCK_R per program: gather out[r] = x[index[r]] (+ pos[index[r] % P]),
-    or scatter out[index[r]] = x[r]."""
+    """Move K rows of width D, BLOCK_R per program: gather out[r] = x[index[r]] (+ pos[index[r] %
+    P]), or scatter out[index[r]] = x[r]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < K
     index = tl.load(INDEX + rows, mask=r_mask, other=0).to(tl.int64)

@@ -4,7 +4,8 @@ Turn video files into training-ready memmaps for avjepa.py, or build the built-i
     python prepare.py                                    # synthetic audio-visual set -> data/synthetic
     python prepare.py --videos ~/ucf101 --out data/ucf  # a folder, a V-JEPA list or a Kinetics CSV
 
-Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for split in train, val:
+Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for split in train,
+val:
     {split}_video.bin      uint8   [N, T, S, S, 3]       RGB frames on a fixed time grid
     {split}_audio.bin      float16 [N, 128, audio_frames] log-mel, NOT normalised (meta has mean/std)
     {split}_label.bin      int64   [N]                    -1 = unlabeled
@@ -13,7 +14,8 @@ Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for
 
 The time grid: frame i of a clip is the frame shown at t0 + i * frame_step / 30 seconds, whatever
 the file's fps, and the audio is cut from the same clock: audio_frames log-mel columns from t0 on
-(10 ms hop, 25 ms windows; the clip's frames * frame_step / 30 seconds rounded to 16 columns, one patch).
+(10 ms hop, 25 ms windows; the clip's frames * frame_step / 30 seconds rounded to 16 columns, one
+patch).
 """
 import argparse
 import csv
@@ -46,7 +48,8 @@ FPS = 30             # frame_step counts frames at this nominal rate (V-JEPA's a
 SAMPLE_RATE = 16000  # every file is resampled to this
 MEL_BINS = 128
 HOP = 0.01           # fbank frame shift: 100 log-mel columns per second
-EPS = 1e-4           # timestamps closer than this are equal (float rounding, far below a frame interval)
+# timestamps closer than this are equal (float rounding, far below a frame interval)
+EPS = 1e-4
 # kaldi.fbank of digital silence is log(float32 eps) in every bin. Padding and missing audio use the
 # same value, so they look like silence to the model rather than like some arbitrary number.
 SILENCE = math.log(torch.finfo(torch.float32).eps)  # -15.94
@@ -80,15 +83,16 @@ def frames_from(container, stream, t):
 
 
 def upright_turns(frame, stream):
-    """Counter-clockwise quarter turns that show a frame upright: phones store portrait video sideways and
-    say so in a display matrix (frame.rotation, counter-clockwise) or, in older files, a 'rotate' tag
-    (clockwise degrees)."""
+    """Counter-clockwise quarter turns that show a frame upright: phones store portrait video
+    sideways and say so in a display matrix (frame.rotation, counter-clockwise) or, in older files,
+    a 'rotate' tag (clockwise degrees)."""
     degrees = frame.rotation or -float(stream.metadata.get("rotate", 0) or 0)
     return round(degrees / 90) % 4
 
 
 def to_rgb(frame, size, turns=0):
-    """Resize the short side to `size`, turn upright, centre-crop: any pixel format or shape -> [size, size, 3] uint8."""
+    """Resize the short side to `size`, turn upright, centre-crop: any pixel format or shape ->
+    [size, size, 3] uint8."""
     scale = size / min(frame.width, frame.height)
     w, h = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
     img = np.rot90(frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA"), turns)
@@ -97,21 +101,24 @@ def to_rgb(frame, size, turns=0):
 
 
 def read_frames(container, stream, times, end, size):
-    """The frame shown at each of the sorted `times`: the last frame with pts <= t (the first if none).
-    Sampling by timestamp instead of frame index is what makes the grid fps-independent and VFR-safe.
-    Returns frames [len(times), size, size, 3] and whether the clip (until `end`) ran past the video."""
+    """The frame shown at each of the sorted `times`: the last frame with pts <= t (the first if
+    none). Sampling by timestamp instead of frame index is what makes the grid fps-independent and
+    VFR-safe. Returns frames [len(times), size, size, 3] and whether the clip (until `end`) ran past
+    the video."""
     frame_dur = 1 / float(stream.average_rate or FPS)
     picked, last, last_t = [], None, 0.0
     for frame in frames_from(container, stream, times[0]):
         t = frame.time if frame.time is not None else last_t + frame_dur
-        while len(picked) < len(times) and t > times[len(picked)] + EPS:  # `frame` comes later: `last` is shown
+        # `frame` comes later: `last` is shown
+        while len(picked) < len(times) and t > times[len(picked)] + EPS:
             picked.append(last if last is not None else frame)
         if len(picked) == len(times):
             break
         last, last_t = frame, t
     if last is None:
         raise ValueError("no decodable video frame")
-    padded = len(picked) < len(times) and end > last_t + frame_dur + EPS  # the clip outlasts the video
+    # the clip outlasts the video
+    padded = len(picked) < len(times) and end > last_t + frame_dur + EPS
     picked += [last] * (len(times) - len(picked))  # past the end: repeat the last frame
     turns = upright_turns(picked[0], stream)
     rgb = {id(f): to_rgb(f, size, turns) for f in picked}  # each source frame is converted once
@@ -119,8 +126,9 @@ def read_frames(container, stream, times, end, size):
 
 
 def to_mono(frame):
-    """Average an audio frame's channels into float32 samples in [-1, 1]. Packed formats interleave the
-    channels (L R L R ...): reading them as one channel was a seed defect that halved the clip's time."""
+    """Average an audio frame's channels into float32 samples in [-1, 1]. Packed formats interleave
+    the channels (L R L R ...): reading them as one channel was a seed defect that halved the clip's
+    time."""
     x = frame.to_ndarray()
     if not frame.format.is_planar:
         x = x.reshape(-1, frame.layout.nb_channels).T
@@ -132,9 +140,10 @@ def to_mono(frame):
 
 
 def read_audio(container, stream, start, seconds):
-    """Mono 16 kHz waveform of exactly [start, start + seconds) on the container's clock. Samples are
-    placed by the stream's own timestamps, so audio that starts late stays aligned with the video; where
-    the track has no samples the wave is 0. Returns (wave, whether any real sample fell inside)."""
+    """Mono 16 kHz waveform of exactly [start, start + seconds) on the container's clock. Samples
+    are placed by the stream's own timestamps, so audio that starts late stays aligned with the
+    video; where the track has no samples the wave is 0. Returns (wave, whether any real sample fell
+    inside)."""
     margin = 0.1  # decode a little more on both sides, so the resampling filter has context
     lo, hi = start - margin, start + seconds + margin
     buf, t_next, got = None, lo, False
@@ -161,7 +170,8 @@ def read_audio(container, stream, start, seconds):
 
 
 def log_mel(wave, n_frames):
-    """The AST / AudioMAE / CAV-MAE front end: 128 kaldi fbanks, 25 ms window, 10 ms hop -> [128, n_frames]."""
+    """The AST / AudioMAE / CAV-MAE front end: 128 kaldi fbanks, 25 ms window, 10 ms hop -> [128,
+    n_frames]."""
     w = torch.from_numpy(wave)[None]
     mel = kaldi.fbank(w - w.mean(), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
                       window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0, frame_shift=HOP * 1000).T
@@ -213,7 +223,8 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
             starts = [max(0.0, duration - clip_seconds) * (j + 0.5) / k for j in range(k)]
             clips = []
             for t0 in starts:
-                t0 += v0  # clip times are relative to the first frame; timestamps are the container's
+                # clip times are relative to the first frame; timestamps are the container's
+                t0 += v0
                 times = t0 + np.arange(frames) * frame_step / FPS
                 v, pad = read_frames(container, vs, times, t0 + clip_seconds, size)
                 mel, ok = silent, False
@@ -221,7 +232,8 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
                     try:
                         wave, ok = read_audio(container, astream, t0, audio_seconds)
                         mel = log_mel(wave, silent.shape[1]) if ok else silent
-                        if not np.isfinite(mel).all():   # a decoder that gave NaN or Inf: no sound to keep
+                        # a decoder that gave NaN or Inf: no sound to keep
+                        if not np.isfinite(mel).all():
                             mel, ok = silent, False
                     except Exception:  # a broken audio track: keep the video, as silent
                         mel, ok = silent, False
@@ -237,7 +249,8 @@ def decode_video(path, frames, frame_step, size, clips_per_video):
 # Finding the videos: a folder, a V-JEPA list or a Kinetics CSV -> [(path, label, split or None)]
 
 def not_a_video(path):
-    """Why a file a user put among their videos is not read, so that it can be named in the report."""
+    """Why a file a user put among their videos is not read, so that it can be named in the
+    report."""
     ext = path.suffix.lower()
     if ext in AUDIO_EXTS:
         return f"audio only ({ext}): a clip needs pictures; put the sound in a video file"
@@ -245,8 +258,9 @@ def not_a_video(path):
 
 
 def from_folder(root):
-    """Class subfolders give labels, train/ and val/ subfolders give splits, a flat folder is unlabeled.
-    Every other file (not hidden ones) is named in the report, with the reason it was left out."""
+    """Class subfolders give labels, train/ and val/ subfolders give splits, a flat folder is
+    unlabeled. Every other file (not hidden ones) is named in the report, with the reason it was
+    left out."""
     files = [p for p in sorted(root.rglob("*"))
              if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     split_dirs = ("train", "val") if (root / "train").is_dir() else ()
@@ -259,7 +273,8 @@ def from_folder(root):
             skipped.append({"path": str(p), "reason": not_a_video(p)})
         else:
             split, parts = (parts[0], parts[1:]) if split_dirs else (None, parts)
-            found.append((p, parts[0] if len(parts) > 1 else None, split))  # class: the first folder below
+            # class: the first folder below
+            found.append((p, parts[0] if len(parts) > 1 else None, split))
     classes = sorted({c for _, c, _ in found if c is not None})
     index = {c: i for i, c in enumerate(classes)}
     items = [(p, index[c] if classes else -1, s) for p, c, s in found if c is not None or not classes]
@@ -290,10 +305,12 @@ def from_vjepa_list(path):
 
 
 def from_kinetics_csv(path):
-    """label,youtube_id,time_start,time_end,split[,is_cc] -> <id>_<start:06d>_<end:06d>.<ext> anywhere below."""
+    """label,youtube_id,time_start,time_end,split[,is_cc] -> <id>_<start:06d>_<end:06d>.<ext>
+    anywhere below."""
     with open(path, newline="", errors="replace") as f:
         rows = list(csv.DictReader(f))
-    files = {p.stem: p for p in path.parent.rglob("*") if p.suffix.lower() in VIDEO_EXTS}  # one walk, by name
+    # one walk, by name
+    files = {p.stem: p for p in path.parent.rglob("*") if p.suffix.lower() in VIDEO_EXTS}
     classes = sorted({r.get("label") for r in rows if r.get("label")})
     index = {c: i for i, c in enumerate(classes)}
     items, skipped = [], []
@@ -312,8 +329,9 @@ def from_kinetics_csv(path):
 
 
 def from_vggsound_csv(path):
-    """youtube_id,start_sec,label,split with no header -> <id>_<start:06d>.<ext> anywhere below; split
-    'train' is train, 'test' is val. VGGSound is the audio-visual benchmark CAV-MAE and MAViL report on."""
+    """youtube_id,start_sec,label,split with no header -> <id>_<start:06d>.<ext> anywhere below;
+    split 'train' is train, 'test' is val. VGGSound is the audio-visual benchmark CAV-MAE and MAViL
+    report on."""
     with open(path, newline="", errors="replace") as f:
         rows = [r for r in csv.reader(f) if r]
     files = {p.stem: p for p in path.parent.rglob("*") if p.suffix.lower() in VIDEO_EXTS}
@@ -325,7 +343,8 @@ def from_vggsound_csv(path):
             youtube_id, start, label, split = r
             stem = f"{youtube_id}_{int(float(start)):06d}"
         except ValueError:
-            skipped.append({"path": str(path), "reason": f"line {n}: expected youtube_id,start_sec,label,split"})
+            skipped.append({"path": str(path), "reason": f"line {n}: expected "
+                                                         "youtube_id,start_sec,label,split"})
             continue
         if stem not in files:
             skipped.append({"path": str(path.parent / f"{stem}.mp4"), "reason": "file not found"})
@@ -354,7 +373,8 @@ def find_videos(source):
 
 
 def assign_splits(items, val_fraction, seed):
-    """Videos without a split get one: a seeded val fraction of *videos*, so a video's clips stay together."""
+    """Videos without a split get one: a seeded val fraction of *videos*, so a video's clips stay
+    together."""
     free = [i for i, (_, _, s) in enumerate(items) if s is None]
     n_val = min(len(free) - 1, max(1, round(val_fraction * len(free)))) if val_fraction > 0 and len(free) > 1 else 0
     val = set(np.random.default_rng(seed).permutation(free)[:n_val].tolist())
@@ -366,15 +386,17 @@ def assign_splits(items, val_fraction, seed):
 
 def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, val_fraction=0.1,
             workers=None, seed=0, extra_meta=None, generated_s=None):
-    """Decode the videos of `source` into training-ready memmaps in `out`. generated_s: how long making the
-    videos took (the synthetic set), for the summary line."""
+    """Decode the videos of `source` into training-ready memmaps in `out`. generated_s: how long
+    making the videos took (the synthetic set), for the summary line."""
     t_begin, source, out = time.time(), Path(source), Path(out)
     if not source.exists():
-        raise SystemExit(f"error: {source} does not exist: pass a folder of videos, a list or a Kinetics CSV")
+        raise SystemExit(f"error: {source} does not exist: pass a folder of videos, a list or a "
+                         "Kinetics CSV")
     items, classes, skipped = find_videos(source)
     if not items and not skipped:
-        raise SystemExit(f"error: no video files in {source} (looked for {', '.join(sorted(VIDEO_EXTS))}); "
-                         "point --videos at a folder of videos or a list of them")
+        raise SystemExit(f"error: no video files in {source} (looked for "
+                         f"{', '.join(sorted(VIDEO_EXTS))}); point --videos at a folder of videos "
+                         "or a list of them")
     items = assign_splits(items, val_fraction, seed)
     clip_seconds = frames * frame_step / FPS
     n_mel = audio_frames(clip_seconds)
@@ -382,8 +404,8 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     # One writer per dataset folder: a lock beside it (the folder itself is swapped at the end).
     out.parent.mkdir(parents=True, exist_ok=True)
     take_lock(out.resolve(), out.parent / f".{out.name}.lock",
-              lambda owner: f"{out} is being written by another prepare.py (pid {owner}): wait for it to end, "
-                            f"or pick another --out")
+              lambda owner: f"{out} is being written by another prepare.py (pid {owner}): wait for "
+                            "it to end, or pick another --out")
     # Everything goes to a temporary folder that is renamed at the very end: an interrupted run
     # never leaves something that looks like a finished dataset, and an old one is replaced only then.
     # A run killed outright (kill -9, power loss) never reaches `finally`: its folder is removed here.
@@ -395,15 +417,18 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
     try:
         tmp.mkdir(parents=True)
         files = {(s, k): open(tmp / f"{s}_{k}.bin", "wb") for s in SPLITS for k in KEYS}
-        counts, ingested, stats = dict.fromkeys(SPLITS, 0), [], np.zeros(3)  # stats: n, sum, sum of squares
+        # stats: n, sum, sum of squares
+        counts, ingested, stats = dict.fromkeys(SPLITS, 0), [], np.zeros(3)
         work = partial(decode_video, frames=frames, frame_step=frame_step, size=size, clips_per_video=clips_per_video)
         with Pool(workers, init_worker) if workers > 1 else nullcontext() as pool:
-            results = (pool.imap if pool else map)(work, [p for p, _, _ in items])  # in order: deterministic
+            # in order: deterministic
+            results = (pool.imap if pool else map)(work, [p for p, _, _ in items])
             for (path, label, split), r in zip(items, tqdm(results, total=len(items), unit="video", smoothing=0.1)):
                 if "error" in r:
                     skipped.append({"path": str(path), "reason": r["error"]})
                     continue
-                n = len(r["video"])  # workers return arrays, only this process writes: the files just grow
+                # workers return arrays, only this process writes: the files just grow
+                n = len(r["video"])
                 for key, arr in zip(KEYS, (r["video"], r["audio"], np.full(n, label, np.int64), r["has_audio"])):
                     files[split, key].write(np.ascontiguousarray(arr).tobytes())
                 counts[split] += n
@@ -436,16 +461,19 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
         shutil.rmtree(old, ignore_errors=True)
     except Exception as e:
         if disk_full(e):
-            raise SystemExit(no_space(out, needed, f"{survives}; the partial one was removed")) from None
+            raise SystemExit(no_space(out, needed, f"{survives}; the partial one was "
+                                                   "removed")) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         unlock_run(out)
     dt, n = time.time() - t_begin, counts["train"] + counts["val"]
     made = f"generated in {generated_s:.1f} s, then ingested " if generated_s is not None else ""
-    print(f"prepared {out}: {counts['train']} train + {counts['val']} val clips from {len(ingested)} videos "
-          f"({len(skipped)} skipped, {sum(not r['has_audio'] for r in ingested)} without audio, "
-          f"{sum(r['padded'] for r in ingested)} padded), {made}in {dt:.1f} s, {n / dt:.1f} clips/s")
+    print(f"prepared {out}: {counts['train']} train + {counts['val']} val clips from "
+          f"{len(ingested)} videos ({len(skipped)} skipped, "
+          f"{sum(not r['has_audio'] for r in ingested)} without audio, "
+          f"{sum(r['padded'] for r in ingested)} padded), {made}in {dt:.1f} s, {n / dt:.1f} "
+          "clips/s")
     return meta
 
 
@@ -463,17 +491,21 @@ SYNCS = {"sync": 0, "late": 2}  # the sound's lag behind the picture, in tubelet
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
 SYNTH_VERSION = 2
 TUBELET_FRAMES = TUBELET * SYNTH["frame_step"]  # source frames per tubelet: 8 at 30 fps, 0.267 s
-FIRST_FRAME = 2   # prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
+# prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
+FIRST_FRAME = 2
 
 
 def write_mp4(path, frames, fps, wave, sample_rate):
-    """H.264 (+ AAC when wave is not None) mp4 from frames [T, H, W, 3] uint8 and a mono waveform, with PyAV."""
+    """H.264 (+ AAC when wave is not None) mp4 from frames [T, H, W, 3] uint8 and a mono waveform,
+    with PyAV."""
     rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), "w", format="mp4") as c:
         # constant quantiser, not crf: this x264's crf mode gives slightly different bytes from run to run
         v = c.add_stream("libx264", rate=rate, options={"qp": "20", "preset": "veryfast"})
-        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"  # even, for 4:2:0
-        a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None  # streams first
+        # even, for 4:2:0
+        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"
+        # streams first
+        a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None
         for i, img in enumerate(frames):
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")
             f.pts, f.time_base = i, 1 / rate
@@ -487,24 +519,26 @@ def write_mp4(path, frames, fps, wave, sample_rate):
 
 
 def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
-    """One clip of the built-in world, as arrays: frames [T, width, width, 3] in [0, 1], a mono waveform
-    and its sample rate, and the object's states (for the tests).
+    """One clip of the built-in world, as arrays: frames [T, width, width, 3] in [0, 1], a mono
+    waveform and its sample rate, and the object's states (for the tests).
 
-    The object lives in states, one per tubelet of the clip (prepare's grid: 2 frames 4 apart, source
-    frames 8k + 2 and 8k + 6). In each state it holds still, at a height of its own; between two states
-    it moves sideways by a steady step (wrapping round the screen edges, so where it starts says nothing
-    of where it goes) and, at random, jumps to a new height. So no single frame or token shows the
-    direction: it is a relation across time. The sound is made by the states: a tone whose pitch is the
-    object's height (its waveform set by the shape: sine, square, sawtooth), a drum hit at every jump,
-    and ticks in a rhythm that only the sound has. "sync": state k sounds during tubelet k. "late": it
-    sounds 2 tubelets later, so the first two tubelets carry the sound of states before the clip. The
-    states are a stationary process, so a late soundtrack is as likely a sound as a synced one and a
-    picture is the same picture: only their timing tells the two apart."""
+    The object lives in states, one per tubelet of the clip (prepare's grid: 2 frames 4 apart,
+    source frames 8k + 2 and 8k + 6). In each state it holds still, at a height of its own; between
+    two states it moves sideways by a steady step (wrapping round the screen edges, so where it
+    starts says nothing of where it goes) and, at random, jumps to a new height. So no single frame
+    or token shows the direction: it is a relation across time. The sound is made by the states: a
+    tone whose pitch is the object's height (its waveform set by the shape: sine, square, sawtooth),
+    a drum hit at every jump, and ticks in a rhythm that only the sound has. "sync": state k sounds
+    during tubelet k. "late": it sounds 2 tubelets later, so the first two tubelets carry the sound
+    of states before the clip. The states are a stationary process, so a late soundtrack is as
+    likely a sound as a synced one and a picture is the same picture: only their timing tells the
+    two apart."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     tau = TUBELET_FRAMES / fps
     lag = SYNCS[sync]
-    n_states = 6                          # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
+    # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
+    n_states = 6
     first = -lag                          # the first state the sound needs
     r = rng.uniform(9, 13)                # object radius in pixels
     lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
@@ -513,7 +547,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     # start) is then as likely as a synced one's, and the sound alone says nothing of sync.
     jumps = rng.random(n_states + 2) < 0.6                  # state s is index s + 2 (s = -2 .. 5)
     heights = (rng.uniform(0, 1) + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2), 0))) % 1.0
-    step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width   # sideways per tubelet: >= half a patch
+    # sideways per tubelet: >= half a patch
+    step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width
     x0 = rng.uniform(0, width)            # uniform start: no cue in the first frame
 
     # Picture: sky, a ridge and ground, and a few posts on a world twice the screen's width (periodic),
@@ -523,7 +558,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     horizon = rng.uniform(0.35, 0.6) * width
     sky_top, sky_low = rng.uniform(0.45, 0.8, 3), rng.uniform(0.55, 0.9, 3)
     ground_top, ground_low = rng.uniform(0.2, 0.5, 3), rng.uniform(0.05, 0.3, 3)
-    waves = [(rng.uniform(2, 6) / k, k, rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]   # ridge: amplitude, harmonic, phase
+    # ridge: amplitude, harmonic, phase
+    waves = [(rng.uniform(2, 6) / k, k, rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]
     posts = [(rng.uniform(0, world), rng.uniform(3, 6), rng.uniform(10, 22), rng.uniform(0.05, 0.3, 3))
              for _ in range(rng.integers(2, 5))]   # (x, half-width, height above the ridge, colour)
     pan = rng.choice([-1, 1]) * rng.uniform(0.1, 0.2) * width / tau   # pixels per second
@@ -533,18 +569,21 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     y, wx = np.mgrid[:width, :world] + 0.5
     ridge = horizon + sum(a * np.sin(2 * np.pi * k * wx / world + p) for a, k, p in waves)
     v = np.clip(y / ridge, 0, 1)[..., None]
-    scene = (1 - v) * sky_top + v * sky_low                             # sky, lighter towards the horizon
+    # sky, lighter towards the horizon
+    scene = (1 - v) * sky_top + v * sky_low
     g = np.clip((y - ridge) / (width - ridge), 0, 1)[..., None]
     scene = np.where((y >= ridge)[..., None], (1 - g) * ground_top + g * ground_low, scene)
     for px, hw, ph, pc in posts:
         d = (wx - px + world / 2) % world - world / 2
         scene = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc, scene)
     left = cam0 + pan * np.arange(n_frames) / fps                       # [F] the window's left edge
-    col = np.floor(left)[:, None] + np.arange(width)                    # [F, W] linear between two columns
+    # [F, W] linear between two columns
+    col = np.floor(left)[:, None] + np.arange(width)
     frac = (left - np.floor(left))[:, None, None, None]
     img = ((1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3)
            + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3))   # [F, H, W, 3]
-    k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES          # the state shown in each frame
+    # the state shown in each frame
+    k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES
     shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
     cx = (x0 + step * shown) % width
     cy = lo + heights[np.clip(shown, -2, n_states - 1) + 2] * span
@@ -559,9 +598,12 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     # Sound, in the clip's time u (u = 0 at the first frame of the clip)
     n = round((seconds + 0.1) * sr)
     u = np.arange(n) / sr - FIRST_FRAME / fps
-    state = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)   # the state sounding at u
-    height = 1 - heights[state + 2]                                        # 0 at the bottom, 1 at the top
-    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr                  # 220 Hz at the bottom .. 880 Hz at the top
+    # the state sounding at u
+    state = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)
+    # 0 at the bottom, 1 at the top
+    height = 1 - heights[state + 2]
+    # 220 Hz at the bottom .. 880 Hz at the top
+    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr
     wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
                    "triangle": phase / np.pi % 2 - 1}[shape]               # ~equal loudness
     # a drum hit at every jump: 1.2-2.5 kHz noise, 60 ms, above the tone and below the ticks
@@ -590,7 +632,8 @@ def synth_clip(path, colour, shape, rhythm, direction, sync, seed):
     """synth_world's clip as an mp4 (H.264 + AAC) at `path`."""
     frames, wave, sr, _ = synth_world(colour, shape, rhythm, direction, sync, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")   # no half-written video under the real name
+    # no half-written video under the real name
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         write_mp4(tmp, (frames * 255).round().astype(np.uint8), 30, wave, sr)
         os.replace(tmp, path)
@@ -600,9 +643,10 @@ def synth_clip(path, colour, shape, rhythm, direction, sync, seed):
 
 
 def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
-    """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/NNN.mp4 and ingest them like user
-    videos. Only those files are written, and only such files left by a larger build are removed: anything
-    else in the folder is the user's, and is left alone (and ingested, if it is a video in a class folder)."""
+    """Generate the synthetic mp4s into <out>_videos/{train,val}/<class>/NNN.mp4 and ingest them
+    like user videos. Only those files are written, and only such files left by a larger build are
+    removed: anything else in the folder is the user's, and is left alone (and ingested, if it is a
+    video in a class folder)."""
     t_begin, out = time.time(), Path(out)
     videos = out.parent / f"{out.name}_videos"
     classes = [f"{c}-{s}-{r}-{d}-{y}" for c in COLOURS for s in SHAPES for r in RHYTHMS for d in DIRECTIONS
@@ -625,8 +669,9 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
         if disk_full(e):
             for split in SPLITS:   # a killed worker's temporaries
                 remove_stale(str(videos / split / "*" / "*.mp4.tmp-*"))
-            raise SystemExit(no_space(videos, needed, "the videos written so far are complete "
-                                      "(no half-written one is left), and no dataset was written")) from None
+            raise SystemExit(no_space(videos, needed, "the videos written so far are complete (no "
+                                      "half-written one is left), and no dataset "
+                                      "was written")) from None
         raise
     generated_s = time.time() - t_begin
     print(f"generated {len(jobs)} synthetic videos in {videos} in {generated_s:.1f} s")
@@ -642,37 +687,48 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Turn videos into avjepa memmaps. Without --videos: build the synthetic "
-                                "set in data/synthetic (its clips are always 8 frames, step 4, 64 px).")
-    p.add_argument("--videos", metavar="PATH", help="a folder of videos (class subfolders = labels, train/ and val/ "
-                   "= splits), a list of '<path> <int label>' lines, a Kinetics CSV or a VGGSound CSV")
+    p = argparse.ArgumentParser(description="Turn videos into avjepa memmaps. Without --videos: "
+                                "build the synthetic set in data/synthetic (its clips "
+                                "are always 8 frames, step 4, 64 px).")
+    p.add_argument("--videos", metavar="PATH", help="a folder of videos (class subfolders = "
+                   "labels, train/ and val/ = splits), a list of "
+                   "'<path> <int label>' lines, a Kinetics CSV "
+                   "or a VGGSound CSV")
     p.add_argument("--out", metavar="DIR", help="output folder (default: data/<name of --videos>)")
     # the clip flags default to None so that giving one for the built-in set can be refused, not ignored
     clip_flags = dict(frames=16, frame_step=4, size=224, clips_per_video=1)
-    p.add_argument("--frames", type=COUNT, metavar="N", help="with --videos: frames per clip (default 16)")
+    p.add_argument("--frames", type=COUNT, metavar="N", help="with --videos: frames per clip "
+                                                             "(default 16)")
     p.add_argument("--frame-step", type=COUNT, metavar="N",
-                   help="with --videos: frame i is the one shown at t0 + i * N / 30 s, whatever the video's fps "
-                        "(default 4)")
+                   help="with --videos: frame i is the one shown at t0 + i * N / 30 s, whatever "
+                        "the video's fps (default 4)")
     p.add_argument("--size", type=COUNT, metavar="N",
-                   help="with --videos: frame side after short-side resize and centre crop (default 224)")
+                   help="with --videos: frame side after short-side resize and centre crop "
+                        "(default 224)")
     p.add_argument("--clips-per-video", type=COUNT, metavar="N",
                    help="with --videos: clips per video, spread evenly over it (default 1)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                   help="share of the videos held out for val, when the source has no split of its own")
+                   help="share of the videos held out for val, when the source has no split of "
+                        "its own")
     p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N", help="decoding processes")
-    p.add_argument("--seed", type=NONNEG_INT, default=0, metavar="N", help="seed of the train/val split")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, metavar="N", help="seed of the "
+                                                                           "train/val split")
     args = p.parse_args()
     given = [f"--{k.replace('_', '-')}" for k in clip_flags if getattr(args, k) is not None]
     if args.videos is None and given:
-        p.error(f"{', '.join(given)} applies to --videos only: the built-in synthetic set's clips are always "
-                f"{SYNTH['frames']} frames, step {SYNTH['frame_step']}, {SYNTH['size']} px")
+        p.error(f"{', '.join(given)} applies to --videos only: the built-in synthetic set's clips "
+                f"are always {SYNTH['frames']} frames, step {SYNTH['frame_step']}, {SYNTH['size']} "
+                "px")
     for k, v in clip_flags.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    for flag, unit in (("frames", TUBELET), ("size", PATCH)):   # the model cuts clips into 2 x 16 x 16 tubelets
+    # the model cuts clips into 2 x 16 x 16 tubelets
+    for flag, unit in (("frames", TUBELET), ("size", PATCH)):
         if getattr(args, flag) % unit:
-            p.error(f"argument --{flag}: must be a multiple of {unit} (tubelets are {TUBELET} frames x {PATCH} x {PATCH} pixels)")
+            p.error(f"argument --{flag}: must be a multiple of {unit} (tubelets are {TUBELET} "
+                    f"frames x {PATCH} x {PATCH} pixels)")
     if not 0 <= args.val_fraction < 1:
-        p.error(f"argument --val-fraction: {args.val_fraction} is out of range: it must be in [0, 1)")
+        p.error(f"argument --val-fraction: {args.val_fraction} is out of range: it must be in [0, "
+                "1)")
     try:
         if args.videos is None:
             make_synthetic(args.out or "data/synthetic", args.workers)

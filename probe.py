@@ -6,17 +6,19 @@ Probes of a trained avjepa checkpoint: what did the frozen networks learn?
     python probe.py --task retrieve       # cross-modal retrieval through the predictor
 
 classify is V-JEPA's frozen evaluation. The EMA target encoder turns every clip into tokens once
-(cached), video and audio each in a pass of its own by default (--read); each channel is standardised
-with train-split statistics, per modality, and a small attentive probe (a learned query, one
-cross-attention block, a linear layer) is trained on them. --init random runs the identical probe on an
-untrained encoder of the same size, read the same way: the gap is what pretraining bought. On the
-synthetic set the label is a product of factors (colour is only seen, rhythm only heard, the direction
-of motion only seen across frames); the probe gives each factor its own query and head and scores each.
+(cached), video and audio each in a pass of its own by default (--read); each channel is
+standardised with train-split statistics, per modality, and a small attentive probe (a learned
+query, one cross-attention block, a linear layer) is trained on them. --init random runs the
+identical probe on an untrained encoder of the same size, read the same way: the gap is what
+pretraining bought. On the synthetic set the label is a product of factors (colour is only seen,
+rhythm only heard, the direction of motion only seen across frames); the probe gives each factor its
+own query and head and scores each.
 
 retrieve asks the predictor, the JEPA way, which sound goes with a picture: hide all of a val clip's
 audio, predict its audio features from its video, and rank every val clip's audio (encoded alone) by
-distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance, and beside them
-the same ranking through a ridge map fit on the train clips' features (what the features carry).
+distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance, and beside
+them the same ranking through a ridge map fit on the train clips' features (what the features
+carry).
 
 reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
 predictor frozen we fit a linear decoder from one token to its patch: the predictor's output at
@@ -48,34 +50,45 @@ from common import (COUNT, IMAGENET_MEAN, IMAGENET_STD, NONNEG, NONNEG_INT, PATC
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive classification or masked reconstruction.")
+    p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive "
+                                            "classification or masked reconstruction.")
     p.add_argument("--task", choices=["classify", "reconstruct", "retrieve", "refit"], required=True,
-                   help="which probe to run; refit: the diagnostic that tells a hidden part not inferable from "
-                        "one not learned yet")
-    p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest <runs>/*/ckpt.pt)")
-    p.add_argument("--runs", default="out", help="folder searched for the newest run when --ckpt is not given")
-    p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint was trained on)")
+                   help="which probe to run; refit: the diagnostic that tells a hidden part not "
+                        "inferable from one not learned yet")
+    p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest "
+                                              "<runs>/*/ckpt.pt)")
+    p.add_argument("--runs", default="out", help="folder searched for the newest run when --ckpt "
+                                                 "is not given")
+    p.add_argument("--data", default="", help="dataset folder (default: the one the checkpoint "
+                                              "was trained on)")
     p.add_argument("--init", choices=["pretrained", "random"], default="pretrained",
-                   help="random: the same probe on a freshly initialised model of the same config (the baseline)")
+                   help="random: the same probe on a freshly initialised model of the same "
+                        "config (the baseline)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="classify, retrieve: also run the identical probe on a random encoder of the same config "
-                        "and print its figure beside the pretrained one")
+                   help="classify, retrieve: also run the identical probe on a random encoder of "
+                        "the same config and print its figure beside the pretrained one")
     p.add_argument("--probe-seeds", type=NONNEG_INT, default=3,
-                   help="classify: train the attentive probe this many times (seeds --seed, --seed + 1, ...) and "
-                        "report the mean and the spread (0: the seedless linear readout alone, in seconds)")
+                   help="classify: train the attentive probe this many times (seeds --seed, "
+                        "--seed + 1, ...) and report the mean and the spread (0: the seedless "
+                        "linear readout alone, in seconds)")
     p.add_argument("--modalities", choices=["video", "audio", "both"], default="",
-                   help="classify: tokens the probe sees (default: both for AV checkpoints, video otherwise)")
+                   help="classify: tokens the probe sees (default: both for AV checkpoints, "
+                        "video otherwise)")
     p.add_argument("--read", choices=["separate", "joint", "both"], default="separate",
-                   help="classify: encode video and audio in one pass each (separate), in one pass together (joint), "
-                        "or both sets of tokens side by side")
+                   help="classify: encode video and audio in one pass each (separate), in one "
+                        "pass together (joint), or both sets of tokens side by side")
     p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
-                   help="classify: also print the ceiling: the same encoder trained on the labels from the same "
-                        "random init (cached in the dataset folder, so it is trained once per dataset)")
+                   help="classify: also print the ceiling: the same encoder trained on the labels "
+                        "from the same random init (cached in the dataset folder, so it is "
+                        "trained once per dataset)")
     p.add_argument("--labels-steps", type=NONNEG_INT, default=0,
-                   help="classify: steps of the labels' run (0: the checkpoint's own steps, the same budget)")
-    p.add_argument("--mask", default="", help="reconstruct, refit: mask config to score (default: the checkpoint's first)")
+                   help="classify: steps of the labels' run (0: the checkpoint's own steps, the "
+                        "same budget)")
+    p.add_argument("--mask", default="", help="reconstruct, refit: mask config to score "
+                                              "(default: the checkpoint's first)")
     p.add_argument("--refit-steps", type=NONNEG_INT, default=0,
-                   help="refit: steps of predictor training on the frozen encoders (0: the checkpoint's own steps)")
+                   help="refit: steps of predictor training on the frozen encoders (0: the "
+                        "checkpoint's own steps)")
     p.add_argument("--epochs", type=COUNT, default=100,
                    help="classify: probe training epochs (V-JEPA runs 20 over Kinetics' "
                    "240k clips; 20 over the synthetic set's 960 leave the probe underfit)")
@@ -84,13 +97,18 @@ def get_args(argv=None):
     p.add_argument("--wd", type=NONNEG, default=0.01, help="classify: weight decay of the probe")
     p.add_argument("--batch-size", type=COUNT, default=32,
                    help="clips per batch through the frozen networks and the probe")
-    p.add_argument("--clips", type=NONNEG_INT, default=0, help="use at most this many clips of each split (0: all)")
-    p.add_argument("--examples", type=NONNEG_INT, default=4, help="reconstruct: val clips written as PNG, MP4 and WAV")
-    p.add_argument("--no-cache", action="store_true", help="classify: recompute the features; read and write no cache")
+    p.add_argument("--clips", type=NONNEG_INT, default=0, help="use at most this many clips of "
+                                                               "each split (0: all)")
+    p.add_argument("--examples", type=NONNEG_INT, default=4, help="reconstruct: val clips "
+                                                                  "written as PNG, MP4 and WAV")
+    p.add_argument("--no-cache", action="store_true", help="classify: recompute the features; "
+                                                           "read and write no cache")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels: a rerun with the same seed gives bit-identical probes and scores")
-    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for masks, random init and probe training")
+                   help="deterministic kernels: a rerun with the same seed gives bit-identical "
+                        "probes and scores")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for masks, random init and "
+                                                              "probe training")
     args = p.parse_args(argv)
     check_device(p, args.device)
     return args
@@ -101,17 +119,19 @@ def get_args(argv=None):
 def newest_checkpoint(runs):
     found = sorted(Path(runs).glob("*/ckpt.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise SystemExit(f"no checkpoint under {runs}/: train first with `python avjepa.py --model vit_tiny --audio`, "
-                         f"or pass --ckpt")
+        raise SystemExit(f"no checkpoint under {runs}/: train first with `python avjepa.py --model "
+                         "vit_tiny --audio`, or pass --ckpt")
     return found[-1]
 
 
 def open_run(args):
     path = Path(args.ckpt) if args.ckpt else newest_checkpoint(args.runs)
-    ckpt, digest = read_checkpoint(path, digest=True)   # exits with a message if missing or unreadable
+    # exits with a message if missing or unreadable
+    ckpt, digest = read_checkpoint(path, digest=True)
     if not (isinstance(ckpt, dict) and {"config", "encoder", "predictor", "target_encoder"} <= ckpt.keys()):
-        raise SystemExit(f"{path} is not an avjepa checkpoint (no encoder/predictor/target_encoder/config): "
-                         f"pass a ckpt.pt written by avjepa.py")
+        raise SystemExit(f"{path} is not an avjepa checkpoint (no "
+                         "encoder/predictor/target_encoder/config): pass a ckpt.pt written by "
+                         "avjepa.py")
     ckpt["config"] = avjepa.Config.of(ckpt)   # the run's settings, whatever the checkpoint's age
     data = Path(args.data or ckpt["config"].data)
     if not (data / "meta.json").exists():
@@ -122,9 +142,10 @@ def open_run(args):
 
 
 def frozen_models(ckpt, init, seed):
-    """(online encoder, predictor, EMA target encoder), frozen. The online pair was trained together, so it
-    is the one to ask for predictions; the EMA encoder is the one to read features from (as V-JEPA).
-    init=random: the same architecture with the same initialisation training starts from."""
+    """(online encoder, predictor, EMA target encoder), frozen. The online pair was trained
+    together, so it is the one to ask for predictions; the EMA encoder is the one to read features
+    from (as V-JEPA). init=random: the same architecture with the same initialisation training
+    starts from."""
     torch.manual_seed(seed)
     nets = avjepa.build(ckpt["config"])
     if init == "pretrained":
@@ -135,16 +156,18 @@ def frozen_models(ckpt, init, seed):
 
 def check_data(meta, encoder, audio):
     if meta["frames"] != encoder.cfg.frames:
-        raise SystemExit(f"the dataset has {meta['frames']} frames per clip, the model {encoder.cfg.frames}")
+        raise SystemExit(f"the dataset has {meta['frames']} frames per clip, the model "
+                         f"{encoder.cfg.frames}")
     if audio and meta["audio_shape"][1] // PATCH != encoder.audio_grid[1]:
-        raise SystemExit(f"the dataset has {meta['audio_shape'][1]} log-mel frames per clip, the model "
-                         f"{encoder.cfg.audio_frames}")
+        raise SystemExit(f"the dataset has {meta['audio_shape'][1]} log-mel frames per clip, the "
+                         f"model {encoder.cfg.audio_frames}")
 
 
 def clip_ids(data, n_max, labelled=False, sounding=False):
-    """Clips to use (only labelled ones, only those with sound, if asked), sorted (memmap-friendly); a
-    --clips subset is drawn at random, as splits are often stored class by class and their first clips
-    would all share one label."""
+    """Clips to use (only labelled ones, only those with sound, if asked), sorted (memmap-friendly);
+    a
+    --clips subset is drawn at random, as splits are often stored class by class and their first
+    clips would all share one label."""
     keep = np.ones(data["n"], bool)
     if labelled:
         keep &= np.asarray(data["label"]) >= 0
@@ -165,9 +188,10 @@ def write_json(obj, path):
 # Classification: frozen tokens, once, then V-JEPA's attentive probe on them
 
 def encode(encoder, video, audio, has_audio, separate=False):
-    """Tokens [B, N, D] of whole clips and which of them exist [B, N]. As in training, a silent clip has no
-    audio tokens (its spectrogram is padding) - unless audio is all the probe sees, then it is the input.
-    separate: video and audio attend only within their own modality (one packed segment each)."""
+    """Tokens [B, N, D] of whole clips and which of them exist [B, N]. As in training, a silent clip
+    has no audio tokens (its spectrogram is padding) - unless audio is all the probe sees, then it
+    is the input. separate: video and audio attend only within their own modality (one packed
+    segment each)."""
     B = len(has_audio)
     nv = encoder.nv if video is not None else 0
     N = nv + (math.prod(encoder.audio_grid) if audio is not None else 0)
@@ -176,15 +200,16 @@ def encode(encoder, video, audio, has_audio, separate=False):
         valid[~has_audio, nv:] = False
     lists = [r.nonzero()[:, 0].cpu().numpy() for r in valid]
     keep = kernels.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
-    fused = kernels.pack(lists, N, B).to(valid.device)   # whole clips, for the encoder's fused last blocks
+    # whole clips, for the encoder's fused last blocks
+    fused = kernels.pack(lists, N, B).to(valid.device)
     out = encoder(video, audio, keep=keep, fused=fused)
     return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep.index, out).view(B, N, -1), valid
 
 
 @torch.no_grad()
 def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
-    """Frozen tokens of clips `ids`: x fp16 [n, N, D], valid [n, N], y labels [n]. No augmentation: the
-    probe sees each clip as it is, so one pass suffices and every probe epoch after it is cheap.
+    """Frozen tokens of clips `ids`: x fp16 [n, N, D], valid [n, N], y labels [n]. No augmentation:
+    the probe sees each clip as it is, so one pass suffices and every probe epoch after it is cheap.
     read=both puts the separate-pass tokens and the joint-pass tokens side by side: [n, 2N, D]."""
     xs, valids = [], []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, dynamic_ncols=True):
@@ -200,14 +225,16 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
 
 
 def standardize(train, val, bounds):
-    """Scale every channel of the frozen tokens to zero mean and unit variance over the train split, video
-    tokens and audio tokens (the ranges between `bounds`) each with their own statistics (MAE's BatchNorm without affine
-    before its linear probe, per modality). A pretrained JEPA's tokens share a large common part, and what
-    tells clips apart can sit in channels of small variance, on which the probe's LayerNorm alone left the
-    probe underfit; the two modalities' tokens differ in both."""
+    """Scale every channel of the frozen tokens to zero mean and unit variance over the train split,
+    video tokens and audio tokens (the ranges between `bounds`) each with their own statistics
+    (MAE's BatchNorm without affine before its linear probe, per modality). A pretrained JEPA's
+    tokens share a large common part, and what tells clips apart can sit in channels of small
+    variance, on which the probe's LayerNorm alone left the probe underfit; the two modalities'
+    tokens differ in both."""
     for f in (train, val):
         f["x"] = f["x"].float()                                                  # [n, N, D]
-    for part in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])):   # token ranges with one modality each
+    # token ranges with one modality each
+    for part in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])):
         x = train["x"][:, part][train["valid"][:, part]]                         # [tokens, D]
         if len(x) < 2:
             continue
@@ -217,21 +244,24 @@ def standardize(train, val, bounds):
 
 
 class AttentiveProbe(nn.Module):
-    """V-JEPA's attentive classifier: a learned query cross-attends to the frozen tokens (keys and values
-    layer-normed), a residual MLP refines it, a linear layer gives the class logits. With a label made of
-    several factors (the synthetic set), each factor gets its own query and linear head over the same keys
-    and values, so each is learned from every clip instead of from the few clips of each combination.
+    """V-JEPA's attentive classifier: a learned query cross-attends to the frozen tokens (keys and
+    values layer-normed), a residual MLP refines it, a linear layer gives the class logits. With a
+    label made of several factors (the synthetic set), each factor gets its own query and linear
+    head over the same keys and values, so each is learned from every clip instead of from the few
+    clips of each combination.
 
-    The same function and parameters as V-JEPA's, computed in another order. Keys and values are linear in
-    the normed tokens x^ = (x - mean) / std, so a query's score on a token is x^ @ (what the key map sends the
-    query back to), plus a constant that softmax ignores; and the value of the attention-weighted mean of the
-    tokens is the value map of their weighted mean. So nothing is projected per token: per token the probe
-    does 2 x width x (heads x queries) multiply-adds instead of 2 x width^2, 13x fewer for vit_tiny with the
-    synthetic set's 5 queries (a test checks it against the plain form)."""
+    The same function and parameters as V-JEPA's, computed in another order. Keys and values are
+    linear in the normed tokens x^ = (x - mean) / std, so a query's score on a token is x^ @ (what
+    the key map sends the query back to), plus a constant that softmax ignores; and the value of the
+    attention-weighted mean of the tokens is the value map of their weighted mean. So nothing is
+    projected per token: per token the probe does 2 x width x (heads x queries) multiply-adds
+    instead of 2 x width^2, 13x fewer for vit_tiny with the synthetic set's 5 queries (a test checks
+    it against the plain form)."""
     def __init__(self, dim, heads, outputs):
         super().__init__()
         self.heads = heads
-        self.query = nn.Parameter(torch.zeros(1, len(outputs), dim))                  # one query per head
+        # one query per head
+        self.query = nn.Parameter(torch.zeros(1, len(outputs), dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.mlp = avjepa.MLP(dim)
@@ -244,7 +274,8 @@ class AttentiveProbe(nn.Module):
         B, N, D = x.shape
         Q, H = self.query.shape[1], self.heads
         gamma, beta = self.norm1.weight, self.norm1.bias
-        w_k, w_v = self.kv.weight.view(2, H, D // H, D)                               # [H, hd, D] each
+        # [H, hd, D] each
+        w_k, w_v = self.kv.weight.view(2, H, D // H, D)
         q = self.q(self.query[0]).view(Q, H, D // H)                                  # [Q, H, hd]
         # scores: <q, W_k (gamma x^ + beta) + b_k> = x^ . (gamma W_k^T q) + (the same for every token)
         a = torch.einsum("qhe,hed->qhd", q, w_k).reshape(Q * H, D) * gamma / math.sqrt(D // H)
@@ -260,8 +291,8 @@ class AttentiveProbe(nn.Module):
 
 
 def label_heads(classes, meta):
-    """What the probe predicts: the class, or each factor of it when the classes are products of factors.
-    Returns (sizes of the heads, [classes, heads] value of each head for each class)."""
+    """What the probe predicts: the class, or each factor of it when the classes are products of
+    factors. Returns (sizes of the heads, [classes, heads] value of each head for each class)."""
     if "class_factors" in meta:
         cf = torch.tensor(meta["class_factors"])
         return [len(f["values"]) for f in meta["factors"].values()], cf
@@ -269,7 +300,8 @@ def label_heads(classes, meta):
 
 
 def train_probe(train, outputs, targets, heads, args, device, seed):
-    """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe. targets [classes, heads] maps labels to heads."""
+    """AdamW, cosine to 0, no warmup: V-JEPA's probe recipe. targets [classes, heads] maps labels to
+    heads."""
     torch.manual_seed(seed)
     probe = AttentiveProbe(train["x"].shape[-1], heads, outputs).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -291,8 +323,8 @@ def train_probe(train, outputs, targets, heads, args, device, seed):
 
 @torch.no_grad()
 def predict_classes(probe, feats, targets, device):
-    """Class scores [n, classes]: the log-probability each head gives the class's value, summed over heads
-    (for one head, its log-softmax), so a full ranking of the classes comes out either way."""
+    """Class scores [n, classes]: the log-probability each head gives the class's value, summed over
+    heads (for one head, its log-softmax), so a full ranking of the classes comes out either way."""
     scores = []
     for i in range(0, len(feats["y"]), 256):
         logits = probe(feats["x"][i:i + 256].to(device).float(), feats["valid"][i:i + 256].to(device))
@@ -306,14 +338,15 @@ def top_k(logits, labels, k):
 
 
 def factor_accuracy(pred, labels, meta):
-    """Accuracy on each factor of the label (synthetic set): a prediction that gets the colour right but the
-    rhythm wrong still counts for colour. Tells which modality a probe really reads."""
+    """Accuracy on each factor of the label (synthetic set): a prediction that gets the colour right
+    but the rhythm wrong still counts for colour. Tells which modality a probe really reads."""
     cf = torch.tensor(meta["class_factors"])
     return {name: (cf[pred, j] == cf[labels, j]).float().mean().item() for j, name in enumerate(meta["factors"])}
 
 
 def pooled(feats, bounds):
-    """Mean of each modality's valid tokens, side by side: [n, parts * D]. What a linear map can read."""
+    """Mean of each modality's valid tokens, side by side: [n, parts * D]. What a linear map can
+    read."""
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         v = feats["valid"][:, a:b, None].float()
@@ -322,13 +355,13 @@ def pooled(feats, bounds):
 
 
 def paired(feats, encoder, k=16, seed=0):
-    """What a linear map needs to read a relation between moments or senses: per tubelet t, the mean video
-    token v_t and the mean audio token a_t over the audio columns playing during t; then, over t, the mean
-    of the outer products of their random projections (P v_t)(Q a_t)^T, sight and sound at one moment
-    (sync), and (P v_t)(P v_t+1)^T, sight now and a tubelet later (direction, order). A linear map of these
-    is a bilinear form: it can ask "does the sound now go with the picture now?" and "where did it go
-    next?", which no linear map of pooled tokens can. P, Q: fixed Gaussian [D, k] (seeded). [n, 2 k^2]
-    (only the video pair without audio)."""
+    """What a linear map needs to read a relation between moments or senses: per tubelet t, the mean
+    video token v_t and the mean audio token a_t over the audio columns playing during t; then, over
+    t, the mean of the outer products of their random projections (P v_t)(Q a_t)^T, sight and sound
+    at one moment (sync), and (P v_t)(P v_t+1)^T, sight now and a tubelet later (direction, order).
+    A linear map of these is a bilinear form: it can ask "does the sound now go with the picture
+    now?" and "where did it go next?", which no linear map of pooled tokens can. P, Q: fixed
+    Gaussian [D, k] (seeded). [n, 2 k^2] (only the video pair without audio)."""
     x, valid = feats["x"], feats["valid"].float()[..., None]
     T, H, W = encoder.video_grid
     n, D, nv = len(x), x.shape[-1], encoder.nv
@@ -350,10 +383,11 @@ def paired(feats, encoder, k=16, seed=0):
 
 
 def linear_readout(train_x, train_y, val_x, sizes, lam=0.1):
-    """The seedless readout: least squares from mean-pooled features to one-hot labels, ridge lam relative
-    to the mean diagonal (fixed, not tuned on val). One closed-form solve, no seed, no epochs. A linear map
-    of pooled features cannot find a relation between tokens that the features do not already hold.
-    train_y [n, heads], sizes: values per head -> predicted value of every head for val, [n_val, heads]."""
+    """The seedless readout: least squares from mean-pooled features to one-hot labels, ridge lam
+    relative to the mean diagonal (fixed, not tuned on val). One closed-form solve, no seed, no
+    epochs. A linear map of pooled features cannot find a relation between tokens that the features
+    do not already hold. train_y [n, heads], sizes: values per head -> predicted value of every head
+    for val, [n_val, heads]."""
     mean = train_x.mean(0)
     x = F.pad(train_x - mean, (0, 1), value=1.0).double()                          # a bias column
     y = torch.cat([F.one_hot(train_y[:, h], n) for h, n in enumerate(sizes)], 1).double()
@@ -364,8 +398,8 @@ def linear_readout(train_x, train_y, val_x, sizes, lam=0.1):
 
 
 def classify_one(args, path, ckpt, data_dir, device, init):
-    """Frozen features of one encoder (pretrained or random), then the attentive probe over --probe-seeds seeds
-    and the seedless linear readout. Returns the scores as a dict."""
+    """Frozen features of one encoder (pretrained or random), then the attentive probe over
+    --probe-seeds seeds and the seedless linear readout. Returns the scores as a dict."""
     cfg = ckpt["config"]
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
@@ -373,14 +407,16 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     for split, ids, data in (("train", train_ids, train_data), ("val", val_ids, val_data)):
         if not len(ids):
             held = f"its {data['n']} {split} clips have no labels" if data["n"] else f"it has 0 {split} clips"
-            raise SystemExit(f"{data_dir} cannot be classified: {held}. Prepare a labelled dataset with both splits "
-                             f"(class folders or a CSV with labels; --val-fraction > 0 when the source has no split)")
+            raise SystemExit(f"{data_dir} cannot be classified: {held}. Prepare a labelled dataset "
+                             "with both splits (class folders or a CSV with labels; "
+                             "--val-fraction > 0 when the source has no split)")
     classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(), val_data["label"].max())) + 1
     encoder = frozen_models(ckpt, init, args.seed)[2].to(device)
     check_data(meta, encoder, args.modalities != "video")
 
     t0 = time.time()
-    read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
+    # one modality: the passes are the same
+    read = args.read if args.modalities == "both" else "joint"
     name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_sha256=ckpt["sha256"], data=str(data_dir.resolve()),
@@ -396,12 +432,14 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     nv = 0 if args.modalities == "audio" else encoder.nv
     N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
     bounds = [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3]
-    bounds = [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]   # no empty modality range
+    # no empty modality range
+    bounds = [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
     standardize(feats["train"], feats["val"], bounds)
     outputs, targets = label_heads(classes, meta)
     labels = feats["val"]["y"]
     runs = []
-    for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
+    # the probe is a trained network too: its seed moves its score
+    for k in range(args.probe_seeds):
         probe = train_probe(feats["train"], outputs, targets, encoder.heads, args, device, args.seed + k)
         logits = predict_classes(probe, feats["val"], targets, device)
         run = dict(top1=top_k(logits, labels, 1),
@@ -425,7 +463,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
         return x
     head_pred = linear_readout(readout_features(feats["train"]), targets[feats["train"]["y"]],
                                readout_features(feats["val"]), outputs)
-    right = head_pred == targets[labels]                                             # [n_val, heads]
+    # [n_val, heads]
+    right = head_pred == targets[labels]
     res["linear"] = dict(top1=right.all(1).float().mean().item())
     if "class_factors" in meta:
         res["linear"]["factors"] = {f: right[:, j].float().mean().item() for j, f in enumerate(meta["factors"])}
@@ -437,12 +476,13 @@ def classify_one(args, path, ckpt, data_dir, device, init):
 
 @torch.enable_grad()
 def labels_ceiling(args, ckpt, data_dir, device):
-    """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead of
-    the JEPA loss, with the same clips per step, steps (or --labels-steps) and peak learning rate; both
-    senses in one attention pass, so that a feature can relate sight to sound, and a linear head per label
-    factor on the mean of its tokens. Augmented as in training, but a flip swaps the direction label (it
-    stays true) and a crop keeps 80% of the frame or more (the object stays in view). Scored on val, its
-    own heads, and cached in the dataset folder (keyed by the dataset, the config and the budget)."""
+    """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels
+    instead of the JEPA loss, with the same clips per step, steps (or --labels-steps) and peak
+    learning rate; both senses in one attention pass, so that a feature can relate sight to sound,
+    and a linear head per label factor on the mean of its tokens. Augmented as in training, but a
+    flip swaps the direction label (it stays true) and a crop keeps 80% of the frame or more (the
+    object stays in view). Scored on val, its own heads, and cached in the dataset folder (keyed by
+    the dataset, the config and the budget)."""
     cfg = ckpt["config"]
     steps, batch, lr, seed = args.labels_steps or ckpt["step"], cfg.batch_size, cfg.lr, args.seed
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
@@ -472,8 +512,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
         with autocast(device):
             return head(encoder(video, audio).float().mean(1)).split(sizes, -1)   # one joint pass
 
-    print(f"the labels' ceiling: training the same encoder on the labels for {steps} steps, once for this "
-          f"dataset (cached in {cache}; --no-labels skips it)")
+    print(f"the labels' ceiling: training the same encoder on the labels for {steps} steps, once "
+          f"for this dataset (cached in {cache}; --no-labels skips it)")
     t0, warm = time.time(), max(1, steps // 10)
     for step in tqdm(range(steps), desc="labels' ceiling", dynamic_ncols=True):
         lr_now = lr * (step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1))))
@@ -520,9 +560,10 @@ def mean_of(runs):
 
 
 def with_baseline(task_one, args, path, ckpt, data_dir, device):
-    """task_one on the checkpoint's networks and, with --baseline, on random ones of the same config, read the
-    same way (under res["random"]). Returns (res, describe): describe(fmt) is fmt(res), and fmt of the random
-    run beside it, for the summary line; and the seconds both took."""
+    """task_one on the checkpoint's networks and, with --baseline, on random ones of the same
+    config, read the same way (under res["random"]). Returns (res, describe): describe(fmt) is
+    fmt(res), and fmt of the random run beside it, for the summary line; and the seconds both
+    took."""
     res = task_one(args, path, ckpt, data_dir, device, args.init)
     if args.baseline and args.init == "pretrained":
         res["random"] = task_one(args, path, ckpt, data_dir, device, "random")
@@ -532,15 +573,16 @@ def with_baseline(task_one, args, path, ckpt, data_dir, device):
 
 
 def classify(args, path, ckpt, data_dir, device):
-    """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline, on a random
-    encoder of the same config read the same way; one summary line with both."""
+    """The attentive probe and the linear readout on the checkpoint's encoder and, with --baseline,
+    on a random encoder of the same config read the same way; one summary line with both."""
     cfg = ckpt["config"]
     args.modalities = args.modalities or ("both" if cfg.audio else "video")
     if args.modalities != "video" and not cfg.audio:
         raise SystemExit(f"{path} is a video-only checkpoint: use --modalities video")
     res, describe, secs = with_baseline(classify_one, args, path, ckpt, data_dir, device)
     labels = ""
-    if args.labels and args.init == "pretrained":   # the ceiling: the same encoder taught by the labels
+    # the ceiling: the same encoder taught by the labels
+    if args.labels and args.init == "pretrained":
         t0 = time.time()
         res["labels"] = labels_ceiling(args, ckpt, data_dir, device)
         secs += time.time() - t0   # this command's time: nothing when it was cached
@@ -557,15 +599,16 @@ def classify(args, path, ckpt, data_dir, device):
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
     chart = path.parent / f"probe_classify_{res['modalities']}.png"
     plot_classify(res, chart)
-    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}"
-          f"linear readout {describe(lambda r: scores(r['linear']))}{labels}; on {res['val_clips']} val clips "
-          f"(chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s; chart {chart}")
+    print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}linear "
+          f"readout {describe(lambda r: scores(r['linear']))}{labels}; on {res['val_clips']} val "
+          f"clips (chance top-1 {100 * res['chance_top1']:.1f}%{factor_chance}) in {secs:.0f} s; "
+          f"chart {chart}")
     return res
 
 
 def plot_classify(res, png_path):
-    """The classify chart: accuracy per factor (and top-1), pretrained beside random, for the attentive
-    probe (when it ran) and the linear readout, with chance marked."""
+    """The classify chart: accuracy per factor (and top-1), pretrained beside random, for the
+    attentive probe (when it ran) and the linear readout, with chance marked."""
     plt = pyplot()
     readouts = [("attentive probe", lambda r: r)] if "top1" in res else []
     readouts.append(("linear readout", lambda r: r["linear"]))
@@ -594,68 +637,76 @@ def plot_classify(res, png_path):
 
 @torch.no_grad()
 def cross_predict(jepa, video, audio, config, to_audio):
-    """Hide one whole modality of every clip and predict it from the other, with the predictor's mask token
-    of mask config number `config`: [B, N_hidden, D] predicted target features of the hidden modality."""
+    """Hide one whole modality of every clip and predict it from the other, with the predictor's
+    mask token of mask config number `config`: [B, N_hidden, D] predicted target features of the
+    hidden modality."""
     encoder = jepa.encoder
     B, nv, N = video.shape[0], encoder.nv, encoder.n_tokens()
     shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N), np.arange(nv))
-    masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)   # one modality shown
+    # one modality shown
+    masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)
     masks.tgt_config.fill_(config)
     pred, _ = jepa(video, audio, masks)
     return pred.view(B, len(hidden), -1)
 
 
 def ranks(query, gallery):
-    """Rank (1 = first) of each query's own clip among all gallery clips, by Euclidean distance over all
-    tokens: query, gallery [n, T, D] -> [n]."""
+    """Rank (1 = first) of each query's own clip among all gallery clips, by Euclidean distance over
+    all tokens: query, gallery [n, T, D] -> [n]."""
     d = torch.cdist(query.flatten(1).float(), gallery.flatten(1).float())       # [n, n]
     return 1 + (d < d.diag()[:, None]).sum(1)
 
 
 def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
-    """The same ranking through a linear map instead of the predictor: kernel ridge from one modality's
-    features of the train clips to the other's, applied to the val queries. It says how much of one sense
-    the features carry about the other, whether or not the predictor has learned to use it. lam is
-    relative to the kernel's mean diagonal (fixed, not tuned on val)."""
+    """The same ranking through a linear map instead of the predictor: kernel ridge from one
+    modality's features of the train clips to the other's, applied to the val queries. It says how
+    much of one sense the features carry about the other, whether or not the predictor has learned
+    to use it. lam is relative to the kernel's mean diagonal (fixed, not tuned on val)."""
     x, y = train_x.flatten(1), train_y.flatten(1)
     mx, my = x.mean(0), y.mean(0)
     x = x - mx
-    K = (x @ x.T).double()                                                       # [n_train, n_train]
+    # [n_train, n_train]
+    K = (x @ x.T).double()
     alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype), (y - my).double())
     return ranks((query.flatten(1) - mx) @ x.T @ alpha.float() + my, gallery)
 
 
 def shuffled_gap(query, gallery):
-    """How much nearer the predictions are to their own clip's targets than to other clips': 1 - (mean distance
-    to the own clip) / (mean distance to the others). 0 for a predictor that says the same for every clip."""
+    """How much nearer the predictions are to their own clip's targets than to other clips': 1 -
+    (mean distance to the own clip) / (mean distance to the others). 0 for a predictor that says the
+    same for every clip."""
     d = torch.cdist(query.flatten(1).float(), gallery.flatten(1).float())       # [n, n]
     n = len(d)
     return 1 - d.diag().mean().item() / ((d.sum() - d.diag().sum()) / (n * (n - 1))).item()
 
 
 def retrieve(args, path, ckpt, data_dir, device):
-    """Retrieval through the checkpoint's networks and, with --baseline, through random ones of the same config."""
+    """Retrieval through the checkpoint's networks and, with --baseline, through random ones of the
+    same config."""
     res, describe, secs = with_baseline(retrieve_one, args, path, ckpt, data_dir, device)
     def scores(d):
         def fmt(r):
             x, ridge = r[d], r.get(d + "_ridge")
-            return (f"R@1 {100 * x['r1']:.1f}%, median rank {x['median_rank']:.0f}, spread {x['spread']:.2f}, "
-                    f"gap {x['gap']:.3f}" + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
+            return (f"R@1 {100 * x['r1']:.1f}%, median rank {x['median_rank']:.0f}, spread "
+                    f"{x['spread']:.2f}, gap {x['gap']:.3f}" + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
         return describe(fmt)
     n = res["val_clips"]
-    print(f"retrieve {res['run']} [{args.init}]: video->audio {scores('v2a')}; audio->video {scores('a2v')}; among {n} "
-          f"val clips (chance: R@1 {100 / n:.1f}%, median rank {(n + 1) / 2:.0f}, gap 0) in {secs:.0f} s")
+    print(f"retrieve {res['run']} [{args.init}]: video->audio {scores('v2a')}; audio->video "
+          f"{scores('a2v')}; among {n} val clips (chance: R@1 {100 / n:.1f}%, median rank "
+          f"{(n + 1) / 2:.0f}, gap 0) in {secs:.0f} s")
     return res
 
 
 def retrieve_one(args, path, ckpt, data_dir, device, init):
-    """Video -> audio: each val clip's predicted audio features, from its video alone, against the target
-    features of every val clip's audio alone (and the reverse). The gallery is encoded without the other
-    modality, so a match can only come from what the predictor inferred across the senses. Beside it, the
-    same ranking through a ridge map fit on the train clips' features (ridge_ranks)."""
+    """Video -> audio: each val clip's predicted audio features, from its video alone, against the
+    target features of every val clip's audio alone (and the reverse). The gallery is encoded
+    without the other modality, so a match can only come from what the predictor inferred across the
+    senses. Beside it, the same ranking through a ridge map fit on the train clips' features
+    (ridge_ranks)."""
     cfg = ckpt["config"]
     if not cfg.audio:
-        raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one (--audio)")
+        raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one "
+                         "(--audio)")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
     configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
@@ -664,7 +715,8 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     check_data(val["meta"], encoder, True)
     ids = clip_ids(val, args.clips, sounding=True)
     if len(ids) < 2:
-        raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
+        raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve "
+                         "among")
     t0, D = time.time(), encoder.width
     out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
@@ -718,8 +770,9 @@ def unpatchify_video(p, C, T, H, W):
 
 
 def patchify_audio(x):
-    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: a reshape
-    without this permute would scramble the spectrogram. Columns past the last patch are dropped."""
+    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: a
+    reshape without this permute would scramble the spectrogram. Columns past the last patch are
+    dropped."""
     B, _, M, Ta = x.shape
     x = x[..., :Ta // PATCH * PATCH].reshape(B, M // PATCH, PATCH, Ta // PATCH, PATCH)
     return x.permute(0, 1, 3, 2, 4).reshape(B, -1, PATCH * PATCH)
@@ -755,10 +808,11 @@ def mean_fill(patches, mask):
 
 
 class Decoder(nn.Module):
-    """One token -> one patch: LayerNorm (no affine) + Linear. It sees a single token (no neighbours, no
-    position), so what it draws is what that token carries. Being linear, it has a closed-form best fit:
-    least squares over every hidden token of the train pass, from normal equations summed batch by batch
-    (ridge-regularised). No learning rate, no epochs, and one pass of the frozen networks is all it costs."""
+    """One token -> one patch: LayerNorm (no affine) + Linear. It sees a single token (no
+    neighbours, no position), so what it draws is what that token carries. Being linear, it has a
+    closed-form best fit: least squares over every hidden token of the train pass, from normal
+    equations summed batch by batch (ridge-regularised). No learning rate, no epochs, and one pass
+    of the frozen networks is all it costs."""
     def __init__(self, dim, out, ridge=1e-3):
         super().__init__()
         self.norm, self.proj, self.ridge = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False), nn.Linear(dim, out), ridge
@@ -766,7 +820,8 @@ class Decoder(nn.Module):
         self.register_buffer("xy", torch.zeros(dim + 1, out, dtype=torch.float64))
 
     def accumulate(self, x, y):
-        f = F.pad(self.norm(x.float()), (0, 1), value=1.0)               # a constant column for the bias
+        # a constant column for the bias
+        f = F.pad(self.norm(x.float()), (0, 1), value=1.0)
         self.xx += (f.T @ f).double()
         self.xy += (f.T @ y.float()).double()
 
@@ -781,8 +836,9 @@ class Decoder(nn.Module):
 
 @torch.no_grad()
 def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
-    """Clips `ids` as the networks take them (video normalised, audio normalised or None) and their masks,
-    drawn from `rng` for every mask config of the checkpoint; crop=True: training's random crops too."""
+    """Clips `ids` as the networks take them (video normalised, audio normalised or None) and their
+    masks, drawn from `rng` for every mask config of the checkpoint; crop=True: training's random
+    crops too."""
     b = get_batch(data, ids, device)
     theta = crop_params(rng, len(ids)).to(device) if crop else None
     video = augment_video(b["video"], cfg.size, theta)
@@ -793,10 +849,11 @@ def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
 
 
 def predict(jepa, target_encoder, cfg, data, ids, rng, device):
-    """Mask clips `ids` with every mask config the predictor knows (each config has its own mask token),
-    run the frozen encoder + predictor, and the target encoder over the whole clips. Returns the clips'
-    patches (pixels in [0, 1], normalised log-mel) and one row per hidden token: its config, clip, token
-    number, predicted embedding (x) and the target encoder's own embedding there (target)."""
+    """Mask clips `ids` with every mask config the predictor knows (each config has its own mask
+    token), run the frozen encoder + predictor, and the target encoder over the whole clips. Returns
+    the clips' patches (pixels in [0, 1], normalised log-mel) and one row per hidden token: its
+    config, clip, token number, predicted embedding (x) and the target encoder's own embedding there
+    (target)."""
     encoder = jepa.encoder
     video, audio, masks = masked_clips(encoder, cfg, data, ids, rng, device)
     with autocast(device):
@@ -811,8 +868,8 @@ def predict(jepa, target_encoder, cfg, data, ids, rng, device):
 
 
 def decode_into(patches, rows, keep, decoder, offset=0, source="x"):
-    """Hidden patches replaced by the decoder's guess from rows[source] (the predictions, or the targets):
-    returns (reconstruction, hidden mask [B, N])."""
+    """Hidden patches replaced by the decoder's guess from rows[source] (the predictions, or the
+    targets): returns (reconstruction, hidden mask [B, N])."""
     out, mask = patches.clone(), torch.zeros(patches.shape[:2], dtype=torch.bool)
     clip, token = rows["clip"][keep], rows["token"][keep] - offset
     with torch.no_grad():
@@ -822,13 +879,15 @@ def decode_into(patches, rows, keep, decoder, offset=0, source="x"):
 
 
 def reconstruct(args, path, ckpt, data_dir, device):
-    """Reconstruction through the checkpoint's networks beside its floor (random networks of the same config,
-    read the same way) and its ceiling (the oracle: the target encoder's own features at the hidden tokens,
-    through a decoder fit the same way: what a perfect predictor could show)."""
+    """Reconstruction through the checkpoint's networks beside its floor (random networks of the
+    same config, read the same way) and its ceiling (the oracle: the target encoder's own features
+    at the hidden tokens, through a decoder fit the same way: what a perfect predictor could
+    show)."""
     cfg = ckpt["config"]
     args.mask = args.mask or cfg.masks[0]
     if args.mask not in cfg.masks:
-        raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg.masks)} only, not {args.mask!r}")
+        raise SystemExit(f"the predictor has mask tokens for {', '.join(cfg.masks)} only, not "
+                         f"{args.mask!r}")
     res, describe, secs = with_baseline(reconstruct_one, args, path, ckpt, data_dir, device)
     rnd = res.get("random", {})
     def beside(k, fmt, unit=""):
@@ -836,8 +895,8 @@ def reconstruct(args, path, ckpt, data_dir, device):
         return f"{fmt(res[k])}{unit} (mean-fill {fmt(res[k + '_mean_fill'])}{extra}, oracle {fmt(res[k + '_oracle'])})"
     audio_part = f", audio L1 {beside('l1', '{:.3f}'.format)}" if cfg.audio else ""
     print(f"reconstruct {res['run']} [{args.mask}, {args.init}]: hidden video PSNR "
-          f"{beside('psnr', '{:.1f}'.format, ' dB')}{audio_part} on {res['val_clips']} val clips in {secs:.0f} s; "
-          f"examples in {path.parent / 'reconstruct'}")
+          f"{beside('psnr', '{:.1f}'.format, ' dB')}{audio_part} on {res['val_clips']} val clips "
+          f"in {secs:.0f} s; examples in {path.parent / 'reconstruct'}")
     return res
 
 
@@ -897,7 +956,8 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
             fill = mean_fill(r["mel"], amask)
             for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
                 score(name + "_mean_fill", fn(fill, r["mel"], amask))
-        for j in [j for j, c in enumerate(ids[i:i + bs]) if c in shown]:   # examples spread over the split
+        # examples spread over the split
+        for j in [j for j, c in enumerate(ids[i:i + bs]) if c in shown]:
             examples.append(dict(pix=r["pix"][j], vid=pred_vid[j], vmask=vmask[j],
                                  has_audio=bool(val_data["has_audio"][ids[i + j]]),
                                  **(dict(mel=r["mel"][j], rec=pred_mel[j], amask=amask[j],
@@ -921,7 +981,8 @@ REFIT_LEARNED = 0.25   # share of the gap to the oracle that more predictor trai
 
 
 def predictor_loss(jepa, target_encoder, video, audio, masks, cfg):
-    """Training's JEPA loss with the encoder and the EMA target encoder frozen: only the predictor learns."""
+    """Training's JEPA loss with the encoder and the EMA target encoder frozen: only the predictor
+    learns."""
     with autocast(video.device):
         target = avjepa.target_features(target_encoder, video, audio, cfg)
         pred, _ = jepa(video, audio, masks)
@@ -929,11 +990,12 @@ def predictor_loss(jepa, target_encoder, video, audio, masks, cfg):
 
 
 def refit(args, path, ckpt, data_dir, device):
-    """The diagnostic to run on a new set: train the checkpoint's predictor on for --refit-steps, with the
-    encoder and the target encoder frozen, then reconstruct again. If the hidden part comes much closer to
-    the oracle (the target features decoded), the predictor had not finished learning: train longer. If it
-    barely moves, the context these masks leave does not pin the hidden content down: smaller masks, or
-    a set whose hidden parts follow from what is seen. Writes <run>/refit/ckpt.pt (the refit predictor)."""
+    """The diagnostic to run on a new set: train the checkpoint's predictor on for --refit-steps,
+    with the encoder and the target encoder frozen, then reconstruct again. If the hidden part comes
+    much closer to the oracle (the target features decoded), the predictor had not finished
+    learning: train longer. If it barely moves, the context these masks leave does not pin the
+    hidden content down: smaller masks, or a set whose hidden parts follow from what is seen. Writes
+    <run>/refit/ckpt.pt (the refit predictor)."""
     cfg = ckpt["config"]
     args.mask = args.mask or cfg.masks[0]
     steps = args.refit_steps or ckpt["step"]
@@ -973,19 +1035,20 @@ def refit(args, path, ckpt, data_dir, device):
     old = reconstruct_one(args, path, ckpt, data_dir, device, "pretrained")
     new = reconstruct_one(args, refit_path, refit_ckpt, data_dir, device, "pretrained")
 
-    def moved(k, fmt, unit=""):   # before -> after (oracle): the share of the gap closed, and what it says
+    # before -> after (oracle): the share of the gap closed, and what it says
+    def moved(k, fmt, unit=""):
         closed = (new[k] - old[k]) / (old[k + "_oracle"] - old[k]) if old[k + "_oracle"] != old[k] else 0.0
         verdict = "not learned yet" if closed >= REFIT_LEARNED else "not inferable from this context"
-        return (f"{fmt(old[k])} -> {fmt(new[k])}{unit} (oracle {fmt(old[k + '_oracle'])}): {closed:.0%} of the "
-                f"gap closed, {verdict}"), closed
+        return (f"{fmt(old[k])} -> {fmt(new[k])}{unit} (oracle {fmt(old[k + '_oracle'])}): "
+                f"{closed:.0%} of the gap closed, {verdict}"), closed
     video, v_closed = moved("psnr", "{:.1f}".format, " dB")
     audio, a_closed = moved("l1", "{:.3f}".format) if cfg.audio else ("", None)
     res = dict(task="refit", run=path.parent.name, ckpt=str(refit_path), steps=steps, mask=args.mask,
                loss_before=before, loss_after=after, before=old, after=new, video_closed=v_closed,
                audio_closed=a_closed)
     write_json(res, path.parent / f"probe_refit_{args.mask}.json")
-    print(f"refit {res['run']} [{args.mask}]: predictor val loss {before:.3f} -> {after:.3f} over {steps} steps "
-          f"(encoder and target encoder frozen); hidden video PSNR {video}"
+    print(f"refit {res['run']} [{args.mask}]: predictor val loss {before:.3f} -> {after:.3f} over "
+          f"{steps} steps (encoder and target encoder frozen); hidden video PSNR {video}"
           + (f"; audio L1 {audio}" if audio else "") + f"; refit checkpoint {refit_path}")
     return res
 
@@ -993,17 +1056,19 @@ def refit(args, path, ckpt, data_dir, device):
 # Pictures and sound of one example
 
 def mel_to_wave(mel, meta, iters=32):
-    """Normalised log-mel [128, Ta] -> 16 kHz waveform, roughly: undo the normalisation and the log, spread
-    the mel energies back over FFT bins by least squares on kaldi's own filterbank (the one prepare.py's
-    fbank used: 25 ms window, 10 ms hop, 512-point FFT, 20 Hz - 8 kHz), guess phases by Griffin-Lim, and
-    undo kaldi's 0.97 pre-emphasis."""
+    """Normalised log-mel [128, Ta] -> 16 kHz waveform, roughly: undo the normalisation and the log,
+    spread the mel energies back over FFT bins by least squares on kaldi's own filterbank (the one
+    prepare.py's fbank used: 25 ms window, 10 ms hop, 512-point FFT, 20 Hz - 8 kHz), guess phases by
+    Griffin-Lim, and undo kaldi's 0.97 pre-emphasis."""
     import torchaudio
     from torchaudio.compliance.kaldi import get_mel_banks
     power = (mel.float() * 2 * meta["audio_std"] + meta["audio_mean"]).exp()
-    with warnings.catch_warnings():   # its own filterbank, replaced below, has empty low bands at 128 mels
+    # its own filterbank, replaced below, has empty low bands at 128 mels
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inverse = torchaudio.transforms.InverseMelScale(257, 128, 16000, driver="gelsd")
-    inverse.fb = F.pad(get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)[0], (0, 1)).T  # [257, 128]
+    # [257, 128]
+    inverse.fb = F.pad(get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)[0], (0, 1)).T
     spec = inverse(power)
     griffin_lim = torchaudio.transforms.GriffinLim(n_fft=512, win_length=400, hop_length=160, power=2.0, n_iter=iters)
     torch.manual_seed(0)   # Griffin-Lim starts from random phases
@@ -1018,16 +1083,19 @@ def colormap(x, lo, hi):
 
 
 def example_png(rows, ex, cfg, k):
-    """original | hidden | reconstruction over (up to 8 of) the frames, then the three spectrograms."""
+    """original | hidden | reconstruction over (up to 8 of) the frames, then the three
+    spectrograms."""
     from PIL import Image, ImageDraw
     T, S = cfg.frames, cfg.size
     shown = np.linspace(0, T - 1, min(T, 8)).round().astype(int)
     tile, label, gap, names = S * k, 110, 4, ("original", "hidden", "reconstruction")
     specs = []
     if cfg.audio:
-        lo, hi = ex["mel"].min().item(), ex["mel"].max().item()       # one colour scale for all three
+        # one colour scale for all three
+        lo, hi = ex["mel"].min().item(), ex["mel"].max().item()
         for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
-            mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)   # low pitch at the bottom
+            # low pitch at the bottom
+            mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)
             specs.append(Image.fromarray(colormap(mel.numpy(), lo, hi)).resize((ex["Ta"] * 2, 256), Image.NEAREST))
     width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in specs))
     canvas = Image.new("RGB", (width, 3 * (tile + gap) + (256 + 20 + gap if specs else 0)), "white")
@@ -1035,7 +1103,8 @@ def example_png(rows, ex, cfg, k):
     for r, (name, frames) in enumerate(zip(names, rows)):
         draw.text((4, r * (tile + gap) + tile // 2), name, fill="black")
         for c, t in enumerate(shown):
-            frame = Image.fromarray(frames[t]).resize((tile, tile), Image.NEAREST)   # small frames: nearest, visible
+            # small frames: nearest, visible
+            frame = Image.fromarray(frames[t]).resize((tile, tile), Image.NEAREST)
             canvas.paste(frame, (label + c * (tile + gap), r * (tile + gap)))
     x = label
     for name, s in zip(names, specs):
@@ -1046,8 +1115,9 @@ def example_png(rows, ex, cfg, k):
 
 
 def write_example(stem, ex, cfg, meta):
-    """stem.png; stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav and
-    stem_original.wav (the original log-mel through the same resynthesis, to compare like with like)."""
+    """stem.png; stem.mp4: original beside reconstruction, with the reconstructed sound; stem.wav
+    and stem_original.wav (the original log-mel through the same resynthesis, to compare like with
+    like)."""
     T, S = cfg.frames, cfg.size
     def frames(p):   # patches -> uint8 frames [T, S, S, 3]
         return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
@@ -1062,7 +1132,8 @@ def write_example(stem, ex, cfg, meta):
             write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
         sound = waves[0]
     side = np.stack([np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1) for a, b in zip(rows[0], rows[2])])
-    from prepare import write_mp4   # prepare.py holds the PyAV code; importing it here keeps av optional
+    # prepare.py holds the PyAV code; importing it here keeps av optional
+    from prepare import write_mp4
     write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"], sound, sr))
 
 

@@ -1,9 +1,10 @@
 """
-The specification of avjepa, as tests. Tiny shapes, CPU, fast.  Run: python -m pytest -q test_avjepa.py
+The specification of avjepa, as tests. Tiny shapes, CPU, fast.  Run: python -m pytest -q
+test_avjepa.py
 
-On a machine without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1, set
-below before triton is imported). On a GPU the same command runs them compiled, with bf16, longer clips
-and the GPU-only tests (real sizes, a whole training step, no host sync) added.
+On a machine without a GPU the Triton kernels run under Triton's interpreter (TRITON_INTERPRET=1,
+set below before triton is imported). On a GPU the same command runs them compiled, with bf16,
+longer clips and the GPU-only tests (real sizes, a whole training step, no host sync) added.
 """
 import os
 import signal
@@ -39,7 +40,8 @@ import probe
 
 # PyAV decodes and writes media, and prepare.py is built on it: only the tests that need them import them,
 # and where PyAV is missing (a GPU image) those tests skip
-needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV is not installed")
+needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV is not "
+                                                                             "installed")
 
 # A micro encoder for tests of mechanics (the real sizes are tested where they matter).
 
@@ -56,7 +58,8 @@ def write_fake_dataset(root, n_train=16, n_val=8, frames=4, size=32, audio_frame
         rng.integers(0, 256, (n, frames, size, size, 3), dtype=np.uint8).tofile(f"{root}/{split}_video.bin")
         (rng.standard_normal((n, 128, audio_frames)) * 4 - 5).astype(np.float16).tofile(f"{root}/{split}_audio.bin")
         (np.arange(n) % 2).astype(np.int64).tofile(f"{root}/{split}_label.bin")
-        (np.arange(n) % 4 != 3).astype(np.uint8).tofile(f"{root}/{split}_has_audio.bin")   # every 4th clip is silent
+        # every 4th clip is silent
+        (np.arange(n) % 4 != 3).astype(np.uint8).tofile(f"{root}/{split}_has_audio.bin")
     with open(f"{root}/meta.json", "w") as f:
         json.dump(meta, f)
     return str(root)
@@ -68,8 +71,8 @@ def fake_data(tmp_path_factory):
 
 
 def micro_args(data, out, *extra):
-    """Training flags for a tiny run. On the CPU even where a GPU is: bit-identical results, and the tests
-    compare with tensors made on the CPU. The GPU path has its own tests (test_gpu_*)."""
+    """Training flags for a tiny run. On the CPU even where a GPU is: bit-identical results, and the
+    tests compare with tensors made on the CPU. The GPU path has its own tests (test_gpu_*)."""
     return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1",
             "--device", "cpu", *extra]
 
@@ -81,14 +84,16 @@ N = math.prod(VIDEO_GRID) + math.prod(AUDIO_GRID)   # 1568 + 104 tokens per clip
 
 
 def micro_config(**settings):
-    """The Config of the micro model on 4 frames of 32 x 32 px and 32 log-mel columns, with sound."""
+    """The Config of the micro model on 4 frames of 32 x 32 px and 32 log-mel columns, with
+    sound."""
     return avjepa.Config(**{"model": "vit_micro", "audio": True, "frames": 4, "size": 32, "audio_frames": 32,
                             "tubelet_seconds": 0.27, "audio_patch_seconds": 0.16, **settings})
 
 
 @pytest.fixture
 def vit(monkeypatch):
-    """vit(width, depth, heads, **settings): an encoder of any shape, a model of MODELS for this test alone."""
+    """vit(width, depth, heads, **settings): an encoder of any shape, a model of MODELS for this
+    test alone."""
     def make(width, depth, heads, **settings):
         monkeypatch.setitem(avjepa.MODELS, f"vit_{width}x{depth}", (width, depth, heads))
         return avjepa.Encoder(avjepa.Config(**{"model": f"vit_{width}x{depth}", **settings}))
@@ -112,11 +117,13 @@ def segments(packed):
 
 
 def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
-    assert [avjepa.grid_blocks(b, 14 * 14) for b in (8, 2)] == [8, 2]        # V-JEPA's short and long
+    # V-JEPA's short and long
+    assert [avjepa.grid_blocks(b, 14 * 14) for b in (8, 2)] == [8, 2]
     rng = np.random.default_rng(0)
     hidden = {c: np.mean([avjepa.sample_targets(rng, c, (4, 4, 4), None)[:16].sum() for _ in range(300)])
               for c in ("short", "long")}
-    assert hidden["short"] < 3.5 and hidden["long"] < 10.5, hidden   # 8 x 0.15 and 2 x 0.7 hid 11 and 12 of 16
+    # 8 x 0.15 and 2 x 0.7 hid 11 and 12 of 16
+    assert hidden["short"] < 3.5 and hidden["long"] < 10.5, hidden
 
 
 @pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
@@ -151,7 +158,8 @@ def test_future_hides_the_second_half_of_both_senses():
     video = np.isin(np.arange(nv), t).reshape(VIDEO_GRID)                      # [t, h, w]
     audio = np.isin(np.arange(nv, N), t).reshape(AUDIO_GRID)                   # [mel, time]
     assert (video == (np.arange(8) >= 4)[:, None, None]).all()                 # tubelets 4-7 of 8
-    assert (audio == (np.arange(13) >= 7)[None, :]).all()                      # audio columns 7-12 of 13
+    # audio columns 7-12 of 13
+    assert (audio == (np.arange(13) >= 7)[None, :]).all()
 
 
 def test_context_is_never_empty_even_on_a_tiny_grid():
@@ -217,15 +225,18 @@ def test_no_gradient_reaches_the_target_encoder():
     opt = avjepa.make_optimizer(jepa, 1e-3)
     before = [p.clone() for p in target_encoder.parameters()]
     _, _, _, target_feats = avjepa.train_step(jepa, target_encoder, opt, video, audio, masks, 1.0, args)
-    assert not target_feats.requires_grad                                     # the targets carry no graph
+    # the targets carry no graph
+    assert not target_feats.requires_grad
     assert all(p.grad is None and not p.requires_grad for p in target_encoder.parameters())
-    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)   # the encoder learns
+    # the encoder learns
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)
     # at momentum 1 the EMA leaves it as it was: nothing but the EMA ever changes the target encoder
     assert all(torch.equal(p, b) for p, b in zip(target_encoder.parameters(), before))
 
 
 def hide(video, audio, masks, clip, noise):
-    """Copies of video and audio in which the pixels of clip's target tokens are replaced by noise."""
+    """Copies of video and audio in which the pixels of clip's target tokens are replaced by
+    noise."""
     video, audio = video.clone(), audio.clone()
     nv, n = 8, 8 + 16   # micro grid: 2 x 2 x 2 tubelets, 8 x 2 audio patches
     for i in masks.tgt.index[masks.tgt.cu[clip]:masks.tgt.cu[clip + 1]].tolist():
@@ -408,12 +419,16 @@ def test_targets_of_one_layer_are_the_last_blocks_normed_output_and_of_k_the_mea
 
 def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skips_absent_parts():
     B, D = 4, 32
-    lists = [np.arange(3) if b != 2 else np.arange(2, 3) for b in range(B)] * 2   # 2 configs; clip 2: 1 token
-    masks = avjepa.pack_masks([np.arange(3, 6)] * 2 * B, lists, B, nv=2, n_tokens=6)   # tokens 0, 1 video; 2 audio
+    # 2 configs; clip 2: 1 token
+    lists = [np.arange(3) if b != 2 else np.arange(2, 3) for b in range(B)] * 2
+    # tokens 0, 1 video; 2 audio
+    masks = avjepa.pack_masks([np.arange(3, 6)] * 2 * B, lists, B, nv=2, n_tokens=6)
     targets = torch.randn(len(masks.tgt.index), D, generator=torch.Generator().manual_seed(0))
     matched = avjepa.clip_contrast(targets * 10, targets, masks, B)
-    clips = masks.tgt.segment_ids() % B                                                   # [Tt] clip of each row
-    mean_pred = torch.zeros(len(targets), D)                                             # the same for every clip
+    # [Tt] clip of each row
+    clips = masks.tgt.segment_ids() % B
+    # the same for every clip
+    mean_pred = torch.zeros(len(targets), D)
     assert matched < 0.05 < avjepa.clip_contrast(mean_pred, targets, masks, B)
     assert avjepa.clip_contrast(mean_pred, targets, masks, B) == pytest.approx(
         (3 * math.log(3) + 4 * math.log(4)) / 7, rel=1e-4)   # video: 3 clips have it; audio: all 4
@@ -426,7 +441,8 @@ def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_a
     assert avjepa.ema_range(600) == pytest.approx((0.99, 1.0))
     assert avjepa.ema_range(90000) == pytest.approx((0.998, 1.0))
     assert avjepa.ema_range(3) == pytest.approx((0.9, 1.0))
-    assert avjepa.schedules(0, avjepa.get_config(["--ema", "0.9", "0.95"]))[2] == 0.9   # given, it is used
+    # given, it is used
+    assert avjepa.schedules(0, avjepa.get_config(["--ema", "0.9", "0.95"]))[2] == 0.9
 
 
 def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once():
@@ -439,7 +455,8 @@ def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once
 def test_packed_predictor_equals_each_segment_predicted_alone():
     encoder, predictor, _ = micro_jepa()
     predictor.eval()
-    nn.init.normal_(predictor.mask_tokens)             # distinct mask tokens per config and modality
+    # distinct mask tokens per config and modality
+    nn.init.normal_(predictor.mask_tokens)
     N = encoder.n_tokens()
     masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 3, encoder.video_grid,
                                 encoder.audio_grid, np.array([1, 0, 1]))
@@ -490,7 +507,8 @@ def test_jepa_loss_averages_each_config_and_modality_then_the_configs():
     loss, video, audio = loss_of([1, 2, 3, 8, 4], hand_masks())
     # config 0: video mean 2, audio 8, each half; config 1: video 4 alone; then the two configs alike
     assert loss == pytest.approx(((2 + 8) / 2 + 4) / 2)
-    assert video == pytest.approx((1 + 2 + 3 + 4) / 4) and audio == pytest.approx(8)   # plain means, for the log
+    # plain means, for the log
+    assert video == pytest.approx((1 + 2 + 3 + 4) / 4) and audio == pytest.approx(8)
 
 
 def test_a_modality_without_targets_has_no_loss_and_takes_no_weight():
@@ -506,7 +524,8 @@ def schedule_args(*flags):
 
 def test_vjepa1_schedules_warm_up_then_follow_cosines_and_stop_at_80_percent():
     args = schedule_args()
-    total = 100 * args.schedule_scale                                # 125: the schedules run past the last step
+    # 125: the schedules run past the last step
+    total = 100 * args.schedule_scale
     warm = args.warmup * total
     ema = avjepa.ema_range(100)
     assert avjepa.schedules(0, args) == pytest.approx((args.start_lr, args.wd[0], ema[0]))
@@ -539,7 +558,8 @@ def test_loss_decreases_on_a_tiny_batch(fake_data, tmp_path):
 
 def test_log_is_strict_json_when_a_step_has_no_audio_targets(tmp_path):
     data = write_fake_dataset(tmp_path / "data")
-    np.zeros(16, np.uint8).tofile(f"{data}/train_has_audio.bin")          # every train clip is silent
+    # every train clip is silent
+    np.zeros(16, np.uint8).tofile(f"{data}/train_has_audio.bin")
     avjepa.train(micro_args(data, tmp_path / "out", "--audio", "--steps", "2"))
     def no_nan(name):
         raise AssertionError(f"log.jsonl holds {name}, which is not JSON")
@@ -562,17 +582,23 @@ def test_log_records_the_target_rank_per_modality_and_plots_it(fake_data, tmp_pa
 
 def test_rankme_counts_the_directions_features_use():
     g = torch.Generator().manual_seed(0)
-    assert common.rankme(torch.ones(100, 16)) < 1.01                                   # collapsed: one direction
-    assert 3.9 < common.rankme(torch.randn(400, 4, generator=g) @ torch.eye(4, 16)) <= 4   # four directions
+    # collapsed: one direction
+    assert common.rankme(torch.ones(100, 16)) < 1.01
+    # four directions
+    assert 3.9 < common.rankme(torch.randn(400, 4, generator=g) @ torch.eye(4, 16)) <= 4
     assert common.rankme(torch.randn(400, 16, generator=g)) > 14                       # all sixteen
 
 
 def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     torch.manual_seed(0)
-    assert avjepa.sigreg(torch.randn(2000, 16)) < 0.005                                # isotropic Gaussian
-    assert avjepa.sigreg(torch.randn(2000, 2) @ torch.eye(2, 16)) > 0.05               # two directions only
-    assert avjepa.sigreg(0.2 * torch.randn(2000, 16)) > 0.05                           # shrunk towards one point
-    assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15                                 # every row alike
+    # isotropic Gaussian
+    assert avjepa.sigreg(torch.randn(2000, 16)) < 0.005
+    # two directions only
+    assert avjepa.sigreg(torch.randn(2000, 2) @ torch.eye(2, 16)) > 0.05
+    # shrunk towards one point
+    assert avjepa.sigreg(0.2 * torch.randn(2000, 16)) > 0.05
+    # every row alike
+    assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15
 
 
 @pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
@@ -585,7 +611,8 @@ def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
 def test_training_draws_its_masks_at_the_start(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--name", "m", "--masks", "long,v2a"))
     from PIL import Image
-    w, h = Image.open(tmp_path / "m" / "masks.png").size   # one row per config: tubelets, then the spectrogram
+    # one row per config: tubelets, then the spectrogram
+    w, h = Image.open(tmp_path / "m" / "masks.png").size
     assert w > h > 200
 
 
@@ -658,8 +685,8 @@ def test_resume_reads_a_checkpoint_saved_before_the_optimizer_groups_carried_a_d
 
 
 def saved_before_one_config(ck):
-    """A checkpoint as it was saved before there was one Config: the flags as given, beside a dict of
-    the model's settings whose "crop" was the frames' side."""
+    """A checkpoint as it was saved before there was one Config: the flags as given, beside a dict
+    of the model's settings whose "crop" was the frames' side."""
     cfg = ck["config"]
     geometry = ("frames", "size", "audio_frames", "tubelet_seconds", "audio_patch_seconds")
     flags = {**{k: v for k, v in cfg.items() if k not in geometry}, "masks": ",".join(cfg["masks"])}
@@ -750,7 +777,8 @@ def test_write_atomic_sweeps_the_temporaries_of_killed_processes(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()                                                      # a pid that no longer runs
     path = tmp_path / "ckpt.pt"
-    stale, live = Path(f"{path}.tmp-{dead.pid}"), Path(f"{path}.tmp-{os.getppid()}")   # the parent lives on
+    # the parent lives on
+    stale, live = Path(f"{path}.tmp-{dead.pid}"), Path(f"{path}.tmp-{os.getppid()}")
     for p in (stale, live):
         p.write_bytes(b"half a checkpoint")
     common.write_atomic(path, lambda tmp: Path(tmp).write_text("done"))
@@ -767,7 +795,8 @@ def test_missing_dataset_says_to_run_prepare(tmp_path):
 def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
     root = write_fake_dataset(tmp_path / "d")
     os.truncate(os.path.join(root, "train_video.bin"), 100)
-    with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python prepare.py`"):
+    with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python "
+                                         "prepare.py`"):
         common.load_split(root, "train")
 
 
@@ -813,7 +842,8 @@ def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(sc
 def test_every_script_prints_a_clean_help(script):
     r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "" and "usage:" in r.stdout, r.stderr
-    assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout   # an unescaped % prints argparse's dict
+    # an unescaped % prints argparse's dict
+    assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout
 
 
 @needs_av
@@ -882,7 +912,8 @@ def test_a_stop_signal_finishes_the_step_saves_plots_summarises_and_exits_128_pl
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "20", "--save-every", "10"))
     run = tmp_path / "vit_micro-v"
     assert exit.value.code == code
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6   # step 5 finished, then saved
+    # step 5 finished, then saved
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
     assert (run / "training.png").exists() and "to step 6 (stopped of 20" in capsys.readouterr().out
     assert signal.getsignal(sig) == before   # the caller's handler is back
 
@@ -936,7 +967,8 @@ def test_resuming_a_finished_run_prints_its_summary(fake_data, tmp_path, capsys)
     assert "trained vit_micro-v to step 2: loss" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("video_shape, audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
+@pytest.mark.parametrize("video_shape, "
+                         "audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
                                                        ((2, 3, 4, 32, 32), 64)])
 def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape, audio_frames):
     encoder = micro_jepa()[0]   # built for 4 frames of 32 px and 32 audio frames
@@ -983,7 +1015,8 @@ TOL = {torch.float32: 1e-4 if INTERPRET else 1e-2, torch.float16: 1e-2, torch.bf
 RAGGED = [1, 17, 5, 33] if INTERPRET else [1, 300, 129, 64, 257]  # 1, and not multiples of the tile
 HEAD_DIMS = [16, 24, 32, 64] if INTERPRET else [16, 24, 32, 64, 128]  # 24: padded to 32, masked
 # the interpreter's range() over a tensor bound trips a numpy deprecation warning, harmlessly
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > "
+                                        "0:DeprecationWarning")
 
 
 @pytest.fixture
@@ -1028,7 +1061,8 @@ def reference_and_grads(q, k, v, cu, max_seqlen):
 
 
 def assert_attention_matches_reference(lengths, heads, dtype, hd=64):
-    """kernels.attention, as the current BACKEND routes it, against the fp32 reference: output and every gradient."""
+    """kernels.attention, as the current BACKEND routes it, against the fp32 reference: output and
+    every gradient."""
     q, k, v = packed_qkv(lengths, heads, hd, dtype)
     cu = cu_seqlens(lengths)
     out, grads = attention_and_grads(q, k, v, cu, max(lengths))
@@ -1053,7 +1087,8 @@ def test_attention_reference_equals_per_clip_dense_softmax():
 
 
 @pytest.mark.parametrize("lengths, max_seqlen, dense", [([6, 6, 6], 6, True), ([6, 5, 6], 6, False),
-                                                        ([6, 6, 6], 8, False)])   # 8: a bound, not the length
+                                                        # 8: a bound, not the length
+                                                        ([6, 6, 6], 8, False)])
 def test_auto_sends_equal_length_clips_to_dense_sdpa_with_the_reference_result(monkeypatch, lengths, max_seqlen, dense):
     original, calls = kernels.attention_dense, []
     monkeypatch.setattr(kernels, "attention_dense", lambda *a: calls.append(a) or original(*a))
@@ -1189,8 +1224,8 @@ def test_torch_compile_takes_the_kernels_as_custom_ops_and_gradients_still_flow(
 
 @pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=needs_runner)])
 def test_the_whole_step_compiles_as_one_graph_with_no_break(monkeypatch, backend):
-    """Context pass, EMA target pass (whole clips: the dense path), predictor, loss, SIGReg and InfoNCE,
-    each attention, gather and scatter on the chosen path: dynamo must see one graph."""
+    """Context pass, EMA target pass (whole clips: the dense path), predictor, loss, SIGReg and
+    InfoNCE, each attention, gather and scatter on the chosen path: dynamo must see one graph."""
     monkeypatch.setattr(kernels, "BACKEND", backend)
     encoder, predictor, target_encoder = micro_jepa()
     model = avjepa.JEPA(encoder, predictor)
@@ -1249,7 +1284,9 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
 # -----------------------------------------------------------------------------
 # On a GPU only: the compiled kernels at real sizes, and the training step they serve.
 
-needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a GPU (compiled Triton)")
+needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a GPU "
+                                                                                  "(compiled "
+                                                                                  "Triton)")
 
 
 @needs_gpu
@@ -1263,7 +1300,8 @@ def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradien
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_auto_attention_on_whole_clips_matches_reference_with_every_gradient(dtype):
-    assert_attention_matches_reference([1568] * 4, 12, dtype)   # whole clips: "auto" takes SDPA (cuDNN first)
+    # whole clips: "auto" takes SDPA (cuDNN first)
+    assert_attention_matches_reference([1568] * 4, 12, dtype)
 
 
 def gpu_training_setup(seed=0):
@@ -1289,13 +1327,15 @@ def test_gpu_train_step_on_the_triton_path_equals_the_torch_path(monkeypatch):
         results.append((loss.item(), torch.cat([p.detach().flatten() for p in target_encoder.parameters()])))
     (loss_torch, w_torch), (loss_triton, w_triton) = results
     assert abs(loss_triton - loss_torch) <= 2e-2 * abs(loss_torch)   # bf16 autocast on both paths
-    assert (w_triton - w_torch).abs().max().item() <= 1e-3           # one lr-sized step, then the EMA
+    # one lr-sized step, then the EMA
+    assert (w_triton - w_torch).abs().max().item() <= 1e-3
 
 
 @needs_gpu
 def test_gpu_train_step_never_waits_for_the_device():
     args, model, target_encoder, opt, video, audio, masks = gpu_training_setup()
-    avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)   # first call: compile and allocate
+    # first call: compile and allocate
+    avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -1324,12 +1364,14 @@ def test_gpu_train_waits_for_the_device_only_on_log_and_save_steps(fake_data, tm
 # rows say they were skipped (they need CUDA), and --json writes what was printed.
 
 def test_step_quick(tmp_path, monkeypatch):
-    monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))   # vit_tiny's init alone takes seconds on a CPU
+    # vit_tiny's init alone takes seconds on a CPU
+    monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))
     out = tmp_path / "bench.json"
     res = bench.main(["--quick", "--only", "step", "--models", "vit_micro", "--device", "cpu", "--batch-size", "1",
                       "--steps", "1", "--json", str(out)])
     rows = res["step"]
-    assert len(rows) == 12 and {r["model"] for r in rows} == {"vit_micro"}   # AV/V x varlen/truncate x 3 paths
+    # AV/V x varlen/truncate x 3 paths
+    assert len(rows) == 12 and {r["model"] for r in rows} == {"vit_micro"}
     for r in rows:
         if r["path"] in ("auto", "torch"):   # on a CPU, auto is the torch path
             assert r["note"] == "" and r["clips_s"] > 0 and r["gflop"] > 0, r
@@ -1349,12 +1391,15 @@ def test_profile_quick_splits_the_step_into_its_kinds_of_work(monkeypatch, capsy
     assert "Self CPU" in capsys.readouterr().out   # the profiler's table of top ops
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the CPU rehearsal of --tune; on a GPU, --tune runs for real")
+@pytest.mark.skipif(not INTERPRET, reason="the CPU rehearsal of --tune; on a GPU, --tune runs "
+                                          "for real")
 def test_tune_quick_checks_every_gather_scatter_tile_and_finds_a_winner_per_width(monkeypatch):
-    monkeypatch.setattr(bench, "tune_attention", lambda args: [])   # its sweep takes half a minute here
+    # its sweep takes half a minute here
+    monkeypatch.setattr(bench, "tune_attention", lambda args: [])
     res = bench.main(["--tune", "--quick", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["tune"]["rows"]
-    assert all(r["note"] == "" for r in rows), [r for r in rows if r["note"]]   # every tile equals the reference
+    # every tile equals the reference
+    assert all(r["note"] == "" for r in rows), [r for r in rows if r["note"]]
     assert sorted(r["D"] for r in rows if r["best"]) == [384, 768]
 
 
@@ -1364,9 +1409,11 @@ def test_kernels_quick():
     ref = [r for r in rows if r["kind"] == "ref"]
     assert len(ref) == 13 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)   # 13 cases
     assert all(r["note"] == bench.SKIP for r in rows if r["kind"] == "ours")
-    auto = [r for r in rows if r["kind"] == "auto"]   # what users get: here the reference or dense SDPA
+    # what users get: here the reference or dense SDPA
+    auto = [r for r in rows if r["kind"] == "auto"]
     assert len(auto) == 13 and all(r["fb_ms"] > 0 and r["err"] < 1e-4 for r in auto)
-    assert all(r["note"] == bench.SKIP_CUDA for r in rows if r["kind"] in ("varlen", "flex"))   # torch's: CUDA only
+    # torch's: CUDA only
+    assert all(r["note"] == bench.SKIP_CUDA for r in rows if r["kind"] in ("varlen", "flex"))
     res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
     rows = res["gather"]
     assert all(r["err"] == 0 and r["gbs"] > 0 for r in rows if "[triton]" not in r["row"])
@@ -1376,13 +1423,14 @@ def test_kernels_quick():
 
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
-    """A 2-step micro AV checkpoint on a fake dataset whose two classes carry one factor each: class 1's
-    frames are bright, class 0's dark, so that any encoder's features tell them apart."""
+    """A 2-step micro AV checkpoint on a fake dataset whose two classes carry one factor each: class
+    1's frames are bright, class 0's dark, so that any encoder's features tell them apart."""
     root = tmp_path_factory.mktemp("probe")
     data = write_fake_dataset(root / "data")
     for split, n in (("train", 16), ("val", 8)):
         video = np.fromfile(f"{data}/{split}_video.bin", np.uint8).reshape(n, -1) // 2
-        video[1::2] += 128                                                     # labels are 0, 1, 0, 1, ...
+        # labels are 0, 1, 0, 1, ...
+        video[1::2] += 128
         video.tofile(f"{data}/{split}_video.bin")
     meta = json.loads((root / "data" / "meta.json").read_text())
     meta.update(factors={"side": {"values": ["a", "b"], "modality": "video"}}, class_factors=[[0], [1]])
@@ -1404,9 +1452,11 @@ def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, i
                       "--modalities", modalities, "--init", init])
     name = f"{modalities}_separate_{init}" if modalities == "both" else f"{modalities}_{init}"
     saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
-    assert saved["top1"] == res["top1"] == 1.0 and res["val_clips"] == 8   # bright or dark: no encoder misses it
+    # bright or dark: no encoder misses it
+    assert saved["top1"] == res["top1"] == 1.0 and res["val_clips"] == 8
     assert set(res["factors"]) == {"side"} and "top5" not in res   # 2 classes: no top-5
-    assert len(res["probe_runs"]) == 3 and res["linear"]["top1"] == 1.0   # probe seeds; the seedless readout too
+    # probe seeds; the seedless readout too
+    assert len(res["probe_runs"]) == 3 and res["linear"]["top1"] == 1.0
     assert ("random" in res) == (init == "pretrained") and res.get("random", res)["init"] == "random"
     assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
 
@@ -1424,7 +1474,8 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     assert res["val_clips"] == n and res["chance_r1"] == 1 / n
     for d in ("v2a", "a2v"):
         assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1 and res[d]["spread"] >= 0
-        assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1   # the baseline, read the same way
+        # the baseline, read the same way
+        assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1
     assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
     assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
 
@@ -1446,7 +1497,8 @@ def test_shuffled_gap_is_zero_for_a_predictor_that_says_the_mean_and_positive_fo
 
 def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
     g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (60, 2), generator=g)                               # two factors, 3 values each
+    # two factors, 3 values each
+    y = torch.randint(0, 3, (60, 2), generator=g)
     code = torch.randn(2, 3, 8, generator=g)
     def feats(y):
         return code[0, y[:, 0]] + code[1, y[:, 1]] + 0.05 * torch.randn(len(y), 8, generator=g)
@@ -1458,7 +1510,8 @@ def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
 
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
     gallery = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])
-    query = torch.tensor([[[0.1]], [[1.9]], [[1.8]]])   # clip 1's prediction is nearer clip 2's sound
+    # clip 1's prediction is nearer clip 2's sound
+    query = torch.tensor([[[0.1]], [[1.9]], [[1.8]]])
     assert probe.ranks(query, gallery).tolist() == [1, 2, 1]
 
 
@@ -1472,20 +1525,24 @@ def test_classify_reuses_cached_features(probe_run, capsys):
 
 def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
     g = torch.Generator().manual_seed(0)
-    def split(n):   # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
+    # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
+    def split(n):
         x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g), -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
         valid = torch.ones(n, 5, dtype=torch.bool)
-        valid[0, 3:] = False                   # a silent clip: its audio slots hold junk that must not count
+        # a silent clip: its audio slots hold junk that must not count
+        valid[0, 3:] = False
         x[0, 3:] = 1e4
         return dict(x=x.half(), valid=valid)
     train, val = split(50), split(20)
-    audio = train["x"][1:, 3:].float().reshape(-1, 4)                       # the valid train audio tokens
+    # the valid train audio tokens
+    audio = train["x"][1:, 3:].float().reshape(-1, 4)
     expected_val_audio = (val["x"][1:, 3:].float() - audio.mean(0)) / audio.std(0)
     probe.standardize(train, val, [0, 3, 5])
     for part in (slice(0, 3), slice(3, 5)):
         x = train["x"][:, part][train["valid"][:, part]]
         assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
-    assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)   # val: the train split's statistics
+    # val: the train split's statistics
+    assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)
 
 
 def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
@@ -1518,10 +1575,12 @@ def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
 
 def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
     meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
-                class_factors=[[c, s] for c in range(2) for s in range(3)])      # 6 classes: (colour, size)
+                # 6 classes: (colour, size)
+                class_factors=[[c, s] for c in range(2) for s in range(3)])
     outputs, targets = probe.label_heads(6, meta)
     assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
-    colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])   # sure of red, and of large
+    # sure of red, and of large
+    colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
     feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool), y=torch.tensor([2]))
     scores = probe.predict_classes(lambda x, valid: [colour, size], feats, targets, "cpu")
     expected = [F.log_softmax(colour, -1)[0, c] + F.log_softmax(size, -1)[0, s] for c, s in meta["class_factors"]]
@@ -1539,9 +1598,9 @@ def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
 
 
 def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot():
-    """Tokens that carry, per tubelet, the object's height (video) and the pitch heard (audio): synced
-    clips hear the height seen now, late ones the height of two tubelets before; the object steps left or
-    right. Neither is in any pooled token, and both are in the pairs."""
+    """Tokens that carry, per tubelet, the object's height (video) and the pitch heard (audio):
+    synced clips hear the height seen now, late ones the height of two tubelets before; the object
+    steps left or right. Neither is in any pooled token, and both are in the pairs."""
     from types import SimpleNamespace
     T, H, W, Fa, C, D, n = 8, 2, 2, 2, 12, 8, 600
     enc = SimpleNamespace(video_grid=(T, H, W), nv=T * H * W, audio_grid=(Fa, C),
@@ -1554,7 +1613,8 @@ def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot(
     for t in range(T):
         now = slice(t * H * W, (t + 1) * H * W)
         x[:, now, 0] += torch.tensor(height[:, t + 2])[:, None]                          # seen now
-        x[:, now, 1] += torch.tensor(np.cos(angle + 0.8 * step * t))[:, None]            # where it is
+        # where it is
+        x[:, now, 1] += torch.tensor(np.cos(angle + 0.8 * step * t))[:, None]
         x[:, now, 2] += torch.tensor(np.sin(angle + 0.8 * step * t))[:, None]
     col_t = ((np.arange(C) + 0.5) * 0.16 / 0.24).astype(int)
     heard = np.where(late[:, None], height[:, col_t], height[:, col_t + 2])              # [n, C]
@@ -1583,7 +1643,8 @@ def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, 
     probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "0", "--batch-size", "8"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     num = r"-?[0-9.]+"
-    assert re.search(rf"hidden video PSNR {num} dB \(mean-fill {num}, random {num}, oracle {num}\)", line), line
+    assert re.search(fr"hidden video PSNR {num} dB \(mean-fill {num}, random {num}, "
+                     fr"oracle {num}\)", line), line
     assert re.search(rf"audio L1 {num} \(mean-fill {num}, random {num}, oracle {num}\)", line), line
 
 
@@ -1597,8 +1658,8 @@ def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_ru
     line = capsys.readouterr().out.strip().splitlines()[-1]
     num = r"-?[0-9.]+"
     assert re.search(rf"predictor val loss {num} -> {num} over 3 steps", line), line
-    assert re.search(rf"hidden video PSNR {num} -> {num} dB \(oracle {num}\): -?[0-9]+% of the gap closed, "
-                     rf"(not learned yet|not inferable from this context)", line), line
+    assert re.search(fr"hidden video PSNR {num} -> {num} dB \(oracle {num}\): -?[0-9]+% of the gap "
+                     r"closed, (not learned yet|not inferable from this context)", line), line
 
 
 def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe_run, capsys):
@@ -1607,9 +1668,11 @@ def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe
     cache = Path(probe_run["data"]) / "labels_vit_micro_av_3steps_seed0.json"
     assert cache.exists() and first["labels"]["steps"] == 3 and 0 <= first["labels"]["top1"] <= 1
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 [0-9.]+% \(side [0-9]+%\)\]", line)
+    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 "
+                     r"[0-9.]+% \(side [0-9]+%\)\]", line)
     stamp = cache.stat().st_mtime_ns
-    assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp   # read, not retrained
+    # read, not retrained
+    assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
 
 
 @needs_av
@@ -1629,7 +1692,8 @@ def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, recon
     for name in ("short_pretrained_0.wav", "short_pretrained_0_original.wav"):
         with wave.open(str(out / name)) as w:
             assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getnframes() > 0.2 * 16000
-    assert not [p for p in os.listdir(out) if ".tmp-" in p]       # every file was renamed into place
+    # every file was renamed into place
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
 
 # -----------------------------------------------------------------------------
 # Patches and metrics
@@ -1644,14 +1708,16 @@ def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
     # a patch embedding is a linear map of its patch: same rows, same order as the encoder's tokens
     for p, embed in ((pv, enc.patch_embed), (pa, enc.audio_patch_embed)):
         w = embed.proj.weight
-        w = w.permute(0, 2, 3, 4, 1) if w.dim() == 5 else w.permute(0, 2, 3, 1)   # (dt, dy, dx, c) order
+        # (dt, dy, dx, c) order
+        w = w.permute(0, 2, 3, 4, 1) if w.dim() == 5 else w.permute(0, 2, 3, 1)
         tokens = embed(video if w.dim() == 5 else audio)
         torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens, atol=1e-4, rtol=1e-4)
 
 
 def test_masked_metrics_count_only_hidden_patches():
     target = torch.tensor([[[0.0, 1.0], [0.5, 0.5], [1.0, 1.0]]])
-    pred = torch.tensor([[[0.5, 1.0], [9.0, 9.0], [1.0, 0.0]]])   # patch 1 is visible: its error must not count
+    # patch 1 is visible: its error must not count
+    pred = torch.tensor([[[0.5, 1.0], [9.0, 9.0], [1.0, 0.0]]])
     mask = torch.tensor([[True, False, True]])
     # hidden squared errors: (0.25 + 0) / 2 and (0 + 1) / 2 -> mse 0.3125
     assert probe.masked_psnr(pred, target, mask).item() == pytest.approx(10 * math.log10(1 / 0.3125))
@@ -1684,7 +1750,8 @@ def test_griffin_lim_resynthesis_keeps_the_pitch_of_a_tone():
 # Defaults and errors
 
 def test_default_checkpoint_is_the_most_recent_run(probe_run, tmp_path, capsys):
-    for i, name in enumerate(["b-old", "a-new"]):   # the newer one sorts first by name: mtime must decide
+    # the newer one sorts first by name: mtime must decide
+    for i, name in enumerate(["b-old", "a-new"]):
         (tmp_path / name).mkdir()
         (tmp_path / name / "ckpt.pt").write_bytes(probe_run["ckpt"].read_bytes())
         os.utime(tmp_path / name / "ckpt.pt", (1e9 + i, 1e9 + i))
@@ -1756,7 +1823,8 @@ HERE = Path(__file__).parent
 def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv420p", frame_fn=None, times=None,
                audio=None, sample_rate=16000, layout="mono", acodec="aac", audio_start=0.0):
     """Write a small test video. frame_fn(i) -> [H, W, 3] uint8 (default: a moving gradient);
-    times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples] float32."""
+    times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples]
+    float32."""
     import av
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1791,7 +1859,8 @@ def tone(seconds, sample_rate, channels=1, freq=440.0, amp=0.3):
 
 
 def run(tmp_path, src, **kw):
-    """prepare() in this process (workers=1 unless given) into tmp_path/out; returns (train, val, report)."""
+    """prepare() in this process (workers=1 unless given) into tmp_path/out; returns (train, val,
+    report)."""
     import prepare
     out = tmp_path / "out"
     prepare.prepare(src, out, **{"frames": 8, "frame_step": 2, "size": 32, "workers": 1, **kw})
@@ -1818,7 +1887,8 @@ def test_outputs_have_documented_shapes_dtypes_and_meta(tmp_path):
         assert d["audio"].shape == (n, 128, 48) and d["audio"].dtype == np.float16
         assert d["label"].dtype == np.int64 and d["has_audio"].dtype == np.uint8 and d["has_audio"].all()
         assert (tmp_path / "out" / f"{split}_video.bin").stat().st_size == n * 8 * 32 * 32 * 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out", "src"]  # no temporary folder left
+    # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out", "src"]
 
 
 @needs_av
@@ -1834,7 +1904,8 @@ def test_labels_from_class_folders_and_split_folders(tmp_path):
 def test_labels_from_vjepa_csv_with_space_in_path(tmp_path):
     make_video(tmp_path / "my videos" / "clip one.mp4", n=10)
     make_video(tmp_path / "elsewhere.mp4", n=10)
-    (tmp_path / "list.csv").write_text(f"my videos/clip one.mp4 1\n{tmp_path / 'elsewhere.mp4'} 0\n")
+    (tmp_path / "list.csv").write_text(f"my videos/clip one.mp4 1\n{tmp_path / 'elsewhere.mp4'} "
+                                       "0\n")
     train, val, report = run(tmp_path, tmp_path / "list.csv", val_fraction=0)
     assert train["meta"]["classes"] == ["0", "1"] and report["skipped"] == []
     paths = [Path(r["path"]).name for r in report["ingested"]]
@@ -1845,7 +1916,8 @@ def test_labels_from_vjepa_csv_with_space_in_path(tmp_path):
 def test_vjepa_csv_names_classes_after_their_folders(tmp_path):
     for name in ("archery/x.mp4", "archery/y.mp4", "bowling/z.mp4", "bowling/w.mp4"):
         make_video(tmp_path / name, n=10)
-    (tmp_path / "list.txt").write_text("bowling/z.mp4 1\narchery/x.mp4 0\narchery/y.mp4 0\nbowling/w.mp4 1\n")
+    (tmp_path / "list.txt").write_text("bowling/z.mp4 1\narchery/x.mp4 0\narchery/y.mp4 "
+                                       "0\nbowling/w.mp4 1\n")
     train, _, _ = run(tmp_path, tmp_path / "list.txt", val_fraction=0)
     assert train["meta"]["classes"] == ["archery", "bowling"]
 
@@ -1871,8 +1943,9 @@ def test_labels_from_vggsound_csv(tmp_path):
     make_video(tmp_path / "clips" / "abc_000030.mp4", n=10)
     make_video(tmp_path / "clips" / "de-f_000000.mp4", n=10)
     make_video(tmp_path / "clips" / "ghi_000012.mp4", n=10)
-    (tmp_path / "vggsound.csv").write_text('abc,30,"dog barking",train\nde-f,0,"playing drums",train\n'
-                                           'ghi,12,"dog barking",test\nmissing,5,"dog barking",train\n')
+    (tmp_path / "vggsound.csv").write_text('abc,30,"dog barking",train\nde-f,0,"playing '
+                                           'drums",train\nghi,12,"dog '
+                                           'barking",test\nmissing,5,"dog barking",train\n')
     train, val, report = run(tmp_path, tmp_path / "vggsound.csv")
     assert train["meta"]["classes"] == ["dog barking", "playing drums"]
     assert sorted(train["label"].tolist()) == [0, 1] and val["label"].tolist() == [0]
@@ -1884,7 +1957,8 @@ def test_every_file_left_out_of_a_folder_is_named_with_its_reason(tmp_path, caps
     make_video(tmp_path / "src" / "clip.mp4", audio=tone(1, 16000))
     (tmp_path / "src" / "song.m4a").write_bytes(b"\0" * 100)
     (tmp_path / "src" / "notes.txt").write_text("my videos")
-    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0")                  # hidden: the system's, not the user's
+    # hidden: the system's, not the user's
+    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0")
     _, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
     reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"song.m4a", "notes.txt"} and len(report["ingested"]) == 1
@@ -1905,15 +1979,18 @@ def test_a_rotated_phone_video_comes_out_upright(tmp_path, turn):
     with av.open(str(path), "w") as c:
         v = c.add_stream("libx264", rate=30)
         v.width, v.height, v.pix_fmt = 64, 32, "yuv420p"
-        v.set_display_rotation(turn)   # the display matrix a phone writes: shown turned counter-clockwise
+        # the display matrix a phone writes: shown turned counter-clockwise
+        v.set_display_rotation(turn)
         for i in range(10):
             f = av.VideoFrame.from_ndarray(left_half_white(i), format="rgb24")
             f.pts = i
             c.mux(v.encode(f))
         c.mux(v.encode())
     train, _, _ = run(tmp_path, tmp_path / "src", val_fraction=0, size=32)
-    rows = train["video"][0, 0].astype(float).mean((1, 2))                 # brightness of each displayed row
-    bright, dark = (rows[-8:], rows[:8]) if turn == 90 else (rows[:8], rows[-8:])   # left goes down, or up
+    # brightness of each displayed row
+    rows = train["video"][0, 0].astype(float).mean((1, 2))
+    # left goes down, or up
+    bright, dark = (rows[-8:], rows[:8]) if turn == 90 else (rows[:8], rows[-8:])
     assert bright.min() > 200 and dark.max() < 60
 
 
@@ -1932,11 +2009,13 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     make_video(tmp_path / "src" / "a.mp4")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()                                                          # a pid that no longer runs
-    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"   # the parent lives on
+    # the parent lives on
+    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"
     for d in (stale, live):
         (d / "half_written").mkdir(parents=True)
     run(tmp_path, tmp_path / "src", val_fraction=0)
-    assert not stale.exists() and live.exists()                          # only a dead process's folder goes
+    # only a dead process's folder goes
+    assert not stale.exists() and live.exists()
 
 
 @needs_av
@@ -1953,7 +2032,8 @@ def test_corrupt_files_are_skipped_with_a_reason(tmp_path):
 
 @needs_av
 def test_too_short_video_is_padded_with_its_last_frame_and_counted(tmp_path, capsys):
-    make_video(tmp_path / "src" / "short.mp4", n=5, audio=tone(5 / 30, 16000))  # 0.17 s, the clip is 0.53 s
+    # 0.17 s, the clip is 0.53 s
+    make_video(tmp_path / "src" / "short.mp4", n=5, audio=tone(5 / 30, 16000))
     train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0)
     assert report["ingested"][0]["padded"] is True and "1 padded" in capsys.readouterr().out
     v = train["video"][0]
@@ -1963,8 +2043,9 @@ def test_too_short_video_is_padded_with_its_last_frame_and_counted(tmp_path, cap
 @needs_av
 @pytest.mark.parametrize("audio_start", [0.0, 1.3])
 def test_flash_and_click_stay_aligned(tmp_path, audio_start):
-    """A white flash and a loud click at the same instant (1.5 s) appear at the same time after prepare,
-    also when the audio track starts late, after the clip does (the clip is 1.23 s - 1.77 s)."""
+    """A white flash and a loud click at the same instant (1.5 s) appear at the same time after
+    prepare, also when the audio track starts late, after the clip does (the clip is 1.23 s - 1.77
+    s)."""
     import av
     fps, at = 30, 1.5
     def frame(i):
@@ -1979,7 +2060,8 @@ def test_flash_and_click_stay_aligned(tmp_path, audio_start):
     t0 = (3.0 - meta["clip_seconds"]) / 2  # one clip, centred in the 3 s video
     flash = t0 + train["video"][0].reshape(16, -1).mean(1).argmax() * meta["frame_seconds"]
     energy = np.asarray(train["audio"][0], np.float32).mean(0)
-    col = np.nonzero(energy > np.median(energy) + 5)[0][0]  # first log-mel column that hears the click
+    # first log-mel column that hears the click
+    col = np.nonzero(energy > np.median(energy) + 5)[0][0]
     click = t0 + col * meta["audio_hop_seconds"] + 0.0125  # its 25 ms window's centre
     assert abs(flash - at) < 1e-6 and abs(click - at) < meta["frame_seconds"]
 
@@ -1989,18 +2071,20 @@ def test_flash_and_click_stay_aligned(tmp_path, audio_start):
     ("stereo", 22050, "libmp3lame", "mp4")])
 @needs_av
 def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec, ext):
-    """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last 1 s,
-    sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
+    """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last
+    1 s, sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
     import av
     import prepare
     channels = av.AudioLayout(layout).nb_channels
     audio = np.zeros((channels, 2 * sample_rate), np.float32)
     audio[0, sample_rate // 2:3 * sample_rate // 2] = tone(1.0, sample_rate, freq=1000, amp=0.6)[0]
     make_video(tmp_path / "src" / f"t.{ext}", n=60, audio=audio, sample_rate=sample_rate, layout=layout, acodec=codec)
-    train, _, _ = run(tmp_path, tmp_path / "src", frames=60, frame_step=1, val_fraction=0)  # a 2 s clip from 0
+    # a 2 s clip from 0
+    train, _, _ = run(tmp_path, tmp_path / "src", frames=60, frame_step=1, val_fraction=0)
     mel = np.asarray(train["audio"][0], np.float32)
     ref = prepare.log_mel(np.pad(tone(1.0, 16000, freq=1000, amp=0.6 / channels)[0], (8000, 8000)), mel.shape[1])
-    on = mel.max(0) > ref.max() - 6  # columns where the tone is (within 6 nats, ~26 dB, of its level)
+    # columns where the tone is (within 6 nats, ~26 dB, of its level)
+    on = mel.max(0) > ref.max() - 6
     assert abs(on.sum() * 0.01 - 1.0) < 0.05  # interleaved stereo read as mono would give 2 s
     assert abs(mel[:, on].mean(1).argmax() - ref.max(1).argmax()) <= 1
     assert abs(mel.max() - ref.max()) < 0.3
@@ -2011,7 +2095,8 @@ def test_variable_frame_rate_picks_the_frame_shown_at_each_time(tmp_path):
     import av
     times = np.cumsum(np.r_[0, np.random.default_rng(0).uniform(0.01, 0.09, 39)])
     make_video(tmp_path / "src" / "vfr.mkv", n=40, times=times,
-               frame_fn=lambda i: np.full((48, 64, 3), 40 + 4 * i, np.uint8))  # brightness tells the frame
+               # brightness tells the frame
+               frame_fn=lambda i: np.full((48, 64, 3), 40 + 4 * i, np.uint8))
     train, _, _ = run(tmp_path, tmp_path / "src", frames=8, frame_step=4, val_fraction=0)
     with av.open(str(tmp_path / "src" / "vfr.mkv")) as c:
         s = c.streams.video[0]
@@ -2038,7 +2123,8 @@ def test_odd_files_all_ingest(tmp_path):
     train, _, report = run(tmp_path, tmp_path / "src", val_fraction=0, clips_per_video=2, workers=2)
     assert report["skipped"] == [] and len(report["ingested"]) == len(odd)
     assert all(r["has_audio"] for r in report["ingested"]) and len(train["label"]) == 2 * len(odd)
-    assert train["video"].reshape(len(train["label"]), -1).std(1).min() > 1  # real pictures, not blank
+    # real pictures, not blank
+    assert train["video"].reshape(len(train["label"]), -1).std(1).min() > 1
 
 
 @needs_av
@@ -2095,8 +2181,8 @@ def object_track(frames, colour="red"):
 
 
 def heard_pitch(wave, sr, lag_tubelets=0):
-    """The tone's frequency in the middle of each of the clip's 4 tubelets (the 200-1000 Hz peak), or of
-    the tubelets `lag_tubelets` later (nan before the sound begins)."""
+    """The tone's frequency in the middle of each of the clip's 4 tubelets (the 200-1000 Hz peak),
+    or of the tubelets `lag_tubelets` later (nan before the sound begins)."""
     import prepare
     tau = prepare.TUBELET_FRAMES / 30
     n, out = int(0.1 * sr), []
@@ -2120,7 +2206,8 @@ def test_the_first_frame_says_nothing_of_the_direction():
     x = np.array(first["left"] + first["right"]) % 80
     y = np.array([0] * 40 + [1] * 40)
     best = max(max(((x > t) == y).mean(), ((x <= t) == y).mean()) for t in np.unique(x))
-    assert best < 0.75, best   # the best cut of the start position reads direction near chance (~60% by luck)
+    # the best cut of the start position reads direction near chance (~60% by luck)
+    assert best < 0.75, best
 
 
 @needs_av
@@ -2131,7 +2218,8 @@ def test_the_object_moves_at_least_half_a_patch_per_tubelet_and_reversed_time_sw
         step = np.diff(object_track(frames, "blue")[0])
         step = (step + 40) % 80 - 40                                  # round the wrapping screen
         assert (np.sign(step) == sign).all() and (abs(step) * 64 / 80 >= 8).all(), step
-        back = np.diff(object_track(frames[::-1][2:], "blue")[0])   # time reversed, on the same tubelet grid
+        # time reversed, on the same tubelet grid
+        back = np.diff(object_track(frames[::-1][2:], "blue")[0])
         assert (np.sign((back + 40) % 80 - 40) == -sign).all()
 
 
@@ -2143,7 +2231,8 @@ def test_a_late_soundtrack_is_the_synced_one_two_tubelets_later_and_the_picture_
     assert np.array_equal(sync_frames, late_frames) and sr == sr_late
     height = -object_track(sync_frames)[1]                            # up is high
     pitch, late_pitch = heard_pitch(sync_wave, sr), heard_pitch(late_wave, sr)
-    assert np.corrcoef(height, np.log(pitch))[0, 1] > 0.95            # synced: the pitch is the height seen
+    # synced: the pitch is the height seen
+    assert np.corrcoef(height, np.log(pitch))[0, 1] > 0.95
     # late: the same sound, 2 tubelets on; so shifting a clip's sound by 2 tubelets swaps its sync label
     assert np.allclose(late_pitch[2:], pitch[:2], rtol=0.02)
 
@@ -2196,7 +2285,8 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(
     monkeypatch.setattr(torch, "save", enospc)
     with pytest.raises(SystemExit) as e:
         common.save_checkpoint(path, {"encoder": net}, opt, 400, {})
-    assert re.search(rf"no space left on the disk to write {re.escape(str(path))} \(about [0-9]+ MB needed", str(e.value))
+    assert re.search(fr"no space left on the disk to write {re.escape(str(path))} "
+                     r"\(about [0-9]+ MB needed", str(e.value))
     assert "the previous checkpoint at step 200 is intact, and --resume continues from it" in str(e.value)
     assert common.read_checkpoint(path)["step"] == 200 and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -2206,7 +2296,8 @@ def test_a_full_disk_while_logging_names_the_log_and_the_checkpoint_to_resume_fr
         name = str(tmp_path / "log.jsonl")
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(SystemExit, match=r"to write .*log.jsonl \([0-9]+ MB free\): no checkpoint of this run"):
+    with pytest.raises(SystemExit, match=r"to write .*log.jsonl \([0-9]+ MB free\): no "
+                                         r"checkpoint of this run"):
         common.write_log_line(Full(), {"step": 1})
 
 
@@ -2244,7 +2335,8 @@ def test_a_full_disk_while_preparing_keeps_the_old_dataset_and_leaves_no_tempora
 @needs_av
 def test_a_full_disk_while_generating_the_built_in_videos_is_one_clear_line(tmp_path, monkeypatch):
     import prepare
-    monkeypatch.setattr(prepare, "write_mp4", enospc)   # the worker processes are forked: they see it too
+    # the worker processes are forked: they see it too
+    monkeypatch.setattr(prepare, "write_mp4", enospc)
     with pytest.raises(SystemExit) as e:
         prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 0))
     assert f"no space left on the disk to write {tmp_path / 'synthetic_videos'}" in str(e.value)
@@ -2255,10 +2347,12 @@ def test_a_full_disk_while_generating_the_built_in_videos_is_one_clear_line(tmp_
 def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path):
     import prepare
     make_video(tmp_path / "src" / "c0" / "v.mp4", n=20)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(tmp_path / '.data.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242 on elsewhere')\n"
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\nfd = "
+                               f"os.open({str(tmp_path / '.data.lock')!r}, "
+                               "os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, "
+                               "fcntl.LOCK_EX); os.write(fd, b'4242 on "
+                               "elsewhere')\nprint('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as e:
@@ -2285,19 +2379,21 @@ def test_labels_outside_the_classes_are_refused_before_any_probe_runs(probe_run,
     labels = np.fromfile(data / "val_label.bin", np.int64)
     labels[5] = 500
     labels.tofile(data / "val_label.bin")
-    with pytest.raises(SystemExit, match="val clip 5 has label 500, outside the 2 classes of meta.json"):
+    with pytest.raises(SystemExit, match="val clip 5 has label 500, outside the 2 classes of "
+                                         "meta.json"):
         probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", str(data)])
 
 
 def test_a_non_finite_loss_from_bad_data_names_the_clips_not_the_optimiser(tmp_path):
     data = write_fake_dataset(tmp_path / "data")
     audio = np.fromfile(f"{data}/train_audio.bin", np.float16).reshape(16, 128, 32)
-    audio[:, :, 5] = np.nan     # every clip's audio; the silent ones (every 4th) drop their audio tokens
+    # every clip's audio; the silent ones (every 4th) drop their audio tokens
+    audio[:, :, 5] = np.nan
     audio.tofile(f"{data}/train_audio.bin")
     with pytest.raises(SystemExit) as e:
         avjepa.train(micro_args(data, tmp_path / "out", "--audio", "--steps", "2"))
-    assert re.search(r"loss became non-finite at step 0 because its inputs were not: train clips [0-9, ]+ hold NaN "
-                     r"or Inf in their audio", str(e.value)), str(e.value)
+    assert re.search(r"loss became non-finite at step 0 because its inputs were not: train clips "
+                     r"[0-9, ]+ hold NaN or Inf in their audio", str(e.value)), str(e.value)
     assert "--lr" not in str(e.value)
 
 
