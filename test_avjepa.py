@@ -43,9 +43,6 @@ import probe
 needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None, reason="PyAV is not "
                                                                              "installed")
 
-# A micro encoder for tests of mechanics (the real sizes are tested where they matter).
-
-
 def write_fake_dataset(root, n_train=16, n_val=8, frames=4, size=32, audio_frames=32, seed=0):
     """Random arrays in prepare.py's layout: enough to drive training without decoding any video."""
     os.makedirs(root, exist_ok=True)
@@ -75,9 +72,6 @@ def micro_args(data, out, *extra):
     tests compare with tensors made on the CPU. The GPU path has its own tests (test_gpu_*)."""
     return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1",
             "--device", "cpu", *extra]
-
-# -----------------------------------------------------------------------------
-# Masks and packing
 
 VIDEO_GRID, AUDIO_GRID = (8, 14, 14), (8, 13)   # 16 x 224^2 frames, 2.08 s of log-mel
 N = math.prod(VIDEO_GRID) + math.prod(AUDIO_GRID)   # 1568 + 104 tokens per clip
@@ -115,6 +109,116 @@ def segments(packed):
     index, cu, _ = packed
     return [index[cu[i]:cu[i + 1]].numpy() for i in range(len(cu) - 1)]
 
+# -----------------------------------------------------------------------------
+# The JEPA invariants: what makes it a joint-embedding predictive architecture
+
+def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
+    """A micro encoder, predictor and target encoder, as training builds them."""
+    torch.manual_seed(seed)
+    return avjepa.build(micro_config(audio=audio, masks=tuple(masks), fuse=fuse))
+
+
+def micro_step_inputs(config="long", batch=3, seed=0):
+    """A random batch for micro_jepa and its masks (separate passes, as the defaults)."""
+    g = torch.Generator().manual_seed(seed)
+    video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32, generator=g)
+    masks = avjepa.sample_masks(np.random.default_rng(seed), mask_config(config, context_pass="separate"), batch,
+                                (2, 2, 2), (8, 2), np.ones(batch, bool))
+    return video, audio, masks
+
+
+def test_no_gradient_reaches_the_target_encoder():
+    """The stop-gradient in target_features alone keeps the teacher out of the graph: its weights are
+    made trainable here, so nothing else could."""
+    encoder, predictor, target_encoder = micro_jepa()
+    target_encoder.requires_grad_(True)
+    jepa = avjepa.JEPA(encoder, predictor)
+    video, audio, masks = micro_step_inputs()
+    opt = avjepa.make_optimizer(jepa, 1e-3)
+    before = [p.clone() for p in target_encoder.parameters()]
+    *_, target_feats = avjepa.train_step(jepa, target_encoder, opt, video, audio, masks, 1.0,
+                                         micro_config())
+    assert not target_feats.requires_grad                                  # the targets carry no graph
+    assert all(p.grad is None for p in target_encoder.parameters())
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)   # the student learns
+    # at momentum 1 the EMA leaves it as it was: nothing but the EMA ever changes the target encoder
+    assert all(torch.equal(p, b) for p, b in zip(target_encoder.parameters(), before))
+
+
+def test_no_optimizer_holds_the_target_encoder():
+    encoder, predictor, target_encoder = micro_jepa()
+    assert not any(p.requires_grad for p in target_encoder.parameters())
+    held = {id(p) for g in avjepa.make_optimizer(avjepa.JEPA(encoder, predictor), 1e-3).param_groups
+            for p in g["params"]}
+    assert not held & {id(p) for p in target_encoder.parameters()}
+
+
+def test_the_loss_reads_the_teacher_only_at_the_targets(monkeypatch):
+    encoder, predictor, target_encoder = micro_jepa()
+    jepa = avjepa.JEPA(encoder, predictor)
+    video, audio, masks = micro_step_inputs()
+    cfg, real = micro_config(reg="none"), avjepa.target_features
+    hidden = torch.zeros(3 * 24, dtype=torch.bool)
+    hidden[masks.tgt.index] = True
+
+    def loss_with_teacher_moved_at(rows):
+        def moved(*args):
+            feats = real(*args)
+            return (feats.flatten(0, 1) + rows[:, None].float()).view_as(feats)
+        monkeypatch.setattr(avjepa, "target_features", moved)
+        return avjepa.step_loss(jepa, target_encoder, video, audio, masks, cfg)[0].item()
+    base = loss_with_teacher_moved_at(torch.zeros_like(hidden))
+    assert loss_with_teacher_moved_at(~hidden) == base          # the context's features are not asked for
+    assert loss_with_teacher_moved_at(hidden) != base
+
+
+def hide(video, audio, masks, clip, noise):
+    """Copies of video and audio in which the pixels of clip's target tokens are replaced by
+    noise."""
+    video, audio = video.clone(), audio.clone()
+    nv, n = 8, 8 + 16   # micro grid: 2 x 2 x 2 tubelets, 8 x 2 audio patches
+    for i in masks.tgt.index[masks.tgt.cu[clip]:masks.tgt.cu[clip + 1]].tolist():
+        i -= clip * n
+        if i < nv:   # tubelet (t, h, w): frames 2t, 2t + 1, rows 16h.., columns 16w..
+            t, h, w = i // 4, i // 2 % 2, i % 2
+            video[clip, :, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16] = noise
+        else:        # audio patch (mel band m, time column c)
+            m, c = (i - nv) // 2, (i - nv) % 2
+            audio[clip, :, 16 * m:16 * m + 16, 16 * c:16 * c + 16] = noise
+    return video, audio
+
+
+def test_context_features_and_predictions_do_not_change_when_the_target_pixels_do():
+    encoder, predictor, target_encoder = micro_jepa()
+    jepa = avjepa.JEPA(encoder, predictor).eval()
+    video, audio, masks = micro_step_inputs()
+    changed_video, changed_audio = video, audio
+    for clip in range(3):
+        changed_video, changed_audio = hide(changed_video, changed_audio, masks, clip, noise=5.0)
+    with torch.no_grad():
+        pred, context = jepa(video, audio, masks)
+        pred2, context2 = jepa(changed_video, changed_audio, masks)
+        feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config())
+        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, avjepa.Config())
+    torch.testing.assert_close(context2, context, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pred2, pred, atol=1e-6, rtol=0)
+    # while the target encoder, which sees whole clips, does see the change: the test is not vacuous
+    assert (feats2 - feats).abs().max() > 0.1
+
+
+def test_ema_update_moves_the_target_encoder_a_fraction_towards_the_encoder():
+    encoder, _, target_encoder = micro_jepa(audio=False)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in target_encoder.parameters()]
+    avjepa.ema_update(target_encoder, encoder, 0.9)
+    for t, b, e in zip(target_encoder.parameters(), before, encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * e)
+
+
+# -----------------------------------------------------------------------------
+# Masks and packing
 
 def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
     # V-JEPA's short and long
@@ -198,86 +302,6 @@ def test_varlen_keeps_every_token_but_truncate_cuts_to_the_batch_minimum():
     full_len = (full.ctx[1][1:] - full.ctx[1][:-1]).numpy()
     cut_len = (cut.ctx[1][1:] - cut.ctx[1][:-1]).numpy()
     assert (cut_len == full_len.min()).all() and full_len.sum() > cut_len.sum()
-
-# -----------------------------------------------------------------------------
-# The JEPA invariants: what makes it a joint-embedding predictive architecture
-
-def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
-    """A micro encoder, predictor and target encoder, as training builds them."""
-    torch.manual_seed(seed)
-    return avjepa.build(micro_config(audio=audio, masks=tuple(masks), fuse=fuse))
-
-
-def micro_step_inputs(config="long", batch=3, seed=0):
-    """A random batch for micro_jepa and its masks (separate passes, as the defaults)."""
-    g = torch.Generator().manual_seed(seed)
-    video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32, generator=g)
-    masks = avjepa.sample_masks(np.random.default_rng(seed), mask_config(config, context_pass="separate"), batch,
-                                (2, 2, 2), (8, 2), np.ones(batch, bool))
-    return video, audio, masks
-
-
-def test_no_gradient_reaches_the_target_encoder():
-    encoder, predictor, target_encoder = micro_jepa()
-    jepa = avjepa.JEPA(encoder, predictor)
-    video, audio, masks = micro_step_inputs()
-    args = avjepa.Config(audio=True)
-    opt = avjepa.make_optimizer(jepa, 1e-3)
-    before = [p.clone() for p in target_encoder.parameters()]
-    _, _, _, target_feats = avjepa.train_step(jepa, target_encoder, opt, video, audio, masks, 1.0, args)
-    # the targets carry no graph
-    assert not target_feats.requires_grad
-    assert all(p.grad is None and not p.requires_grad for p in target_encoder.parameters())
-    # the encoder learns
-    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)
-    # at momentum 1 the EMA leaves it as it was: nothing but the EMA ever changes the target encoder
-    assert all(torch.equal(p, b) for p, b in zip(target_encoder.parameters(), before))
-
-
-def hide(video, audio, masks, clip, noise):
-    """Copies of video and audio in which the pixels of clip's target tokens are replaced by
-    noise."""
-    video, audio = video.clone(), audio.clone()
-    nv, n = 8, 8 + 16   # micro grid: 2 x 2 x 2 tubelets, 8 x 2 audio patches
-    for i in masks.tgt.index[masks.tgt.cu[clip]:masks.tgt.cu[clip + 1]].tolist():
-        i -= clip * n
-        if i < nv:   # tubelet (t, h, w): frames 2t, 2t + 1, rows 16h.., columns 16w..
-            t, h, w = i // 4, i // 2 % 2, i % 2
-            video[clip, :, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16] = noise
-        else:        # audio patch (mel band m, time column c)
-            m, c = (i - nv) // 2, (i - nv) % 2
-            audio[clip, :, 16 * m:16 * m + 16, 16 * c:16 * c + 16] = noise
-    return video, audio
-
-
-def test_context_features_and_predictions_do_not_change_when_the_target_pixels_do():
-    encoder, predictor, target_encoder = micro_jepa()
-    jepa = avjepa.JEPA(encoder, predictor).eval()
-    video, audio, masks = micro_step_inputs()
-    changed_video, changed_audio = video, audio
-    for clip in range(3):
-        changed_video, changed_audio = hide(changed_video, changed_audio, masks, clip, noise=5.0)
-    with torch.no_grad():
-        pred, context = jepa(video, audio, masks)
-        pred2, context2 = jepa(changed_video, changed_audio, masks)
-        feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config())
-        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, avjepa.Config())
-    torch.testing.assert_close(context2, context, atol=1e-6, rtol=0)
-    torch.testing.assert_close(pred2, pred, atol=1e-6, rtol=0)
-    # while the target encoder, which sees whole clips, does see the change: the test is not vacuous
-    assert (feats2 - feats).abs().max() > 0.1
-
-
-def test_ema_update_moves_the_target_encoder_a_fraction_towards_the_encoder():
-    encoder, _, target_encoder = micro_jepa(audio=False)
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(1.0)
-    before = [p.clone() for p in target_encoder.parameters()]
-    avjepa.ema_update(target_encoder, encoder, 0.9)
-    for t, b, e in zip(target_encoder.parameters(), before, encoder.parameters(), strict=True):
-        torch.testing.assert_close(t, 0.9 * b + 0.1 * e)
-
 
 # -----------------------------------------------------------------------------
 # The model
@@ -608,12 +632,17 @@ def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     assert {"encoder", "predictor", "target_encoder", "opt", "step", "config", "rng"} <= set(ck) and ck["step"] == 2
 
 
-def test_training_draws_its_masks_at_the_start(fake_data, tmp_path):
-    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--name", "m", "--masks", "long,v2a"))
-    from PIL import Image
-    # one row per config: tubelets, then the spectrogram
-    w, h = Image.open(tmp_path / "m" / "masks.png").size
-    assert w > h > 200
+def test_training_draws_each_mask_configs_targets_in_its_colour_at_the_start(fake_data, tmp_path,
+                                                                             monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(avjepa, "plot_masks", lambda png, data, audio, *grids_and_targets:
+                        drawn.update(grids_and_targets[-1]))
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--masks", "long,v2a"))
+    assert list(drawn) == ["long", "v2a"]
+    assert [colour for colour, _ in drawn.values()] == [avjepa.MASKS[m].colour for m in ("long", "v2a")]
+    (_, long), (_, v2a), nv = drawn["long"], drawn["v2a"], 8   # micro grid: 2 x 2 x 2 tubelets
+    assert long.any() and not long.all()                            # targets, and context left
+    assert not v2a[:nv].any() and v2a[nv:].all()                    # all the sound, none of the picture
 
 
 # The golden run: three steps at a fixed seed on the torch path, per recipe. A refactor that changes no
@@ -783,222 +812,6 @@ def test_write_atomic_sweeps_the_temporaries_of_killed_processes(tmp_path):
         p.write_bytes(b"half a checkpoint")
     common.write_atomic(path, lambda tmp: Path(tmp).write_text("done"))
     assert path.read_text() == "done" and not stale.exists() and live.exists()
-
-# -----------------------------------------------------------------------------
-# Clear messages for bad input
-
-def test_missing_dataset_says_to_run_prepare(tmp_path):
-    with pytest.raises(SystemExit, match="run `python prepare.py`"):
-        avjepa.train(["--data", str(tmp_path / "nowhere")])
-
-
-def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
-    root = write_fake_dataset(tmp_path / "d")
-    os.truncate(os.path.join(root, "train_video.bin"), 100)
-    with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python "
-                                         "prepare.py`"):
-        common.load_split(root, "train")
-
-
-def test_unknown_model_is_named(capsys):
-    with pytest.raises(SystemExit):
-        avjepa.get_config(["--model", "vit_gigantic"])
-    assert "invalid choice: 'vit_gigantic'" in capsys.readouterr().err
-
-
-BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
-    (avjepa.get_config, "--batch-size", "0", ">= 1"), (avjepa.get_config, "--steps", "-5", ">= 1"),
-    (avjepa.get_config, "--lr", "0", "> 0"), (avjepa.get_config, "--lr", "nan", "> 0"),
-    (avjepa.get_config, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_config, "--warmup", "2", "in [0.0, 1.0]"),
-    (avjepa.get_config, "--wd", "-1 0.4", ">= 0"), (avjepa.get_config, "--save-every", "0", ">= 1"),
-    (avjepa.get_config, "--log-every", "0", ">= 1"), (avjepa.get_config, "--seed", "-1", ">= 0"),
-    (avjepa.get_config, "--crop", "100", "multiple of 16"), (avjepa.get_config, "--pred-width", "100", "multiple of"),
-    (avjepa.get_config, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_config, "--cooldown", "1.5", "in [0.0, 1.0]"),
-    (avjepa.get_config, "--device", "tpu", "use cpu, cuda"), (avjepa.get_config, "--target-layers", "13", "more than"), (avjepa.get_config, "--steps", "ten", "not an integer"),
-    (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
-    (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
-    (bench.get_args, "--repeats", "-1", ">= 0"),
-]
-
-
-@pytest.mark.parametrize("get_args, flag, value, says", BAD_FLAGS)
-def test_a_bad_flag_value_is_named_with_its_range(get_args, flag, value, says, capsys):
-    extra = ["--task", "classify"] if get_args is probe.get_args else []
-    with pytest.raises(SystemExit) as exit:
-        get_args(extra + [flag, *value.split()])
-    err = capsys.readouterr().err
-    assert exit.value.code == 2 and flag in err and says in err, err
-
-
-@pytest.mark.parametrize("script, argv", [
-    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--videos", "v", "--size", "100"]),
-    ("prepare.py", ["--val-fraction", "1.5"]), ("probe.py", ["--task", "classify", "--epochs", "0"])])
-def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(script, argv):
-    r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and argv[-2] in r.stderr and "Traceback" not in r.stderr, r.stderr
-
-
-@pytest.mark.parametrize("script", ["avjepa.py", "probe.py", "bench.py", pytest.param("prepare.py", marks=needs_av)])
-def test_every_script_prints_a_clean_help(script):
-    r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr == "" and "usage:" in r.stdout, r.stderr
-    # an unescaped % prints argparse's dict
-    assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout
-
-
-@needs_av
-def test_prepare_imports_no_trainer_and_no_triton():
-    code = "import sys; import prepare; assert 'avjepa' not in sys.modules and 'triton' not in sys.modules"
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-
-
-def test_no_flag_of_avjepa_is_a_prefix_of_a_torchrun_option():
-    from torch.distributed.run import get_args_parser
-    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
-    ours = [o for a in avjepa.make_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    clashes = [(o, t) for o in ours for t in theirs if t.startswith(o)]
-    assert not clashes, f"torchrun would read these as its own options: {clashes}"
-
-
-def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
-    other = vit(64, 2, 2, frames=4, size=32)
-    torch.save({"target_encoder": other.state_dict()}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="does not fit this model"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--init", str(tmp_path / "other.pt")))
-
-
-def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
-    with pytest.raises(SystemExit, match="add --resume"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
-
-
-def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data, tmp_path):
-    run = tmp_path / "vit_micro-v"
-    run.mkdir()
-    common.lock_run(run)   # this process is "the running one"
-    try:
-        argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name", "vit_micro-v")
-        r = subprocess.run([sys.executable, str(HERE / "avjepa.py"), *argv],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        common.unlock_run(run)
-    assert r.returncode != 0 and f"in use by another run (pid {os.getpid()}" in r.stderr, r.stderr
-    assert not (run / "ckpt.pt").exists()
-
-
-def test_a_lock_left_by_a_dead_process_is_taken_over(fake_data, tmp_path):
-    run = tmp_path / "vit_micro-v"
-    run.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (run / "lock").write_text(f"{dead.pid} on {socket.gethostname()}\n")   # its flock went with it
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
-    assert (run / "ckpt.pt").exists()
-
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_stop_signal_finishes_the_step_saves_plots_summarises_and_exits_128_plus_its_number(
-        fake_data, tmp_path, monkeypatch, capsys, sig, code):
-    schedules = avjepa.schedules
-    def signal_at_5(step, args):
-        if step == 5:
-            os.kill(os.getpid(), sig)
-        return schedules(step, args)
-    monkeypatch.setattr(avjepa, "schedules", signal_at_5)
-    before = signal.getsignal(sig)
-    with pytest.raises(SystemExit) as exit:
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "20", "--save-every", "10"))
-    run = tmp_path / "vit_micro-v"
-    assert exit.value.code == code
-    # step 5 finished, then saved
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
-    assert (run / "training.png").exists() and "to step 6 (stopped of 20" in capsys.readouterr().out
-    assert signal.getsignal(sig) == before   # the caller's handler is back
-
-
-def logged_steps(run):
-    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def test_a_resumed_run_cuts_its_log_back_to_the_checkpoint_so_steps_only_increase(fake_data, tmp_path, monkeypatch):
-    schedules = avjepa.schedules
-    def killed_at_6(step, args):   # as a kill -9 would: no chance to save
-        if step == 6:
-            raise KeyboardInterrupt
-        return schedules(step, args)
-    monkeypatch.setattr(avjepa, "schedules", killed_at_6)
-    flags = ["--steps", "8", "--save-every", "4"]
-    with pytest.raises(KeyboardInterrupt):
-        avjepa.train(micro_args(fake_data, tmp_path, *flags))
-    run = tmp_path / "vit_micro-v"
-    assert logged_steps(run) == [0, 1, 2, 3, 4, 5]
-    monkeypatch.setattr(avjepa, "schedules", schedules)
-    avjepa.train(micro_args(fake_data, tmp_path, *flags, "--resume"))
-    assert logged_steps(run) == list(range(8))
-
-
-def test_a_new_run_on_a_folder_with_an_old_log_starts_a_new_log(fake_data, tmp_path):
-    run = tmp_path / "vit_micro-v"
-    run.mkdir()
-    (run / "log.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(9)))
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
-    assert logged_steps(run) == [0, 1]
-
-
-def test_resume_refuses_a_changed_flag_naming_its_old_and_new_value(fake_data, tmp_path):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--lr", "0.001"))
-    with pytest.raises(SystemExit, match=r"--lr 0.001, not 0.01; --seed 0, not 3"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--lr", "0.01", "--seed", "3", "--resume"))
-
-
-def test_resume_may_extend_steps_and_change_logging_and_says_so(fake_data, tmp_path, capsys):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--save-every", "3", "--resume"))
-    out = capsys.readouterr().out
-    assert "--steps 2 -> 4" in out and "--save-every 200 -> 3" in out and "to step 4" in out
-
-
-def test_resuming_a_finished_run_prints_its_summary(fake_data, tmp_path, capsys):
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
-    capsys.readouterr()
-    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--resume"))
-    assert "trained vit_micro-v to step 2: loss" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("video_shape, "
-                         "audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
-                                                       ((2, 3, 4, 32, 32), 64)])
-def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape, audio_frames):
-    encoder = micro_jepa()[0]   # built for 4 frames of 32 px and 32 audio frames
-    with pytest.raises(ValueError, match=r"does not fit this model, which expects \[batch, "):
-        encoder(torch.randn(video_shape), torch.randn(2, 1, 128, audio_frames))
-
-
-def test_context_rows_that_do_not_fit_the_masks_are_a_value_error():
-    encoder, predictor, _ = micro_jepa()
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid,
-                                encoder.audio_grid, np.ones(2, bool))
-    with pytest.raises(ValueError, match="does not fit the masks"):
-        predictor(torch.randn(len(masks.ctx.index) + 1, 32), masks)
-
-
-@pytest.mark.parametrize("edit", [dict(frames=8, size=64), dict(video_shape=[8, 32, 16, 3])])
-def test_a_dataset_whose_arrays_do_not_match_its_meta_is_refused_before_training(tmp_path, edit):
-    root = write_fake_dataset(tmp_path / "d")   # 4 frames of 32 px
-    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **edit}))
-    with pytest.raises(SystemExit, match="meta.json"):
-        common.load_split(root, "train")
-
-
-def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
-    loss = avjepa.jepa_loss
-    monkeypatch.setattr(avjepa, "jepa_loss", lambda *a: tuple(x * float("nan") for x in loss(*a)))
-    with pytest.raises(SystemExit, match="loss became non-finite at step 0"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3"))
-
 
 # -----------------------------------------------------------------------------
 # kernels.py: each Triton kernel equals its PyTorch reference, forward and backward.
@@ -1419,400 +1232,220 @@ def test_kernels_quick():
     assert all(r["err"] == 0 and r["gbs"] > 0 for r in rows if "[triton]" not in r["row"])
 
 # -----------------------------------------------------------------------------
-# probe.py: a micro model on random arrays.
+# Clear messages for bad input
 
-@pytest.fixture(scope="module")
-def probe_run(tmp_path_factory):
-    """A 2-step micro AV checkpoint on a fake dataset whose two classes carry one factor each: class
-    1's frames are bright, class 0's dark, so that any encoder's features tell them apart."""
-    root = tmp_path_factory.mktemp("probe")
-    data = write_fake_dataset(root / "data")
-    for split, n in (("train", 16), ("val", 8)):
-        video = np.fromfile(f"{data}/{split}_video.bin", np.uint8).reshape(n, -1) // 2
-        # labels are 0, 1, 0, 1, ...
-        video[1::2] += 128
-        video.tofile(f"{data}/{split}_video.bin")
-    meta = json.loads((root / "data" / "meta.json").read_text())
-    meta.update(factors={"side": {"values": ["a", "b"], "modality": "video"}}, class_factors=[[0], [1]])
-    (root / "data" / "meta.json").write_text(json.dumps(meta))
-    avjepa.train(micro_args(data, root / "out", "--audio", "--steps", "2"))
-    return dict(root=root, data=data, runs=str(root / "out"), ckpt=root / "out" / "vit_micro-av" / "ckpt.pt")
+def test_missing_dataset_says_to_run_prepare(tmp_path):
+    with pytest.raises(SystemExit, match="run `python prepare.py`"):
+        avjepa.train(["--data", str(tmp_path / "nowhere")])
 
 
-@pytest.fixture(scope="module")
-def reconstructed(probe_run):
-    return probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "2", "--batch-size", "8"])
-
-# -----------------------------------------------------------------------------
-# End to end
-
-@pytest.mark.parametrize("modalities, init", [("both", "pretrained"), ("video", "random")])
-def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, init):
-    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--epochs", "20", "--lr", "1e-2",
-                      "--modalities", modalities, "--init", init])
-    name = f"{modalities}_separate_{init}" if modalities == "both" else f"{modalities}_{init}"
-    saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
-    # bright or dark: no encoder misses it
-    assert saved["top1"] == res["top1"] == 1.0 and res["val_clips"] == 8
-    assert set(res["factors"]) == {"side"} and "top5" not in res   # 2 classes: no top-5
-    # probe seeds; the seedless readout too
-    assert len(res["probe_runs"]) == 3 and res["linear"]["top1"] == 1.0
-    assert ("random" in res) == (init == "pretrained") and res.get("random", res)["init"] == "random"
-    assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
+def test_a_damaged_dataset_says_to_rerun_prepare(tmp_path):
+    root = write_fake_dataset(tmp_path / "d")
+    os.truncate(os.path.join(root, "train_video.bin"), 100)
+    with pytest.raises(SystemExit, match="train_video.bin holds 100 bytes.*Rerun `python "
+                                         "prepare.py`"):
+        common.load_split(root, "train")
 
 
-def test_classify_with_no_probe_seeds_gives_the_linear_readout_alone_and_its_chart(probe_run):
-    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0"])
-    assert "top1" not in res and res["linear"]["top1"] == 1.0 and res["random"]["linear"]["top1"] <= 1.0
-    from PIL import Image
-    assert Image.open(probe_run["ckpt"].parent / "probe_classify_both.png").size[0] > 300
+def test_unknown_model_is_named(capsys):
+    with pytest.raises(SystemExit):
+        avjepa.get_config(["--model", "vit_gigantic"])
+    assert "invalid choice: 'vit_gigantic'" in capsys.readouterr().err
 
 
-def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
-    res = probe.main(["--task", "retrieve", "--runs", probe_run["runs"]])
-    n = int(np.sum(np.fromfile(Path(probe_run["data"]) / "val_has_audio.bin", np.uint8)))
-    assert res["val_clips"] == n and res["chance_r1"] == 1 / n
-    for d in ("v2a", "a2v"):
-        assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1 and res[d]["spread"] >= 0
-        # the baseline, read the same way
-        assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1
-    assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
-    assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
+BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
+    (avjepa.get_config, "--batch-size", "0", ">= 1"), (avjepa.get_config, "--steps", "-5", ">= 1"),
+    (avjepa.get_config, "--lr", "0", "> 0"), (avjepa.get_config, "--lr", "nan", "> 0"),
+    (avjepa.get_config, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_config, "--warmup", "2", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--wd", "-1 0.4", ">= 0"), (avjepa.get_config, "--save-every", "0", ">= 1"),
+    (avjepa.get_config, "--log-every", "0", ">= 1"), (avjepa.get_config, "--seed", "-1", ">= 0"),
+    (avjepa.get_config, "--crop", "100", "multiple of 16"), (avjepa.get_config, "--pred-width", "100", "multiple of"),
+    (avjepa.get_config, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_config, "--cooldown", "1.5", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--device", "tpu", "use cpu, cuda"), (avjepa.get_config, "--target-layers", "13", "more than"), (avjepa.get_config, "--steps", "ten", "not an integer"),
+    (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
+    (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
+    (bench.get_args, "--repeats", "-1", ">= 0"),
+]
 
 
-def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(6, 5, generator=g)
-    def sound(picture):                                   # [n, 2, 3] -> [n, 5, 1], linear
-        return (picture.flatten(1) @ W).view(-1, 5, 1)
-    train, val = torch.randn(40, 2, 3, generator=g), torch.randn(10, 2, 3, generator=g)
-    assert (probe.ridge_ranks(train, sound(train), val, sound(val), lam=1e-6) == 1).all()
+@pytest.mark.parametrize("get_args, flag, value, says", BAD_FLAGS)
+def test_a_bad_flag_value_is_named_with_its_range(get_args, flag, value, says, capsys):
+    extra = ["--task", "classify"] if get_args is probe.get_args else []
+    with pytest.raises(SystemExit) as exit:
+        get_args(extra + [flag, *value.split()])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and flag in err and says in err, err
 
 
-def test_shuffled_gap_is_zero_for_a_predictor_that_says_the_mean_and_positive_for_a_matching_one():
-    gallery = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(0))
-    assert probe.shuffled_gap(gallery.mean(0).expand_as(gallery), gallery) == pytest.approx(0, abs=1e-6)
-    assert probe.shuffled_gap(gallery + 0.1, gallery) > 0.5
+@pytest.mark.parametrize("script, argv", [
+    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--videos", "v", "--size", "100"]),
+    ("prepare.py", ["--val-fraction", "1.5"]), ("probe.py", ["--task", "classify", "--epochs", "0"])])
+def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(script, argv):
+    r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and argv[-2] in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
-    g = torch.Generator().manual_seed(0)
-    # two factors, 3 values each
-    y = torch.randint(0, 3, (60, 2), generator=g)
-    code = torch.randn(2, 3, 8, generator=g)
-    def feats(y):
-        return code[0, y[:, 0]] + code[1, y[:, 1]] + 0.05 * torch.randn(len(y), 8, generator=g)
-    x, val_y = feats(y), torch.randint(0, 3, (20, 2), generator=g)
-    val_x = feats(val_y)
-    pred = probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3)
-    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3))
-
-
-def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
-    gallery = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])
-    # clip 1's prediction is nearer clip 2's sound
-    query = torch.tensor([[[0.1]], [[1.9]], [[1.8]]])
-    assert probe.ranks(query, gallery).tolist() == [1, 2, 1]
-
-
-def test_classify_reuses_cached_features(probe_run, capsys):
-    argv = ["--task", "classify", "--runs", probe_run["runs"], "--epochs", "1", "--modalities", "audio"]
-    first = probe.main(argv)
-    assert "features from" not in capsys.readouterr().out
-    second = probe.main(argv)
-    assert "features from" in capsys.readouterr().out and second["top1"] == first["top1"]
-
-
-def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
-    g = torch.Generator().manual_seed(0)
-    # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
-    def split(n):
-        x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g), -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
-        valid = torch.ones(n, 5, dtype=torch.bool)
-        # a silent clip: its audio slots hold junk that must not count
-        valid[0, 3:] = False
-        x[0, 3:] = 1e4
-        return dict(x=x.half(), valid=valid)
-    train, val = split(50), split(20)
-    # the valid train audio tokens
-    audio = train["x"][1:, 3:].float().reshape(-1, 4)
-    expected_val_audio = (val["x"][1:, 3:].float() - audio.mean(0)) / audio.std(0)
-    probe.standardize(train, val, [0, 3, 5])
-    for part in (slice(0, 3), slice(3, 5)):
-        x = train["x"][:, part][train["valid"][:, part]]
-        assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
-    # val: the train split's statistics
-    assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)
-
-
-def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
-    torch.manual_seed(0)
-    D, heads = 12, 3
-    p = probe.AttentiveProbe(D, heads, [4, 3, 2])
-    for w in p.parameters():
-        w.data.normal_(0, 0.3)                       # away from the init: every term counts
-    x = torch.randn(5, 7, D)
-    valid = torch.rand(5, 7) > 0.3
-    valid[:, 0] = True
-
-    def plain(x, valid):   # V-JEPA's order: project every token to keys and values, then attend
-        B, N, _ = x.shape
-        Q = p.query.shape[1]
-        q = p.q(p.query).view(1, Q, heads, -1).transpose(1, 2).expand(B, -1, -1, -1)
-        k, v = p.kv(p.norm1(x)).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
-        h = p.query + p.proj(y.transpose(1, 2).reshape(B, Q, D))
-        h = h + p.mlp(p.norm2(h))
-        return [head(h[:, i]) for i, head in enumerate(p.out)]
-
-    fast, ref = p(x, valid), plain(x, valid)
-    for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    grads = [torch.autograd.grad(sum(l.sum() for l in out), list(p.parameters())) for out in (fast, ref)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
-    meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
-                # 6 classes: (colour, size)
-                class_factors=[[c, s] for c in range(2) for s in range(3)])
-    outputs, targets = probe.label_heads(6, meta)
-    assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
-    # sure of red, and of large
-    colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
-    feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool), y=torch.tensor([2]))
-    scores = probe.predict_classes(lambda x, valid: [colour, size], feats, targets, "cpu")
-    expected = [F.log_softmax(colour, -1)[0, c] + F.log_softmax(size, -1)[0, s] for c, s in meta["class_factors"]]
-    torch.testing.assert_close(scores[0], torch.stack(expected))
-    assert scores.argmax().item() == 2                                             # class (red, l)
-
-
-def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
-    ckpt = common.read_checkpoint(probe_run["ckpt"])
-    encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0)[2]
-    data = common.load_split(probe_run["data"], "val")
-    feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
-    silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
-    assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
-
-
-def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot():
-    """Tokens that carry, per tubelet, the object's height (video) and the pitch heard (audio):
-    synced clips hear the height seen now, late ones the height of two tubelets before; the object
-    steps left or right. Neither is in any pooled token, and both are in the pairs."""
-    from types import SimpleNamespace
-    T, H, W, Fa, C, D, n = 8, 2, 2, 2, 12, 8, 600
-    enc = SimpleNamespace(video_grid=(T, H, W), nv=T * H * W, audio_grid=(Fa, C),
-                          cfg=SimpleNamespace(audio_patch_seconds=0.16, tubelet_seconds=0.24))
-    rng = np.random.default_rng(0)
-    height, step = rng.normal(size=(n, T + 2)), rng.choice([-1.0, 1.0], n)
-    late = rng.random(n) < 0.5
-    x = torch.from_numpy(rng.normal(0, 0.1, (n, enc.nv + Fa * C, D))).float()
-    angle = rng.uniform(0, 2 * np.pi, n)   # where it starts, round a wrapping screen
-    for t in range(T):
-        now = slice(t * H * W, (t + 1) * H * W)
-        x[:, now, 0] += torch.tensor(height[:, t + 2])[:, None]                          # seen now
-        # where it is
-        x[:, now, 1] += torch.tensor(np.cos(angle + 0.8 * step * t))[:, None]
-        x[:, now, 2] += torch.tensor(np.sin(angle + 0.8 * step * t))[:, None]
-    col_t = ((np.arange(C) + 0.5) * 0.16 / 0.24).astype(int)
-    heard = np.where(late[:, None], height[:, col_t], height[:, col_t + 2])              # [n, C]
-    x[:, enc.nv:, 3] += torch.tensor(np.tile(heard, Fa)).float()
-    feats = dict(x=x, valid=torch.ones(n, enc.nv + Fa * C, dtype=torch.bool))
-    y = torch.from_numpy(np.stack([late, step > 0], 1).astype(np.int64))
-    tr, va = slice(0, 400), slice(400, n)
-    for name, f in (("pooled", probe.pooled(feats, [0, enc.nv, enc.nv + Fa * C])),
-                    ("paired", probe.paired(feats, enc))):
-        pred = probe.linear_readout(f[tr], y[tr], f[va], [2, 2])
-        acc = (pred == y[va]).float().mean(0)
-        if name == "pooled":
-            assert (acc < 0.65).all(), acc     # chance: the relation is in no single token
-        else:
-            assert (acc > 0.85).all(), acc
-
-
-def test_reconstruct_runs_end_to_end_and_writes_metrics_with_baselines(probe_run, reconstructed):
-    saved = json.loads((probe_run["ckpt"].parent / "probe_reconstruct_short_pretrained.json").read_text())
-    for k in ("psnr", "psnr_mean_fill", "psnr_oracle", "l1", "l1_mean_fill", "l1_oracle", "snr", "snr_mean_fill"):
-        assert math.isfinite(saved[k]) and saved[k] == reconstructed[k]
-    assert reconstructed["random"]["init"] == "random" and math.isfinite(reconstructed["random"]["psnr"])
-
-
-def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, capsys):
-    probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "0", "--batch-size", "8"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    num = r"-?[0-9.]+"
-    assert re.search(fr"hidden video PSNR {num} dB \(mean-fill {num}, random {num}, "
-                     fr"oracle {num}\)", line), line
-    assert re.search(rf"audio L1 {num} \(mean-fill {num}, random {num}, oracle {num}\)", line), line
-
-
-def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_run, capsys):
-    res = probe.main(["--task", "refit", "--runs", probe_run["runs"], "--refit-steps", "3", "--examples", "0",
-                      "--batch-size", "8"])
-    old, new = torch.load(probe_run["ckpt"], weights_only=True), torch.load(res["ckpt"], weights_only=True)
-    for key in ("encoder", "target_encoder"):
-        assert all(torch.equal(old[key][k], new[key][k]) for k in old[key])
-    assert any(not torch.equal(old["predictor"][k], new["predictor"][k]) for k in old["predictor"])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    num = r"-?[0-9.]+"
-    assert re.search(rf"predictor val loss {num} -> {num} over 3 steps", line), line
-    assert re.search(fr"hidden video PSNR {num} -> {num} dB \(oracle {num}\): -?[0-9]+% of the gap "
-                     r"closed, (not learned yet|not inferable from this context)", line), line
-
-
-def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe_run, capsys):
-    args = ["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0", "--labels-steps", "3"]
-    first = probe.main(args)
-    cache = Path(probe_run["data"]) / "labels_vit_micro_av_3steps_seed0.json"
-    assert cache.exists() and first["labels"]["steps"] == 3 and 0 <= first["labels"]["top1"] <= 1
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 "
-                     r"[0-9.]+% \(side [0-9]+%\)\]", line)
-    stamp = cache.stat().st_mtime_ns
-    # read, not retrained
-    assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
+@pytest.mark.parametrize("script", ["avjepa.py", "probe.py", "bench.py", pytest.param("prepare.py", marks=needs_av)])
+def test_every_script_prints_a_clean_help(script):
+    r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "" and "usage:" in r.stdout, r.stderr
+    # an unescaped % prints argparse's dict
+    assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout
 
 
 @needs_av
-def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, reconstructed):
-    import av
-    from PIL import Image
-    out = probe_run["ckpt"].parent / "reconstruct"
-    k = math.ceil(128 / 32)                                       # 32 px frames are drawn 4x
-    img = Image.open(out / "short_pretrained_0.png")
-    assert img.size == (110 + max(4 * (32 * k + 4), 3 * (2 * 32 + 4)), 3 * (32 * k + 4) + 256 + 20 + 4)
-    with av.open(str(out / "short_pretrained_0.mp4")) as c:
-        assert c.streams.audio and c.streams.audio[0].sample_rate == 16000
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        assert len(frames) == 4 and frames[0].shape == ((32 * k), (2 * 32 + 4) * k, 3)
-    with av.open(str(out / "short_pretrained_0.mp4")) as c:
-        assert sum(f.samples for f in c.decode(audio=0)) > 0.2 * 16000
-    for name in ("short_pretrained_0.wav", "short_pretrained_0_original.wav"):
-        with wave.open(str(out / name)) as w:
-            assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getnframes() > 0.2 * 16000
-    # every file was renamed into place
-    assert not [p for p in os.listdir(out) if ".tmp-" in p]
-
-# -----------------------------------------------------------------------------
-# Patches and metrics
-
-def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
-    torch.manual_seed(0)
-    enc = vit(32, 1, 2, audio=True, frames=4, size=32, audio_frames=48)
-    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
-    pv, pa = probe.patchify_video(video), probe.patchify_audio(audio)
-    assert torch.equal(probe.unpatchify_video(pv, 3, 4, 32, 32), video)
-    assert torch.equal(probe.unpatchify_audio(pa, 128, 48), audio)
-    # a patch embedding is a linear map of its patch: same rows, same order as the encoder's tokens
-    for p, embed in ((pv, enc.patch_embed), (pa, enc.audio_patch_embed)):
-        w = embed.proj.weight
-        # (dt, dy, dx, c) order
-        w = w.permute(0, 2, 3, 4, 1) if w.dim() == 5 else w.permute(0, 2, 3, 1)
-        tokens = embed(video if w.dim() == 5 else audio)
-        torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens, atol=1e-4, rtol=1e-4)
+def test_prepare_imports_no_trainer_and_no_triton():
+    code = "import sys; import prepare; assert 'avjepa' not in sys.modules and 'triton' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
-def test_masked_metrics_count_only_hidden_patches():
-    target = torch.tensor([[[0.0, 1.0], [0.5, 0.5], [1.0, 1.0]]])
-    # patch 1 is visible: its error must not count
-    pred = torch.tensor([[[0.5, 1.0], [9.0, 9.0], [1.0, 0.0]]])
-    mask = torch.tensor([[True, False, True]])
-    # hidden squared errors: (0.25 + 0) / 2 and (0 + 1) / 2 -> mse 0.3125
-    assert probe.masked_psnr(pred, target, mask).item() == pytest.approx(10 * math.log10(1 / 0.3125))
-    assert probe.masked_l1(pred, target, mask).item() == pytest.approx((0.25 + 0.5) / 2)
-    # hidden signal power (0.5 + 1) / 2 over error power 0.3125
-    assert probe.masked_snr(pred, target, mask).item() == pytest.approx(10 * math.log10(0.75 / 0.3125))
-    assert torch.isnan(probe.masked_psnr(pred, target, torch.zeros(1, 3, dtype=torch.bool))).all()
+def test_no_flag_of_avjepa_is_a_prefix_of_a_torchrun_option():
+    from torch.distributed.run import get_args_parser
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    ours = [o for a in avjepa.make_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    clashes = [(o, t) for o in ours for t in theirs if t.startswith(o)]
+    assert not clashes, f"torchrun would read these as its own options: {clashes}"
 
 
-def test_mean_fill_uses_the_visible_patches_of_the_same_clip():
-    patches = torch.tensor([[[1.0, 3.0], [5.0, 5.0], [3.0, 1.0]], [[7.0, 7.0], [0.0, 0.0], [1.0, 1.0]]])
-    mask = torch.tensor([[False, True, False], [True, True, False]])
-    filled = probe.mean_fill(patches, mask)
-    assert filled[0, 1].tolist() == [2.0, 2.0] and filled[1, 0].tolist() == [1.0, 1.0] == filled[1, 1].tolist()
-    assert torch.equal(filled[~mask], patches[~mask])
+def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
+    other = vit(64, 2, 2, frames=4, size=32)
+    torch.save({"target_encoder": other.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--init", str(tmp_path / "other.pt")))
 
 
-def test_griffin_lim_resynthesis_keeps_the_pitch_of_a_tone():
-    import torchaudio.compliance.kaldi as kaldi
-    sr, f0 = 16000, 1000.0
-    w = 0.3 * torch.sin(2 * math.pi * f0 * torch.arange(sr) / sr)[None]
-    mel = kaldi.fbank(w, htk_compat=True, sample_frequency=sr, use_energy=False, window_type="hanning",
-                      num_mel_bins=128, dither=0.0, frame_shift=10).T
-    meta = dict(audio_mean=-5.0, audio_std=4.0)
-    out = probe.mel_to_wave((mel - meta["audio_mean"]) / (2 * meta["audio_std"]), meta)
-    spectrum = np.abs(np.fft.rfft(out.numpy()))
-    assert abs(np.argmax(spectrum) * sr / len(out) - f0) < 40
-
-# -----------------------------------------------------------------------------
-# Defaults and errors
-
-def test_default_checkpoint_is_the_most_recent_run(probe_run, tmp_path, capsys):
-    # the newer one sorts first by name: mtime must decide
-    for i, name in enumerate(["b-old", "a-new"]):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "ckpt.pt").write_bytes(probe_run["ckpt"].read_bytes())
-        os.utime(tmp_path / name / "ckpt.pt", (1e9 + i, 1e9 + i))
-    assert probe.newest_checkpoint(tmp_path) == tmp_path / "a-new" / "ckpt.pt"
-    res = probe.main(["--task", "classify", "--runs", str(tmp_path), "--epochs", "1", "--no-cache"])
-    assert res["run"] == "a-new" and f"probing {tmp_path / 'a-new' / 'ckpt.pt'}" in capsys.readouterr().out
+def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
+    with pytest.raises(SystemExit, match="add --resume"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
 
 
-def test_missing_checkpoint_says_to_train_first(tmp_path):
-    with pytest.raises(SystemExit, match="train first with `python avjepa.py"):
-        probe.main(["--task", "reconstruct", "--runs", str(tmp_path)])
+def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    common.lock_run(run)   # this process is "the running one"
+    try:
+        argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name", "vit_micro-v")
+        r = subprocess.run([sys.executable, str(HERE / "avjepa.py"), *argv],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        common.unlock_run(run)
+    assert r.returncode != 0 and f"in use by another run (pid {os.getpid()}" in r.stderr, r.stderr
+    assert not (run / "ckpt.pt").exists()
 
 
-def test_wrong_checkpoint_files_are_explained(tmp_path):
-    (tmp_path / "notes.txt").write_text("e" * 200)
-    (tmp_path / "README.md").write_text("# not a checkpoint\n")
-    (tmp_path / "empty.pt").write_bytes(b"")
-    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pt")   # a whole module: code on load
-    for name, says in [("notes.txt", "not a checkpoint"), ("README.md", "not a checkpoint"),
-                       ("empty.pt", "not a checkpoint"), ("pickled.pt", "holds Python objects")]:
-        with pytest.raises(SystemExit) as exit:
-            probe.main(["--task", "classify", "--ckpt", str(tmp_path / name)])
-        assert str(tmp_path / name) in str(exit.value) and says in str(exit.value), exit.value
-        assert "weights_only" not in str(exit.value) and "Error" not in str(exit.value), exit.value
-    torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not an avjepa checkpoint"):
-        probe.main(["--task", "classify", "--ckpt", str(tmp_path / "other.pt")])
+def test_a_lock_left_by_a_dead_process_is_taken_over(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "lock").write_text(f"{dead.pid} on {socket.gethostname()}\n")   # its flock went with it
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
+    assert (run / "ckpt.pt").exists()
 
 
-def test_missing_dataset_is_explained(probe_run, tmp_path):
-    with pytest.raises(SystemExit, match="no dataset at"):
-        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", str(tmp_path / "nowhere")])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_finishes_the_step_saves_plots_summarises_and_exits_128_plus_its_number(
+        fake_data, tmp_path, monkeypatch, capsys, sig, code):
+    schedules = avjepa.schedules
+    def signal_at_5(step, args):
+        if step == 5:
+            os.kill(os.getpid(), sig)
+        return schedules(step, args)
+    monkeypatch.setattr(avjepa, "schedules", signal_at_5)
+    before = signal.getsignal(sig)
+    with pytest.raises(SystemExit) as exit:
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "20", "--save-every", "10"))
+    run = tmp_path / "vit_micro-v"
+    assert exit.value.code == code
+    # step 5 finished, then saved
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
+    assert (run / "training.png").exists() and "to step 6 (stopped of 20" in capsys.readouterr().out
+    assert signal.getsignal(sig) == before   # the caller's handler is back
 
 
-def test_unlabelled_dataset_cannot_be_classified(probe_run, tmp_path):
-    data = write_fake_dataset(tmp_path / "unlabelled")
-    for split in ("train", "val"):
-        np.full(json.loads((tmp_path / "unlabelled" / "meta.json").read_text())["splits"][split], -1,
-                np.int64).tofile(tmp_path / "unlabelled" / f"{split}_label.bin")
-    with pytest.raises(SystemExit, match="its 16 train clips have no labels"):
-        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
+def logged_steps(run):
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_a_dataset_without_val_clips_says_so(probe_run, tmp_path):
-    data = write_fake_dataset(tmp_path / "noval", n_val=0)
-    with pytest.raises(SystemExit, match="it has 0 val clips"):
-        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
+def test_a_resumed_run_cuts_its_log_back_to_the_checkpoint_so_steps_only_increase(fake_data, tmp_path, monkeypatch):
+    schedules = avjepa.schedules
+    def killed_at_6(step, args):   # as a kill -9 would: no chance to save
+        if step == 6:
+            raise KeyboardInterrupt
+        return schedules(step, args)
+    monkeypatch.setattr(avjepa, "schedules", killed_at_6)
+    flags = ["--steps", "8", "--save-every", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        avjepa.train(micro_args(fake_data, tmp_path, *flags))
+    run = tmp_path / "vit_micro-v"
+    assert logged_steps(run) == [0, 1, 2, 3, 4, 5]
+    monkeypatch.setattr(avjepa, "schedules", schedules)
+    avjepa.train(micro_args(fake_data, tmp_path, *flags, "--resume"))
+    assert logged_steps(run) == list(range(8))
 
 
-@needs_av
-def test_a_video_only_checkpoint_gets_video_probes_and_a_silent_mp4(probe_run, tmp_path):
-    import av
-    avjepa.train(micro_args(probe_run["data"], tmp_path, "--steps", "1"))
-    ckpt = str(tmp_path / "vit_micro-v" / "ckpt.pt")
-    assert probe.main(["--task", "classify", "--ckpt", ckpt, "--epochs", "1"])["modalities"] == "video"
-    res = probe.main(["--task", "reconstruct", "--ckpt", ckpt, "--examples", "1"])
-    assert math.isfinite(res["psnr"]) and "l1" not in res
-    with av.open(str(tmp_path / "vit_micro-v" / "reconstruct" / "short_pretrained_0.mp4")) as c:
-        assert c.streams.video and not c.streams.audio
-    with pytest.raises(SystemExit, match="video-only"):
-        probe.main(["--task", "classify", "--ckpt", ckpt, "--modalities", "both"])
+def test_a_new_run_on_a_folder_with_an_old_log_starts_a_new_log(fake_data, tmp_path):
+    run = tmp_path / "vit_micro-v"
+    run.mkdir()
+    (run / "log.jsonl").write_text("".join(json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(9)))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    assert logged_steps(run) == [0, 1]
+
+
+def test_resume_refuses_a_changed_flag_naming_its_old_and_new_value(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--lr", "0.001"))
+    with pytest.raises(SystemExit, match=r"--lr 0.001, not 0.01; --seed 0, not 3"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--lr", "0.01", "--seed", "3", "--resume"))
+
+
+def test_resume_may_extend_steps_and_change_logging_and_says_so(fake_data, tmp_path, capsys):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--save-every", "3", "--resume"))
+    out = capsys.readouterr().out
+    assert "--steps 2 -> 4" in out and "--save-every 200 -> 3" in out and "to step 4" in out
+
+
+def test_resuming_a_finished_run_prints_its_summary(fake_data, tmp_path, capsys):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2"))
+    capsys.readouterr()
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--resume"))
+    assert "trained vit_micro-v to step 2: loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("video_shape, "
+                         "audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
+                                                       ((2, 3, 4, 32, 32), 64)])
+def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape, audio_frames):
+    encoder = micro_jepa()[0]   # built for 4 frames of 32 px and 32 audio frames
+    with pytest.raises(ValueError, match=r"does not fit this model, which expects \[batch, "):
+        encoder(torch.randn(video_shape), torch.randn(2, 1, 128, audio_frames))
+
+
+def test_context_rows_that_do_not_fit_the_masks_are_a_value_error():
+    encoder, predictor, _ = micro_jepa()
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid,
+                                encoder.audio_grid, np.ones(2, bool))
+    with pytest.raises(ValueError, match="does not fit the masks"):
+        predictor(torch.randn(len(masks.ctx.index) + 1, 32), masks)
+
+
+@pytest.mark.parametrize("edit", [dict(frames=8, size=64), dict(video_shape=[8, 32, 16, 3])])
+def test_a_dataset_whose_arrays_do_not_match_its_meta_is_refused_before_training(tmp_path, edit):
+    root = write_fake_dataset(tmp_path / "d")   # 4 frames of 32 px
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(SystemExit, match="meta.json"):
+        common.load_split(root, "train")
+
+
+def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
+    loss = avjepa.jepa_loss
+    monkeypatch.setattr(avjepa, "jepa_loss", lambda *a: tuple(x * float("nan") for x in loss(*a)))
+    with pytest.raises(SystemExit, match="loss became non-finite at step 0"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3"))
+
 
 # -----------------------------------------------------------------------------
 # prepare.py: tiny videos are written with PyAV in a temporary folder, then prepared.
@@ -2268,6 +1901,402 @@ def test_cli_fails_clearly_when_nothing_can_be_ingested(tmp_path):
         r = cli("--videos", path, "--out", tmp_path / "out")
         assert r.returncode != 0 and str(path) in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+# -----------------------------------------------------------------------------
+# probe.py: a micro model on random arrays.
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """A 2-step micro AV checkpoint on a fake dataset whose two classes carry one factor each: class
+    1's frames are bright, class 0's dark, so that any encoder's features tell them apart."""
+    root = tmp_path_factory.mktemp("probe")
+    data = write_fake_dataset(root / "data")
+    for split, n in (("train", 16), ("val", 8)):
+        video = np.fromfile(f"{data}/{split}_video.bin", np.uint8).reshape(n, -1) // 2
+        # labels are 0, 1, 0, 1, ...
+        video[1::2] += 128
+        video.tofile(f"{data}/{split}_video.bin")
+    meta = json.loads((root / "data" / "meta.json").read_text())
+    meta.update(factors={"side": {"values": ["a", "b"], "modality": "video"}}, class_factors=[[0], [1]])
+    (root / "data" / "meta.json").write_text(json.dumps(meta))
+    avjepa.train(micro_args(data, root / "out", "--audio", "--steps", "2"))
+    return dict(root=root, data=data, runs=str(root / "out"), ckpt=root / "out" / "vit_micro-av" / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def reconstructed(probe_run):
+    return probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "2", "--batch-size", "8"])
+
+# -----------------------------------------------------------------------------
+# End to end
+
+@pytest.mark.parametrize("modalities, init", [("both", "pretrained"), ("video", "random")])
+def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, init):
+    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--epochs", "20", "--lr", "1e-2",
+                      "--modalities", modalities, "--init", init])
+    name = f"{modalities}_separate_{init}" if modalities == "both" else f"{modalities}_{init}"
+    saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
+    # bright or dark: no encoder misses it
+    assert saved["top1"] == res["top1"] == 1.0 and res["val_clips"] == 8
+    assert set(res["factors"]) == {"side"} and "top5" not in res   # 2 classes: no top-5
+    # probe seeds; the seedless readout too
+    assert len(res["probe_runs"]) == 3 and res["linear"]["top1"] == 1.0
+    assert ("random" in res) == (init == "pretrained") and res.get("random", res)["init"] == "random"
+    assert (probe_run["ckpt"].parent / f"probe_features_{name}.pt").exists()
+
+
+def test_classify_with_no_probe_seeds_gives_the_linear_readout_alone_and_its_chart(probe_run):
+    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0"])
+    assert "top1" not in res and res["linear"]["top1"] == 1.0 and res["random"]["linear"]["top1"] <= 1.0
+    from PIL import Image
+    assert Image.open(probe_run["ckpt"].parent / "probe_classify_both.png").size[0] > 300
+
+
+def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
+    res = probe.main(["--task", "retrieve", "--runs", probe_run["runs"]])
+    n = int(np.sum(np.fromfile(Path(probe_run["data"]) / "val_has_audio.bin", np.uint8)))
+    assert res["val_clips"] == n and res["chance_r1"] == 1 / n
+    for d in ("v2a", "a2v"):
+        assert 1 <= res[d]["median_rank"] <= n and res[d]["r1"] <= res[d]["r5"] <= 1 and res[d]["spread"] >= 0
+        # the baseline, read the same way
+        assert res["random"][d]["median_rank"] <= n and -1 < res[d]["gap"] < 1
+    assert json.loads((probe_run["ckpt"].parent / "probe_retrieve_pretrained.json").read_text())["v2a"] == res["v2a"]
+    assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
+
+
+def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 5, generator=g)
+    def sound(picture):                                   # [n, 2, 3] -> [n, 5, 1], linear
+        return (picture.flatten(1) @ W).view(-1, 5, 1)
+    train, val = torch.randn(40, 2, 3, generator=g), torch.randn(10, 2, 3, generator=g)
+    assert (probe.ridge_ranks(train, sound(train), val, sound(val), lam=1e-6) == 1).all()
+
+
+def test_shuffled_gap_is_zero_for_a_predictor_that_says_the_mean_and_positive_for_a_matching_one():
+    gallery = torch.randn(20, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert probe.shuffled_gap(gallery.mean(0).expand_as(gallery), gallery) == pytest.approx(0, abs=1e-6)
+    assert probe.shuffled_gap(gallery + 0.1, gallery) > 0.5
+
+
+def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
+    g = torch.Generator().manual_seed(0)
+    # two factors, 3 values each
+    y = torch.randint(0, 3, (60, 2), generator=g)
+    code = torch.randn(2, 3, 8, generator=g)
+    def feats(y):
+        return code[0, y[:, 0]] + code[1, y[:, 1]] + 0.05 * torch.randn(len(y), 8, generator=g)
+    x, val_y = feats(y), torch.randint(0, 3, (20, 2), generator=g)
+    val_x = feats(val_y)
+    pred = probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3)
+    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3))
+
+
+def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
+    gallery = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])
+    # clip 1's prediction is nearer clip 2's sound
+    query = torch.tensor([[[0.1]], [[1.9]], [[1.8]]])
+    assert probe.ranks(query, gallery).tolist() == [1, 2, 1]
+
+
+def test_classify_reuses_cached_features(probe_run, capsys):
+    argv = ["--task", "classify", "--runs", probe_run["runs"], "--epochs", "1", "--modalities", "audio"]
+    first = probe.main(argv)
+    assert "features from" not in capsys.readouterr().out
+    second = probe.main(argv)
+    assert "features from" in capsys.readouterr().out and second["top1"] == first["top1"]
+
+
+def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
+    g = torch.Generator().manual_seed(0)
+    # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
+    def split(n):
+        x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g), -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
+        valid = torch.ones(n, 5, dtype=torch.bool)
+        # a silent clip: its audio slots hold junk that must not count
+        valid[0, 3:] = False
+        x[0, 3:] = 1e4
+        return dict(x=x.half(), valid=valid)
+    train, val = split(50), split(20)
+    # the valid train audio tokens
+    audio = train["x"][1:, 3:].float().reshape(-1, 4)
+    expected_val_audio = (val["x"][1:, 3:].float() - audio.mean(0)) / audio.std(0)
+    probe.standardize(train, val, [0, 3, 5])
+    for part in (slice(0, 3), slice(3, 5)):
+        x = train["x"][:, part][train["valid"][:, part]]
+        assert torch.allclose(x.mean(0), torch.zeros(4), atol=1e-4) and torch.allclose(x.std(0), torch.ones(4), atol=1e-4)
+    # val: the train split's statistics
+    assert torch.allclose(val["x"][1:, 3:], expected_val_audio, atol=1e-5)
+
+
+def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
+    torch.manual_seed(0)
+    D, heads = 12, 3
+    p = probe.AttentiveProbe(D, heads, [4, 3, 2])
+    for w in p.parameters():
+        w.data.normal_(0, 0.3)                       # away from the init: every term counts
+    x = torch.randn(5, 7, D)
+    valid = torch.rand(5, 7) > 0.3
+    valid[:, 0] = True
+
+    def plain(x, valid):   # V-JEPA's order: project every token to keys and values, then attend
+        B, N, _ = x.shape
+        Q = p.query.shape[1]
+        q = p.q(p.query).view(1, Q, heads, -1).transpose(1, 2).expand(B, -1, -1, -1)
+        k, v = p.kv(p.norm1(x)).view(B, N, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        h = p.query + p.proj(y.transpose(1, 2).reshape(B, Q, D))
+        h = h + p.mlp(p.norm2(h))
+        return [head(h[:, i]) for i, head in enumerate(p.out)]
+
+    fast, ref = p(x, valid), plain(x, valid)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(sum(l.sum() for l in out), list(p.parameters())) for out in (fast, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
+    meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
+                # 6 classes: (colour, size)
+                class_factors=[[c, s] for c in range(2) for s in range(3)])
+    outputs, targets = probe.label_heads(6, meta)
+    assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
+    # sure of red, and of large
+    colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+    feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool), y=torch.tensor([2]))
+    scores = probe.predict_classes(lambda x, valid: [colour, size], feats, targets, "cpu")
+    expected = [F.log_softmax(colour, -1)[0, c] + F.log_softmax(size, -1)[0, s] for c, s in meta["class_factors"]]
+    torch.testing.assert_close(scores[0], torch.stack(expected))
+    assert scores.argmax().item() == 2                                             # class (red, l)
+
+
+def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
+    ckpt = common.read_checkpoint(probe_run["ckpt"])
+    encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0)[2]
+    data = common.load_split(probe_run["data"], "val")
+    feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
+    silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
+    assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
+
+
+def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot():
+    """Tokens that carry, per tubelet, the object's height (video) and the pitch heard (audio):
+    synced clips hear the height seen now, late ones the height of two tubelets before; the object
+    steps left or right. Neither is in any pooled token, and both are in the pairs."""
+    from types import SimpleNamespace
+    T, H, W, Fa, C, D, n = 8, 2, 2, 2, 12, 8, 600
+    enc = SimpleNamespace(video_grid=(T, H, W), nv=T * H * W, audio_grid=(Fa, C),
+                          cfg=SimpleNamespace(audio_patch_seconds=0.16, tubelet_seconds=0.24))
+    rng = np.random.default_rng(0)
+    height, step = rng.normal(size=(n, T + 2)), rng.choice([-1.0, 1.0], n)
+    late = rng.random(n) < 0.5
+    x = torch.from_numpy(rng.normal(0, 0.1, (n, enc.nv + Fa * C, D))).float()
+    angle = rng.uniform(0, 2 * np.pi, n)   # where it starts, round a wrapping screen
+    for t in range(T):
+        now = slice(t * H * W, (t + 1) * H * W)
+        x[:, now, 0] += torch.tensor(height[:, t + 2])[:, None]                          # seen now
+        # where it is
+        x[:, now, 1] += torch.tensor(np.cos(angle + 0.8 * step * t))[:, None]
+        x[:, now, 2] += torch.tensor(np.sin(angle + 0.8 * step * t))[:, None]
+    col_t = ((np.arange(C) + 0.5) * 0.16 / 0.24).astype(int)
+    heard = np.where(late[:, None], height[:, col_t], height[:, col_t + 2])              # [n, C]
+    x[:, enc.nv:, 3] += torch.tensor(np.tile(heard, Fa)).float()
+    feats = dict(x=x, valid=torch.ones(n, enc.nv + Fa * C, dtype=torch.bool))
+    y = torch.from_numpy(np.stack([late, step > 0], 1).astype(np.int64))
+    tr, va = slice(0, 400), slice(400, n)
+    for name, f in (("pooled", probe.pooled(feats, [0, enc.nv, enc.nv + Fa * C])),
+                    ("paired", probe.paired(feats, enc))):
+        pred = probe.linear_readout(f[tr], y[tr], f[va], [2, 2])
+        acc = (pred == y[va]).float().mean(0)
+        if name == "pooled":
+            assert (acc < 0.65).all(), acc     # chance: the relation is in no single token
+        else:
+            assert (acc > 0.85).all(), acc
+
+
+def test_reconstruct_runs_end_to_end_and_writes_metrics_with_baselines(probe_run, reconstructed):
+    saved = json.loads((probe_run["ckpt"].parent / "probe_reconstruct_short_pretrained.json").read_text())
+    for k in ("psnr", "psnr_mean_fill", "psnr_oracle", "l1", "l1_mean_fill", "l1_oracle", "snr", "snr_mean_fill"):
+        assert math.isfinite(saved[k]) and saved[k] == reconstructed[k]
+    assert reconstructed["random"]["init"] == "random" and math.isfinite(reconstructed["random"]["psnr"])
+
+
+def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, capsys):
+    probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "0", "--batch-size", "8"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    num = r"-?[0-9.]+"
+    assert re.search(fr"hidden video PSNR {num} dB \(mean-fill {num}, random {num}, "
+                     fr"oracle {num}\)", line), line
+    assert re.search(rf"audio L1 {num} \(mean-fill {num}, random {num}, oracle {num}\)", line), line
+
+
+def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_run, capsys):
+    res = probe.main(["--task", "refit", "--runs", probe_run["runs"], "--refit-steps", "3", "--examples", "0",
+                      "--batch-size", "8"])
+    old, new = torch.load(probe_run["ckpt"], weights_only=True), torch.load(res["ckpt"], weights_only=True)
+    for key in ("encoder", "target_encoder"):
+        assert all(torch.equal(old[key][k], new[key][k]) for k in old[key])
+    assert any(not torch.equal(old["predictor"][k], new["predictor"][k]) for k in old["predictor"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    num = r"-?[0-9.]+"
+    assert re.search(rf"predictor val loss {num} -> {num} over 3 steps", line), line
+    assert re.search(fr"hidden video PSNR {num} -> {num} dB \(oracle {num}\): -?[0-9]+% of the gap "
+                     r"closed, (not learned yet|not inferable from this context)", line), line
+
+
+def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe_run, capsys):
+    args = ["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0", "--labels-steps", "3"]
+    first = probe.main(args)
+    cache = Path(probe_run["data"]) / "labels_vit_micro_av_3steps_seed0.json"
+    assert cache.exists() and first["labels"]["steps"] == 3 and 0 <= first["labels"]["top1"] <= 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 "
+                     r"[0-9.]+% \(side [0-9]+%\)\]", line)
+    stamp = cache.stat().st_mtime_ns
+    # read, not retrained
+    assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
+
+
+@needs_av
+def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, reconstructed):
+    import av
+    from PIL import Image
+    out = probe_run["ckpt"].parent / "reconstruct"
+    k = math.ceil(128 / 32)                                       # 32 px frames are drawn 4x
+    img = Image.open(out / "short_pretrained_0.png")
+    assert img.size == (110 + max(4 * (32 * k + 4), 3 * (2 * 32 + 4)), 3 * (32 * k + 4) + 256 + 20 + 4)
+    with av.open(str(out / "short_pretrained_0.mp4")) as c:
+        assert c.streams.audio and c.streams.audio[0].sample_rate == 16000
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == 4 and frames[0].shape == ((32 * k), (2 * 32 + 4) * k, 3)
+    with av.open(str(out / "short_pretrained_0.mp4")) as c:
+        assert sum(f.samples for f in c.decode(audio=0)) > 0.2 * 16000
+    for name in ("short_pretrained_0.wav", "short_pretrained_0_original.wav"):
+        with wave.open(str(out / name)) as w:
+            assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getnframes() > 0.2 * 16000
+    # every file was renamed into place
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+# -----------------------------------------------------------------------------
+# Patches and metrics
+
+def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
+    torch.manual_seed(0)
+    enc = vit(32, 1, 2, audio=True, frames=4, size=32, audio_frames=48)
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
+    pv, pa = probe.patchify_video(video), probe.patchify_audio(audio)
+    assert torch.equal(probe.unpatchify_video(pv, 3, 4, 32, 32), video)
+    assert torch.equal(probe.unpatchify_audio(pa, 128, 48), audio)
+    # a patch embedding is a linear map of its patch: same rows, same order as the encoder's tokens
+    for p, embed in ((pv, enc.patch_embed), (pa, enc.audio_patch_embed)):
+        w = embed.proj.weight
+        # (dt, dy, dx, c) order
+        w = w.permute(0, 2, 3, 4, 1) if w.dim() == 5 else w.permute(0, 2, 3, 1)
+        tokens = embed(video if w.dim() == 5 else audio)
+        torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens, atol=1e-4, rtol=1e-4)
+
+
+def test_masked_metrics_count_only_hidden_patches():
+    target = torch.tensor([[[0.0, 1.0], [0.5, 0.5], [1.0, 1.0]]])
+    # patch 1 is visible: its error must not count
+    pred = torch.tensor([[[0.5, 1.0], [9.0, 9.0], [1.0, 0.0]]])
+    mask = torch.tensor([[True, False, True]])
+    # hidden squared errors: (0.25 + 0) / 2 and (0 + 1) / 2 -> mse 0.3125
+    assert probe.masked_psnr(pred, target, mask).item() == pytest.approx(10 * math.log10(1 / 0.3125))
+    assert probe.masked_l1(pred, target, mask).item() == pytest.approx((0.25 + 0.5) / 2)
+    # hidden signal power (0.5 + 1) / 2 over error power 0.3125
+    assert probe.masked_snr(pred, target, mask).item() == pytest.approx(10 * math.log10(0.75 / 0.3125))
+    assert torch.isnan(probe.masked_psnr(pred, target, torch.zeros(1, 3, dtype=torch.bool))).all()
+
+
+def test_mean_fill_uses_the_visible_patches_of_the_same_clip():
+    patches = torch.tensor([[[1.0, 3.0], [5.0, 5.0], [3.0, 1.0]], [[7.0, 7.0], [0.0, 0.0], [1.0, 1.0]]])
+    mask = torch.tensor([[False, True, False], [True, True, False]])
+    filled = probe.mean_fill(patches, mask)
+    assert filled[0, 1].tolist() == [2.0, 2.0] and filled[1, 0].tolist() == [1.0, 1.0] == filled[1, 1].tolist()
+    assert torch.equal(filled[~mask], patches[~mask])
+
+
+def test_griffin_lim_resynthesis_keeps_the_pitch_of_a_tone():
+    import torchaudio.compliance.kaldi as kaldi
+    sr, f0 = 16000, 1000.0
+    w = 0.3 * torch.sin(2 * math.pi * f0 * torch.arange(sr) / sr)[None]
+    mel = kaldi.fbank(w, htk_compat=True, sample_frequency=sr, use_energy=False, window_type="hanning",
+                      num_mel_bins=128, dither=0.0, frame_shift=10).T
+    meta = dict(audio_mean=-5.0, audio_std=4.0)
+    out = probe.mel_to_wave((mel - meta["audio_mean"]) / (2 * meta["audio_std"]), meta)
+    spectrum = np.abs(np.fft.rfft(out.numpy()))
+    assert abs(np.argmax(spectrum) * sr / len(out) - f0) < 40
+
+# -----------------------------------------------------------------------------
+# Defaults and errors
+
+def test_default_checkpoint_is_the_most_recent_run(probe_run, tmp_path, capsys):
+    # the newer one sorts first by name: mtime must decide
+    for i, name in enumerate(["b-old", "a-new"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(probe_run["ckpt"].read_bytes())
+        os.utime(tmp_path / name / "ckpt.pt", (1e9 + i, 1e9 + i))
+    assert probe.newest_checkpoint(tmp_path) == tmp_path / "a-new" / "ckpt.pt"
+    res = probe.main(["--task", "classify", "--runs", str(tmp_path), "--epochs", "1", "--no-cache"])
+    assert res["run"] == "a-new" and f"probing {tmp_path / 'a-new' / 'ckpt.pt'}" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_says_to_train_first(tmp_path):
+    with pytest.raises(SystemExit, match="train first with `python avjepa.py"):
+        probe.main(["--task", "reconstruct", "--runs", str(tmp_path)])
+
+
+def test_wrong_checkpoint_files_are_explained(tmp_path):
+    (tmp_path / "notes.txt").write_text("e" * 200)
+    (tmp_path / "README.md").write_text("# not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pt")   # a whole module: code on load
+    for name, says in [("notes.txt", "not a checkpoint"), ("README.md", "not a checkpoint"),
+                       ("empty.pt", "not a checkpoint"), ("pickled.pt", "holds Python objects")]:
+        with pytest.raises(SystemExit) as exit:
+            probe.main(["--task", "classify", "--ckpt", str(tmp_path / name)])
+        assert str(tmp_path / name) in str(exit.value) and says in str(exit.value), exit.value
+        assert "weights_only" not in str(exit.value) and "Error" not in str(exit.value), exit.value
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not an avjepa checkpoint"):
+        probe.main(["--task", "classify", "--ckpt", str(tmp_path / "other.pt")])
+
+
+def test_missing_dataset_is_explained(probe_run, tmp_path):
+    with pytest.raises(SystemExit, match="no dataset at"):
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", str(tmp_path / "nowhere")])
+
+
+def test_unlabelled_dataset_cannot_be_classified(probe_run, tmp_path):
+    data = write_fake_dataset(tmp_path / "unlabelled")
+    for split in ("train", "val"):
+        np.full(json.loads((tmp_path / "unlabelled" / "meta.json").read_text())["splits"][split], -1,
+                np.int64).tofile(tmp_path / "unlabelled" / f"{split}_label.bin")
+    with pytest.raises(SystemExit, match="its 16 train clips have no labels"):
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
+
+
+def test_a_dataset_without_val_clips_says_so(probe_run, tmp_path):
+    data = write_fake_dataset(tmp_path / "noval", n_val=0)
+    with pytest.raises(SystemExit, match="it has 0 val clips"):
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
+
+
+@needs_av
+def test_a_video_only_checkpoint_gets_video_probes_and_a_silent_mp4(probe_run, tmp_path):
+    import av
+    avjepa.train(micro_args(probe_run["data"], tmp_path, "--steps", "1"))
+    ckpt = str(tmp_path / "vit_micro-v" / "ckpt.pt")
+    assert probe.main(["--task", "classify", "--ckpt", ckpt, "--epochs", "1"])["modalities"] == "video"
+    res = probe.main(["--task", "reconstruct", "--ckpt", ckpt, "--examples", "1"])
+    assert math.isfinite(res["psnr"]) and "l1" not in res
+    with av.open(str(tmp_path / "vit_micro-v" / "reconstruct" / "short_pretrained_0.mp4")) as c:
+        assert c.streams.video and not c.streams.audio
+    with pytest.raises(SystemExit, match="video-only"):
+        probe.main(["--task", "classify", "--ckpt", ckpt, "--modalities", "both"])
 
 # -----------------------------------------------------------------------------
 # Full disks, bad values and races: a clear message, nothing lost, nothing cached wrong. A full disk is
