@@ -64,7 +64,6 @@ MASKS = {"short": MaskConfig("multiblock", 8, 0.15, "#1f77b4"),
          "future": MaskConfig("future", colour="#ff7f0e")}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 PASSES = ["joint", "separate"]   # one attention pass over both senses, or one per sense
-# TUBELET, PATCH = 2, 16 (common.py): video tubelets of 2 frames x 16 x 16 px, audio patches 16 x 16
 
 
 def mask_names(text):   # an argparse type: "short,long" -> ("short", "long")
@@ -127,8 +126,8 @@ class Config:
     tubelet_seconds: float = field(default=1.0, metadata=dict(flag=False))
     audio_patch_seconds: float = field(default=1.0, metadata=dict(flag=False))
 
-    MAY_CHANGE = ("steps", "save_every", "log_every", "device")   # when a run resumes (printed)
-    WHERE = ("resume", "name", "out")   # where a run is, not how it trains
+    # what may change when a run resumes (printed), and where a run is rather than how it trains
+    MAY_CHANGE, WHERE = ("steps", "save_every", "log_every", "device"), ("resume", "name", "out")
 
     def check(self, error):
         """Settings that are each valid but do not fit together: error(message), argparse's exit."""
@@ -153,9 +152,9 @@ class Config:
 
     @classmethod
     def of(cls, ckpt):
-        """The Config a checkpoint was trained with. Before there was one, checkpoints kept the flags
-        as given beside a dict of the model's settings (its "crop" the frames' side); the oldest lack
-        settings that came later (they ran with fuse 0). Settings since removed are refused."""
+        """The Config a checkpoint was trained with. Before there was one, checkpoints kept the
+        flags as given beside a dict of the model's settings (its "crop" the frames' side); the
+        oldest lack settings that came later (they ran with fuse 0). Removed settings are refused."""
         saved = ckpt["config"]
         if "flags" in ckpt:
             flags = {k: v for k, v in ckpt["flags"].items() if v is not None}
@@ -253,14 +252,14 @@ def whole_clips(batch, nv, n_tokens, device, separate):
 
 @dataclass
 class Masks:
-    """One step's masks, packed. Segment s of ctx and tgt is (mask config s // B, clip s % B)."""
-    ctx: kernels.Packed         # the context: the tokens the encoder sees
-    enc: kernels.Packed         # the same rows, cut where the encoder's attention stops
-    tgt: kernels.Packed         # the targets: the tokens the predictor fills in
-    tgt_config: torch.Tensor    # [Tt] each target's mask config: picks the predictor's mask token
-    tgt_modality: torch.Tensor  # [Tt] 0 video, 1 audio
-    tgt_weight: torch.Tensor    # [Tt] each target's weight in the loss; they sum to 1
-    pred_max_len: int           # the longest [context ; targets] segment of the predictor
+    """One step's masks, packed. Segment s of context and targets: (mask config s // B, clip s % B)."""
+    context: kernels.Packed         # the tokens the encoder sees
+    context_passes: kernels.Packed  # the same rows, cut where the encoder's attention passes stop
+    targets: kernels.Packed         # the tokens the predictor fills in
+    target_config: torch.Tensor     # [Tt] each target's mask config: picks its mask token
+    target_modality: torch.Tensor   # [Tt] 0 video, 1 audio
+    target_weight: torch.Tensor     # [Tt] each target's weight in the loss; they sum to 1
+    predictor_max_len: int          # the longest [context ; targets] segment of the predictor
 
     def to(self, device):   # without waiting (common.to_device); a shared field moves once
         moved = {id(x): x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
@@ -281,10 +280,11 @@ def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False):
     senses = (count.reshape(n_configs, 2) > 0).sum(1)    # senses with targets, per config
     weight = 1.0 / count[group] / senses[config] / n_configs
     packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, if a pass asks for it
-    enc = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
-    return Masks(ctx=packed_ctx, enc=enc, tgt=packed_tgt, tgt_config=torch.from_numpy(config),
-                 tgt_modality=torch.from_numpy(modality), tgt_weight=torch.from_numpy(weight.astype(np.float32)),
-                 pred_max_len=int((packed_ctx.cu.diff() + packed_tgt.cu.diff()).max()))
+    passes = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
+    return Masks(context=packed_ctx, context_passes=passes, targets=packed_tgt,
+                 target_config=torch.from_numpy(config), target_modality=torch.from_numpy(modality),
+                 target_weight=torch.from_numpy(weight.astype(np.float32)),
+                 predictor_max_len=int((packed_ctx.cu.diff() + packed_tgt.cu.diff()).max()))
 
 
 def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
@@ -304,7 +304,7 @@ def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
                 is_target[rng.choice(np.flatnonzero(is_target))] = False
             ctx.append(np.flatnonzero(exists & ~is_target))
             tgt.append(np.flatnonzero(is_target))
-    if cfg.truncate:   # V-JEPA's collation, for comparison: lists cut to their config's batch minimum
+    if cfg.truncate:   # V-JEPA's collation, for comparison: cut to their config's batch minimum
         for lists in (ctx, tgt):
             for c in range(0, len(lists), batch):
                 keep = min(len(x) for x in lists[c:c + batch])
@@ -340,7 +340,7 @@ def token_coords(video_grid, audio_grid=None, tubelet_seconds=1.0, audio_patch_s
     return torch.cat(coords)
 
 # -----------------------------------------------------------------------------
-# Model. Every sequence is packed: x is [total, D] with cu_seqlens marking where each segment starts.
+# Model. Every sequence is packed: x is [total, D], cu_seqlens marking where each segment starts.
 
 class Attention(nn.Module):
     def __init__(self, dim, heads):
@@ -388,7 +388,7 @@ def init_weights(module, blocks):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, by a strided convolution (Conv3d tubelets, Conv2d patches)."""
+    """Non-overlapping patches -> tokens by a strided convolution (Conv3d tubelets, Conv2d patches)."""
     def __init__(self, conv, in_ch, dim, kernel):
         super().__init__()
         self.proj = conv(in_ch, dim, kernel_size=kernel, stride=kernel)
@@ -427,8 +427,7 @@ class Encoder(nn.Module):
 
     @staticmethod
     def check_shape(name, x, expected):
-        """A clip must fit the grid the model was built for: positions are found by token number, so
-        a clip with more or fewer tokens would otherwise run on, silently wrong."""
+        """A clip must fit the model's grid: positions go by token number, else silently wrong."""
         if tuple(x.shape[1:]) != tuple(expected):
             raise ValueError(f"{name} of shape {list(x.shape)} does not fit this model, which expects "
                              f"[batch, {', '.join(map(str, expected))}]")
@@ -449,29 +448,29 @@ class Encoder(nn.Module):
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
 
-    def forward(self, video=None, audio=None, keep=None, fused=None, average_last=1):
-        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta]. keep=None: all tokens, returns [B, N,
-        D]. keep=Packed: only those rows of the flattened [B * N] tokens, each segment attending
-        within itself, returns [total, D]. fused: the same rows cut into whole-clip segments, for
-        the last `fuse` blocks (keep's may be one per modality). average_last=k > 1: the mean of the
-        last k blocks' outputs, each layer-normed (data2vec)."""
+    def forward(self, video=None, audio=None, tokens=None, clips=None, average_last=1):
+        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta]. tokens=None: all of them, returns
+        [B, N, D]. tokens=Packed: only those rows of the flattened [B * N] tokens, each segment
+        attending within itself, returns [total, D]. clips: the same rows cut into whole-clip
+        segments, for the last `fuse` blocks (tokens' may be one per sense). average_last=k > 1: the
+        mean of the last k blocks' outputs, each layer-normed (data2vec)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
-        index, cu, max_len = keep or whole_clips(B, N, N, x.device, separate=False)
+        index, cu, max_len = tokens or whole_clips(B, N, N, x.device, separate=False)
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
-            if i == self.fuse_from and fused is not None:   # late fusion: the senses meet from here
-                cu, max_len = fused.cu, fused.max_len
+            if i == self.fuse_from and clips is not None:   # late fusion: the senses meet from here
+                cu, max_len = clips.cu, clips.max_len
             x = block(x, cu, max_len)
             if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
                 earlier.append(F.layer_norm(x, (D,)))
         x = self.norm(x)
         if earlier:
             x = torch.stack(earlier + [F.layer_norm(x, (D,))]).mean(0)
-        return x.view(B, N, D) if keep is None else x
+        return x.view(B, N, D) if tokens is None else x
 
 
 class Predictor(nn.Module):
@@ -494,7 +493,7 @@ class Predictor(nn.Module):
     def forward(self, context, masks):
         """context [Tc, D] packed encoder output -> predictions [Tt, D] for the packed targets."""
         N = self.pos_embed.shape[0]
-        ctx, tgt = masks.ctx, masks.tgt
+        ctx, tgt = masks.context, masks.targets
         if context.shape != (len(ctx.index), self.predictor_embed.in_features):
             raise ValueError(f"context of shape {list(context.shape)} does not fit the masks and this "
                              f"predictor, which expect [{len(ctx.index)}, {self.predictor_embed.in_features}]")
@@ -502,11 +501,11 @@ class Predictor(nn.Module):
         # its position in place of each target. kernels.gather(x, rows) is x[rows], fused
         pos_ctx, pos_tgt = (kernels.gather(self.pos_embed, p.index % N) for p in (ctx, tgt))
         x_ctx = self.predictor_embed(context) + pos_ctx                                   # [Tc, Dp]
-        x_tgt = self.mask_tokens[masks.tgt_config, masks.tgt_modality] + pos_tgt          # [Tt, Dp]
+        x_tgt = self.mask_tokens[masks.target_config, masks.target_modality] + pos_tgt   # [Tt, Dp]
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]),
                             len(ctx_slot) + len(tgt_slot))
-        cu, max_len = ctx.cu + tgt.cu, masks.pred_max_len
+        cu, max_len = ctx.cu + tgt.cu, masks.predictor_max_len
         for block in self.blocks:
             x = block(x, cu, max_len)
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
@@ -533,31 +532,32 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
-        context = self.encoder(video, audio, keep=masks.enc, fused=masks.ctx)    # [Tc, D]
+        context = self.encoder(video, audio, tokens=masks.context_passes, clips=masks.context)  # [Tc, D]
         return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
 
 
 def step_flops(encoder, predictor, masks, batch, target_pass="separate"):
-    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2 per
-    target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3 if
-    trained), over the segments each pass really attends within. masks on the CPU."""
+    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2
+    per target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3
+    if trained), over the segments each pass really attends within. masks on the CPU."""
     def lin(m):   # weights applied per token
         return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
     def attn(m, cu):
         L = (cu[1:] - cu[:-1]).double()
         return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    N, nv, tc, tt = encoder.n_tokens(), encoder.nv, int(masks.ctx.cu[-1]), int(masks.tgt.cu[-1])
+    ctx, tgt, N, nv = masks.context, masks.targets, encoder.n_tokens(), encoder.nv
     parts = [nv, N - nv] if target_pass == "separate" and N > nv else [N]   # the targets' segments
     whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.enc.cu) + 6 * lin(predictor) * (tc + tt)
-            + 3 * attn(predictor, masks.ctx.cu + masks.tgt.cu) + 2 * lin(encoder) * batch * N
+    tc, tt = len(ctx.index), len(tgt.index)
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.context_passes.cu) + 6 * lin(predictor)
+            * (tc + tt) + 3 * attn(predictor, ctx.cu + tgt.cu) + 2 * lin(encoder) * batch * N
             + attn(encoder, whole_cu))
 
 
 def build(cfg):
     """Encoder, predictor and EMA target encoder of a Config."""
     encoder = Encoder(cfg)
-    predictor, target_encoder = Predictor(cfg, encoder), Encoder(cfg)   # this order: the seed's init
+    predictor, target_encoder = Predictor(cfg, encoder), Encoder(cfg)   # in the seed's init order
     target_encoder.load_state_dict(encoder.state_dict())
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
@@ -596,12 +596,12 @@ def load_encoder(path, device="cpu"):
 
 def jepa_loss(pred, targets, masks):
     """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the
-    target tokens (masks.tgt_weight: each config, and each modality within it, counts the same).
+    target tokens (masks.target_weight: each config, and each modality within it, counts the same).
     Returns it and, for the log, the plain mean per modality (video, audio; nan if it has none)."""
     err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
-    audio = masks.tgt_modality.float()
+    audio = masks.target_modality.float()
     per_modality = [(err * m).sum() / m.sum() for m in (1 - audio, audio)]   # video, audio
-    return (masks.tgt_weight * err).sum(), *per_modality
+    return (masks.target_weight * err).sum(), *per_modality
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
@@ -609,8 +609,8 @@ def clip_contrast(pred, targets, masks, batch, temperature=0.05):
     prediction over its hidden tokens must be nearer (cosine) its own mean target than the batch's
     other clips', both ways (CAV-MAE). L1 alone is content with the median of what the context
     allows, nearly the same for every clip; this asks each prediction to tell its clip apart."""
-    group = masks.tgt.segment_ids() * 2 + masks.tgt_modality  # [Tt] (config, clip, modality)
-    G = len(masks.tgt.cu) - 1                                               # configs x clips
+    group = masks.targets.segment_ids() * 2 + masks.target_modality  # [Tt] (config, clip, modality)
+    G = len(masks.targets.cu) - 1                                               # configs x clips
 
     def pool(x):  # [Tt, d] -> [configs, 2, B, d]
         s = x.new_zeros(2 * G, x.shape[-1]).index_add_(0, group, x)
@@ -678,7 +678,7 @@ def target_features(target_encoder, video, audio, cfg):
     N = target_encoder.n_tokens(audio is not None)
     whole = whole_clips(B, nv, N, video.device, cfg.target_pass == "separate")
     joint = whole_clips(B, nv, N, video.device, False)
-    feats = target_encoder(video, audio, keep=whole, fused=joint, average_last=cfg.target_layers)
+    feats = target_encoder(video, audio, tokens=whole, clips=joint, average_last=cfg.target_layers)
     return F.layer_norm(feats.float(), (D,)).view(B, N, D)
 
 
@@ -694,7 +694,7 @@ def step_loss(model, target_encoder, video, audio, masks, cfg):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=video.is_cuda):
         target_feats = target_features(target_encoder, video, audio, cfg)
         pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
-        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)   # [Tt, D], fused
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.targets.index)   # [Tt, D], fused
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
         if cfg.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + cfg.reg_weight * sigreg(context)
@@ -750,16 +750,15 @@ def log_record(s, losses, schedule, target_feats, masks, has_audio, encoder, pre
 
 def train(argv=None):
     cfg = get_config(argv)
-    device, rank, world = setup_process(cfg.device, cfg.deterministic)
-    torch.manual_seed(cfg.seed)
+    device, rank, world = setup_process(cfg.device, cfg.deterministic, cfg.seed)
     data = load_split(cfg.data, "train")
     if data["n"] == 0:
         raise SystemExit(f"{cfg.data} has no training clips: rerun prepare.py")
     cfg = cfg.with_data(data["meta"])
     encoder, predictor, target_encoder = build(cfg)
-    model, target_encoder = JEPA(encoder, predictor).to(device), target_encoder.to(device)
-    opt = make_optimizer(model, cfg.lr)   # after the move: a fused optimizer needs them there
-    trained = ddp(model, device)   # under torchrun: gradients averaged across the processes
+    jepa, target_encoder = JEPA(encoder, predictor).to(device), target_encoder.to(device)
+    opt = make_optimizer(jepa, cfg.lr)   # after the move: a fused optimizer needs them there
+    model = ddp(jepa, device)   # under torchrun, the JEPA whose gradients the processes average
     loss_fn = torch.compile(step_loss, dynamic=True) if cfg.compile else step_loss
 
     def make_batch(s):
@@ -782,7 +781,7 @@ def train(argv=None):
                 g["lr"], g["weight_decay"] = lr, (wd if g["decay"] else 0.0)
             video = augment_video(batch["video"], cfg.size, theta)
             audio = normalize_audio(batch["audio"], data["meta"]) if cfg.audio else None
-            *losses, target_feats = train_step(trained, target_encoder, opt, video, audio, masks,
+            *losses, target_feats = train_step(model, target_encoder, opt, video, audio, masks,
                                                momentum, cfg, loss_fn)
             log, stop = run.step(s, losses[0])   # saves on save steps; stop: Ctrl-C or SIGTERM came
             if log:

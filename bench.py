@@ -101,10 +101,13 @@ def get_args(argv=None):
     args.triton = args.cuda and kernels.HAS_TRITON
     # what training computes in (autocast on CUDA only)
     args.dtype = torch.bfloat16 if args.cuda else torch.float32
-    name = torch.cuda.get_device_name(args.dev) if args.cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    if args.cuda:
+        name = torch.cuda.get_device_name(args.dev)
     args.device_name = name
     args.peak = next((v for k, v in common.GPU_PEAK_FLOPS.items() if args.cuda and k in name), None)
-    args.video_grid = (args.frames // common.TUBELET, args.crop // common.PATCH, args.crop // common.PATCH)
+    args.video_grid = (args.frames // common.TUBELET, args.crop // common.PATCH,
+                       args.crop // common.PATCH)
     args.audio_grid = (128 // common.PATCH, args.audio_frames // common.PATCH)
     # video and audio tokens per clip
     args.nv, args.na = math.prod(args.video_grid), math.prod(args.audio_grid)
@@ -185,7 +188,8 @@ def moved_rows(args, batch):
     rows repeat across mask configs), the predictor scatters onto its slots (distinct). Both on the
     device."""
     masks = sample_masks(args, batch)
-    return masks.ctx.index.to(args.dev), torch.cat(avjepa.predictor_slots(masks.ctx, masks.tgt)).to(args.dev)
+    slots = torch.cat(avjepa.predictor_slots(masks.context, masks.targets))
+    return masks.context.index.to(args.dev), slots.to(args.dev)
 
 
 def sample_masks(args, batch, audio=True, truncate=False, seed=0):
@@ -210,17 +214,20 @@ def attention_cases(args):
     B, nv, na = args.batch_size, args.nv, args.na
     cases = []
     for heads in HEAD_COUNTS:
-        cases += [(f"dense AV, {heads} heads", heads, 64, [nv + na] * B), (f"dense V, {heads} heads", heads, 64, [nv] * B)]
+        cases += [(f"dense AV, {heads} heads", heads, 64, [nv + na] * B),
+                  (f"dense V, {heads} heads", heads, 64, [nv] * B)]
         for audio in (True, False):
             for config in CONFIGS:
-                masks = avjepa.sample_masks(np.random.default_rng(0), avjepa.Config(masks=(config,)), B,
-                                            args.video_grid, args.audio_grid if audio else None, np.full(B, audio))
+                masks = avjepa.sample_masks(np.random.default_rng(0),
+                                            avjepa.Config(masks=(config,)), B,
+                                            args.video_grid, args.audio_grid if audio else None,
+                                            np.full(B, audio))
                 # the segments the encoder attends within
-                lengths = np.diff(masks.enc.cu.numpy()).tolist()
+                lengths = np.diff(masks.context_passes.cu.numpy()).tolist()
                 cases.append((f"JEPA {config} context, "
                               f"{'AV' if audio else 'V'}, {heads} heads", heads, 64, lengths))
     masks = sample_masks(args, B)
-    ctx, tgt = (np.diff(p.cu.numpy()).tolist() for p in (masks.ctx, masks.tgt))
+    ctx, tgt = (np.diff(p.cu.numpy()).tolist() for p in (masks.context, masks.targets))
     cases.append(("JEPA predictor (vit_base), AV", 12, 32, [c + t for c, t in zip(ctx, tgt)]))
     return cases
 
@@ -260,7 +267,8 @@ def bench_attention(args):
         cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
         flops = 4 * sum(n * n for n in lengths) * heads * hd
         torch.manual_seed(0)
-        q, k, v = packed = [torch.randn(total, heads, hd, device=dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
+        q, k, v = packed = [torch.randn(total, heads, hd, device=dev, dtype=args.dtype,
+                                        requires_grad=True) for _ in range(3)]
         # packed row -> (clip, offset)
         clip = kernels.segment_ids(cu, total)
         offset = torch.arange(total, device=dev) - cu[:-1].long()[clip]
@@ -301,7 +309,8 @@ def bench_attention(args):
         else:
             rows += [("torch varlen_attn (FlashAttention-2)", "varlen", packed, None, same),
                      ("flex_attention, document mask, compiled", "flex", packed, None, same)]
-        for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
             name = f"sdpa {b.name.lower()}"
             if not ragged:
                 rows.append((name, "sdpa", padded, sdpa(b, None), unpad))
@@ -337,7 +346,8 @@ def bench_attention(args):
             row["note"] = "WRONG: attends to the padding (speed only)" if kind == "wrong" else "" if row["err"] <= tol else "MISMATCH"
             grad = torch.randn_like(out)
             for mode, mult, call in (("fwd", 1.0, lambda: fn(*inputs)),
-                                     ("fb", 3.5, lambda: torch.autograd.grad(fn(*inputs), inputs, grad))):
+                                     ("fb", 3.5, lambda: torch.autograd.grad(fn(*inputs), inputs,
+                                                                             grad))):
                 t, why = attempt(lambda: median_time(call, args), args)
                 if why:
                     row["note"] = why
@@ -360,8 +370,10 @@ def bench_attention(args):
             if mine.get("fb_ms") and r.get("fb_ms"):
                 r["ours_speedup"] = r["fb_ms"] / mine["fb_ms"]
         mine["target"] = "; ".join(verdicts) or None
-        table([("row", "row", None), ("fwd_ms", "fwd ms", "{:.3f}"), ("fwd_tflops", "TFLOP/s", "{:.1f}"), ("fwd_pct", "% peak", "{:.1f}"),
-               ("fb_ms", "fwd+bwd ms", "{:.3f}"), ("fb_tflops", "TFLOP/s", "{:.1f}"), ("fb_pct", "% peak", "{:.1f}"),
+        table([("row", "row", None), ("fwd_ms", "fwd ms", "{:.3f}"),
+               ("fwd_tflops", "TFLOP/s", "{:.1f}"), ("fwd_pct", "% peak", "{:.1f}"),
+               ("fb_ms", "fwd+bwd ms", "{:.3f}"), ("fb_tflops", "TFLOP/s", "{:.1f}"),
+               ("fb_pct", "% peak", "{:.1f}"),
                ("err", "max err", "{:.1e}"), ("ours_speedup", "ours vs row", "{:.2f}x"),
                ("target", "target (fwd+bwd speedup)", None), ("note", "note", None)], out_rows)
         results += out_rows
@@ -393,7 +405,8 @@ def bench_gather(args):
     results = []
     for D in (384, 768):
         x, pos, rows = (torch.randn(m, D, device=dev, dtype=args.dtype) for m in (B * N, N, n))
-        g_ref, gp_ref, s_ref = x[index], x[index] + pos[index % N], kernels.scatter_torch(rows, slot, n)
+        g_ref, gp_ref, s_ref = x[index], x[index] + pos[index % N], kernels.scatter_torch(rows,
+                                                                                          slot, n)
         g_bytes, s_bytes = 2 * K * D * e + 8 * K, (K + n) * D * e + 8 * n
         def triton(fn):
             def f():
@@ -404,13 +417,16 @@ def bench_gather(args):
             out = rows.new_zeros(n, D)
             out[slot] = rows
             return out
-        ops = [("kernels.gather [triton]", "ours", triton(lambda: kernels.gather(x, index)), g_ref, g_bytes),
-               ("kernels.gather [triton] + pos", "ours", triton(lambda: kernels.gather(x, index, pos)), gp_ref, g_bytes + N * D * e),
+        ops = [("kernels.gather [triton]", "ours", triton(lambda: kernels.gather(x, index)), g_ref,
+                g_bytes),
+               ("kernels.gather [triton] + pos", "ours",
+                triton(lambda: kernels.gather(x, index, pos)), gp_ref, g_bytes + N * D * e),
                ("torch.gather (expanded index)", "", lambda: torch.gather(x, 0, index[:, None].expand(-1, D)), g_ref, g_bytes),
                ("index_select", "", lambda: x.index_select(0, index), g_ref, g_bytes),
                ("x[index]", "", lambda: x[index], g_ref, g_bytes),
                ("kernels.gather_torch + pos (reference)", "", lambda: kernels.gather_torch(x, index, pos), gp_ref, g_bytes + N * D * e),
-               ("kernels.scatter [triton]", "ours-scatter", triton(lambda: kernels.scatter(rows, slot, n)), s_ref, s_bytes),
+               ("kernels.scatter [triton]", "ours-scatter",
+                triton(lambda: kernels.scatter(rows, slot, n)), s_ref, s_bytes),
                ("kernels.scatter_torch (index_copy)", "", lambda: kernels.scatter_torch(rows, slot, n), s_ref, s_bytes),
                ("zeros, then out[index] = x", "", indexed_scatter, s_ref, s_bytes),
                ("zeros, then scatter_", "", lambda: rows.new_zeros(n, D).scatter_(0, slot[:, None].expand(-1, D), rows), s_ref, s_bytes)]
@@ -437,8 +453,10 @@ def bench_gather(args):
                 row["note"] = "MISMATCH"
             if args.cuda and kind == "ours":
                 row["target"] = verdict(row["pct"], 100 * TARGETS["gather"], "{:.0f}%")
-        table([("row", "row", None), ("mb", "MB", "{:.1f}"), ("us", "us", "{:.1f}"), ("gbs", "GB/s", "{:.0f}"),
-               ("pct", "% copy", "{:.0f}"), ("err", "max err", "{:.1e}"), ("target", "target (of copy)", None),
+        table([("row", "row", None), ("mb", "MB", "{:.1f}"), ("us", "us", "{:.1f}"),
+               ("gbs", "GB/s", "{:.0f}"),
+               ("pct", "% copy", "{:.0f}"), ("err", "max err", "{:.1e}"),
+               ("target", "target (of copy)", None),
                ("note", "note", None)], out_rows)
         results += out_rows
     return results
@@ -468,14 +486,16 @@ def step_setup(args, model_name, audio, truncate, compiled):
     sound = torch.randn(B, 1, 128, args.audio_frames, device=dev) if audio else None
     host = [sample_masks(args, B, audio, truncate, seed=s) for s in range(args.warmup_steps + args.steps)]
     def run(m):
-        return avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs, loss_fn)[0]
+        return avjepa.train_step(model, target_encoder, opt, video, sound, m, 0.998, targs,
+                                 loss_fn)[0]
     # training prefetches the masks
     return run, host, [m.to(dev) for m in host], targs, encoder, predictor
 
 
 def time_steps(args, model_name, audio, truncate, path, compiled):
     B = args.batch_size
-    run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate, compiled)
+    run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate,
+                                                             compiled)
     timed = host[args.warmup_steps:]
     flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass) for m in timed)
     with backend(path):
@@ -494,9 +514,11 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
         dt = time.perf_counter() - t0
     if not all(torch.isfinite(l) for l in losses):
         raise RuntimeError("non-finite loss: the timed steps did not train as a real run would")
-    ctx_tokens = np.mean([np.diff(m.ctx.cu.numpy()).mean() for m in timed])
-    return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens, warmup_s=warmup_s,
-                gflop=flops / args.steps / 1e9, peak_ms=flops / args.steps / args.peak * 1e3 if args.peak else None,
+    ctx_tokens = np.mean([np.diff(m.context.cu.numpy()).mean() for m in timed])
+    return dict(clips_s=B * args.steps / dt, step_ms=dt / args.steps * 1e3, ctx_tokens=ctx_tokens,
+                warmup_s=warmup_s,
+                gflop=flops / args.steps / 1e9,
+                peak_ms=flops / args.steps / args.peak * 1e3 if args.peak else None,
                 mfu=100 * flops / dt / args.peak if args.peak else None,
                 mem_gib=torch.cuda.max_memory_allocated(args.dev) / 2**30 if args.cuda else None)
 
@@ -511,22 +533,28 @@ def bench_step(args):
             for truncate in (False, True):
                 for path in ("auto", "triton", "torch"):
                     for compiled in (False, True) if args.compile and audio and not truncate else (False,):
-                        row = dict(model=model_name, input="AV" if audio else "V", masks="truncate" if truncate else "varlen",
+                        row = dict(model=model_name, input="AV" if audio else "V",
+                                   masks="truncate" if truncate else "varlen",
                                    path=path, compiled="compiled" if compiled else "eager", note="")
                         results.append(row)
                         if path == "triton" and not args.triton:
                             row["note"] = SKIP
                             continue
-                        res, why = attempt(lambda: time_steps(args, model_name, audio, truncate, path, compiled), args)
+                        res, why = attempt(lambda: time_steps(args, model_name, audio, truncate,
+                                                              path, compiled), args)
                         row.update(res or dict(note=why))
                         if args.cuda:
                             torch.cuda.empty_cache()
                         if args.cuda and res and (model_name, audio, truncate, path) == ("vit_base", True, False, "auto"):
                             row["target"] = verdict(res["mfu"], 100 * TARGETS["mfu"], "{:.1f}%") if res["mfu"] else None
-    table([("model", "model", None), ("input", "input", None), ("masks", "masks", None), ("path", "kernels", None),
-           ("compiled", "", None), ("ctx_tokens", "ctx tok/seg", "{:.0f}"), ("gflop", "GFLOP/step", "{:.1f}"),
-           ("step_ms", "ms/step", "{:.1f}"), ("peak_ms", "ms at peak", "{:.1f}"), ("clips_s", "clips/s", "{:.1f}"),
-           ("mfu", "MFU %", "{:.1f}"), ("mem_gib", "peak GiB", "{:.1f}"), ("warmup_s", "warmup s", "{:.1f}"),
+    table([("model", "model", None), ("input", "input", None), ("masks", "masks", None),
+           ("path", "kernels", None),
+           ("compiled", "", None), ("ctx_tokens", "ctx tok/seg", "{:.0f}"),
+           ("gflop", "GFLOP/step", "{:.1f}"),
+           ("step_ms", "ms/step", "{:.1f}"), ("peak_ms", "ms at peak", "{:.1f}"),
+           ("clips_s", "clips/s", "{:.1f}"),
+           ("mfu", "MFU %", "{:.1f}"), ("mem_gib", "peak GiB", "{:.1f}"),
+           ("warmup_s", "warmup s", "{:.1f}"),
            ("target", "target (MFU)", None), ("note", "note", None)], results)
     return results
 
@@ -539,7 +567,8 @@ CATEGORIES = [
     ("gather/scatter", ("_rows_kernel", "index", "gather", "scatter")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("matmul", ("gemm", "mm", "matmul", "linear", "xmma", "nvjet", "cutlass", "conv")),
-    ("norm and elementwise", ("norm", "elementwise", "vectorized", "reduce", "add", "mul", "sub", "div", "gelu",
+    ("norm and elementwise",
+     ("norm", "elementwise", "vectorized", "reduce", "add", "mul", "sub", "div", "gelu",
                               "softmax", "exp", "copy", "fill", "where", "triton_")),
 ]
 
@@ -582,7 +611,8 @@ def profile_step(args):
         shares[category(e.key)] += getattr(e, key)
     shares["idle"] = max(wall_us - sum(shares.values()), 0.0)
     rows = [dict(category=c, ms=us / args.steps / 1e3, pct=100 * us / wall_us) for c, us in shares.items()]
-    table([("category", "category", None), ("ms", "ms/step", "{:.2f}"), ("pct", "% of step", "{:.0f}")], rows)
+    table([("category", "category", None), ("ms", "ms/step", "{:.2f}"),
+           ("pct", "% of step", "{:.0f}")], rows)
     return rows
 
 
@@ -602,7 +632,8 @@ def tune_attention(args):
         heads = 2 if args.quick else heads    # the interpreter runs one program at a time
         cu = F.pad(torch.tensor(lengths, device=args.dev).cumsum(0), (1, 0)).to(torch.int32)
         torch.manual_seed(0)
-        qkv = [torch.randn(sum(lengths), heads, hd, device=args.dev, dtype=args.dtype, requires_grad=True) for _ in range(3)]
+        qkv = [torch.randn(sum(lengths), heads, hd, device=args.dev, dtype=args.dtype,
+                           requires_grad=True) for _ in range(3)]
         grad = torch.randn_like(qkv[0])
         # the fp32 reference, once per case
         leaves = [t.detach().float().requires_grad_() for t in qkv]
@@ -616,7 +647,8 @@ def tune_attention(args):
         rows = []
         for bm, bn, warps, stages in [(m, n, w, st) for m in tiles for n in tiles for w, st in launch]:
             kernels.TILE_OVERRIDE[kernel, row] = (bm, bn, warps, stages)
-            r = dict(kernel=kernel, row=row, config=(bm, bn, warps, stages), ms=0.0, best="", note="")
+            r = dict(kernel=kernel, row=row, config=(bm, bn, warps, stages), ms=0.0, best="",
+                     note="")
             for case, qkv, cu, L, grad, refs in inputs:
                 def call():
                     with backend("triton"):
@@ -687,7 +719,8 @@ def tune_rows(args):
             min(good, key=lambda r: r["us"])["best"] = "<-"
         kernels.TILE_OVERRIDE.pop(("rows", D))
         print(f"\nD = {D}")
-        table([("config", "BLOCK_R, BLOCK_D", None), ("us", "us (gather + scatter)", "{:.1f}"), ("best", "best", None),
+        table([("config", "BLOCK_R, BLOCK_D", None), ("us", "us (gather + scatter)", "{:.1f}"),
+               ("best", "best", None),
                ("note", "note", None)], rows)
         if not good:
             raise SystemExit(f"no gather/scatter tile ran correctly at D = {D}: see the notes "
@@ -709,10 +742,14 @@ def tune(args):
 
 def main(argv=None):
     args = get_args(argv)
-    header = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=args.device_name,
-                  torch=torch.__version__, cuda=torch.version.cuda, triton=kernels.triton.__version__ if kernels.HAS_TRITON else None,
-                  peak_tflops=args.peak / 1e12 if args.peak else None, batch_size=args.batch_size, dtype=str(args.dtype),
-                  frames=args.frames, crop=args.crop, audio_frames=args.audio_frames, quick=args.quick, compile=args.compile)
+    header = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  device=args.device_name,
+                  torch=torch.__version__, cuda=torch.version.cuda,
+                  triton=kernels.triton.__version__ if kernels.HAS_TRITON else None,
+                  peak_tflops=args.peak / 1e12 if args.peak else None, batch_size=args.batch_size,
+                  dtype=str(args.dtype),
+                  frames=args.frames, crop=args.crop, audio_frames=args.audio_frames,
+                  quick=args.quick, compile=args.compile)
     print(f"avjepa bench  {header['date']}  {header['device']}")
     print(f"torch {header['torch']} (CUDA {header['cuda']}), triton {header['triton']}, {header['dtype']}; "
           f"bf16 peak {'%.0f TFLOP/s' % header['peak_tflops'] if args.peak else 'n/a (not in common.GPU_PEAK_FLOPS)'}")
@@ -723,7 +760,8 @@ def main(argv=None):
     results = dict(header=header)
     if args.tune:
         results["tune"] = tune(args)
-    for section, fn in (("attention", bench_attention), ("gather", bench_gather), ("step", bench_step)):
+    for section, fn in (("attention", bench_attention), ("gather", bench_gather),
+                        ("step", bench_step)):
         if args.only in (None, section) and not args.tune:
             results[section] = fn(args)
     if args.profile:

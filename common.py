@@ -37,7 +37,8 @@ TUBELET, PATCH = 2, 16
 # Flags and devices
 
 # dense bf16 peak by device-name substring, first match wins (so the PCIe H100 is not taken for an SXM)
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                  "L40S": 362e12, "4090": 165e12}
 
 
 def number(kind, low=-math.inf, high=math.inf, above=None):
@@ -155,7 +156,8 @@ def augment_video(video, size, theta=None):
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
     # per channel with Python scalars: no host-to-device copy of the constants
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN,
+                                                                         IMAGENET_STD))], 1)
 
 
 def normalize_audio(audio, meta):
@@ -210,9 +212,10 @@ def prefetch(make, steps, depth=2):
         yield item
 
 
-def setup_process(device_flag, deterministic=False):
-    """(device, rank, world size): one process, or under torchrun one per GPU (gloo on CPUs).
-    deterministic: kernels that give bit-identical results from run to run."""
+def setup_process(device_flag, deterministic=False, seed=0):
+    """(device, rank, world size): one process, or under torchrun one per GPU (gloo on CPUs), torch's
+    RNG seeded. deterministic: kernels that give bit-identical results from run to run."""
+    torch.manual_seed(seed)
     if deterministic:   # cuBLAS needs a fixed workspace for it; set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -363,7 +366,8 @@ def save_checkpoint(path, modules, opt, step, config):
     """modules (name -> nn.Module) by their state dicts, the optimizer, step, the run's config (a
     dict) and the RNG."""
     ckpt = {name: m.state_dict() for name, m in modules.items()}
-    ckpt.update(opt=opt.state_dict(), step=step, config=config, rng=dict(torch=torch.get_rng_state()))
+    ckpt.update(opt=opt.state_dict(), step=step, config=config,
+                rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
     # noqa: E731 (read only on a full disk)
     survives = lambda: checkpoint_survives(path, "previous ")
@@ -396,7 +400,8 @@ def resume_or_init(cfg, ckpt_path, modules, opt, config_of):
     Never overwrites a run by accident. config_of(checkpoint): the config it was trained with."""
     if cfg.resume:
         ck = read_checkpoint(ckpt_path)
-        check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.MAY_CHANGE, cfg.WHERE)
+        check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.MAY_CHANGE,
+                     cfg.WHERE)
         for name, module in modules.items():
             module.load_state_dict(ck[name])
         opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
@@ -436,7 +441,8 @@ def stop_non_finite(step, ckpt_path, data=None, idx=None):
     if ckpt_path.exists():
         kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})"
     if data is not None and idx is not None:
-        bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i], np.float32)).all()]
+        bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i],
+                                                                            np.float32)).all()]
         if bad:
             raise SystemExit(f"loss became non-finite at step {step} because its inputs were not: "
                              "train clips "
@@ -649,7 +655,8 @@ def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
         for t in range(T):
             img = frames[t * len(frames) // T].astype(np.float32) / 255
             # each token's cell of pixels (the grid is the crop's; the frame is shown whole)
-            cover = np.repeat(np.repeat(hidden[t], -(-img.shape[0] // H), 0), -(-img.shape[1] // W), 1)
+            cover = np.repeat(np.repeat(hidden[t], -(-img.shape[0] // H), 0),
+                              -(-img.shape[1] // W), 1)
             cover = cover[:img.shape[0], :img.shape[1], None]
             row[t].imshow(np.where(cover, 0.35 * img + 0.65 * colour, img))
             row[t].set(xticks=[], yticks=[], title="" if i else f"tubelet {t}")
@@ -661,7 +668,8 @@ def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
             hidden_a = is_target[nv:].reshape(Fa, Ca)
             paint = np.zeros((Fa, Ca, 4))
             paint[hidden_a] = (*colour, 0.6)
-            ax.imshow(paint, origin="lower", aspect="auto", extent=(-0.5, Ca * PATCH - 0.5, -0.5, Fa * PATCH - 0.5))
+            ax.imshow(paint, origin="lower", aspect="auto",
+                      extent=(-0.5, Ca * PATCH - 0.5, -0.5, Fa * PATCH - 0.5))
             ax.set(xticks=[], yticks=[], title="" if i else "log-mel spectrogram")
     fig.suptitle("what the encoder sees (clear) and the targets the predictor fills in "
                  "(coloured), per mask config")
@@ -721,7 +729,8 @@ class Run:
         """After step s: (log it, stop after it); saves on save steps. Nothing waits for the device
         but on log, save and stop steps, which check once that every loss so far was finite."""
         cfg, self.end = self.cfg, s + 1
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), s, self.first_bad)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), s,
+                                     self.first_bad)
         self.clips += cfg.batch_size * self.world
         self.bar.update(1)
         log = s % cfg.log_every == 0 or s == cfg.steps - 1
@@ -729,7 +738,8 @@ class Run:
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
             bad = self.first_bad.item()
-            idx = batch_indices(self.data["n"], cfg.batch_size, bad, cfg.seed, self.rank, self.world)
+            idx = batch_indices(self.data["n"], cfg.batch_size, bad, cfg.seed, self.rank,
+                                self.world)
             # the clips of that step, read again
             stop_non_finite(bad, self.ckpt_path, self.data, idx)
         if save and not stop:

@@ -82,7 +82,8 @@ def segment_ids(cu_seqlens, total):
     """The segment of each packed row: cu_seqlens [0, 3, 5] -> [0, 0, 0, 1, 1]. total =
     cu_seqlens[-1], passed in because reading it from the device would wait for the device."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths, output_size=total)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                   output_size=total)
 
 
 class Packed(NamedTuple):
@@ -97,7 +98,8 @@ class Packed(NamedTuple):
         memory."""
         pin = torch.device(device).type == "cuda" and self.index.device.type == "cpu"
         index, cu = (x.pin_memory() if pin else x for x in (self.index, self.cu))
-        return Packed(index.to(device, non_blocking=pin), cu.to(device, non_blocking=pin), self.max_len)
+        return Packed(index.to(device, non_blocking=pin), cu.to(device, non_blocking=pin),
+                      self.max_len)
 
     def segment_ids(self):
         """[total]: the segment of each row."""
@@ -114,7 +116,8 @@ def pack(lists, n_tokens, batch, split_at=None):
     if split_at is None:
         lengths = [len(x) for x in lists]
     else:
-        lengths = [n for x in lists for n in (int(np.sum(x < split_at)), int(np.sum(x >= split_at))) if n]
+        lengths = [n for x in lists for n in (int(np.sum(x < split_at)),
+                                              int(np.sum(x >= split_at))) if n]
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Packed(torch.from_numpy(index), torch.from_numpy(cu), max(lengths, default=0))
 
@@ -171,9 +174,11 @@ def _attn_config(hd_pad, kernel, elem_bytes=2):
     # H100 (sm_90). Row 64 (head dim 64 in bf16/fp16, every V-JEPA size): fwd and dkdv are the winners of
     # bench.py --tune (README); dq and the other rows compile without register spills (ptxas -v), untimed.
     table = {
-        "fwd":  {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (32, 32, 4, 2)},
+        "fwd":  {64: (64, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2),
+                 512: (32, 32, 4, 2)},
         "dkdv": {64: (32, 64, 4, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2), 512: (16, 32, 4, 2)},
-        "dq":   {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (32, 32, 4, 2), 512: (32, 32, 4, 2)},
+        "dq":   {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (32, 32, 4, 2),
+                 512: (32, 32, 4, 2)},
     }[kernel]
     return table[row]
 
@@ -208,7 +213,8 @@ def _scores(q, K, V, n, L, offs_d, d_mask, skt, svt, qk_scale):
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens, qk_scale, H, total,
                      sqt, sqh, skt, skh, svt, svh, sot, soh,
-                     HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h, row0, L = _clip_head(cu_seqlens, H)
     if pid_m * BLOCK_M >= L:  # the grid is sized for the longest clip
@@ -258,7 +264,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, total, sot, soh, sdt, sdh,
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale, sm_scale, H, total,
                           sqt, sqh, skt, skh, svt, svh, sdt, sdh, sgt, sgh,
-                          HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """One program owns BLOCK_N keys of one (clip, head); it sweeps the clip's queries. DK and DV
     share the strides sgt, sgh (both are fresh contiguous tensors)."""
     pid_n = tl.program_id(0)
@@ -294,14 +301,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, qk_scale,
         dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk)
-    tl.store(DK + offs_n[:, None] * sgt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + offs_n[:, None] * sgt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
     tl.store(DV + offs_n[:, None] * sgt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_scale, H, total,
                         sqt, sqh, skt, skh, svt, svh, sdt, sdh, sgt, sgh,
-                        HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HD: tl.constexpr, HD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """One program owns BLOCK_M queries of one (clip, head); it sweeps the clip's keys."""
     pid_m = tl.program_id(0)
     h, row0, L = _clip_head(cu_seqlens, H)
@@ -329,7 +338,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, qk_scale, sm_sc
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
 
 
 def _rows_heads(x):
@@ -376,7 +386,8 @@ def _attention_bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
     _attn_bwd_delta_kernel[(triton.cdiv(total, BM), H)](
         o, do, delta, total, *_rows_heads(o), *_rows_heads(do), HD=hd, HD_PAD=hd_pad, BLOCK_M=BM)
     dq, dk, dv = (_empty(total, H, hd, like=q) for _ in range(3))
-    strides = (*_rows_heads(q), *_rows_heads(k), *_rows_heads(v), *_rows_heads(do), *_rows_heads(dq))
+    strides = (*_rows_heads(q), *_rows_heads(k), *_rows_heads(v), *_rows_heads(do),
+               *_rows_heads(dq))
     BM, BN, warps, stages = _attn_config(hd_pad, "dkdv", q.element_size())
     _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), B * H)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, qk_scale, sm_scale, H, total, *strides,
@@ -391,7 +402,8 @@ def _attention_bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen):
 # Measured on an H100 (README, GPU figures): when every clip has the same length (whole clips, as the
 # EMA target and the probes encode them) there is nothing ragged to skip, and cuDNN's attention is
 # 1.15-1.22x faster than our kernel. Torch's own default there is FlashAttention-2, which ours beats.
-_DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+_DENSE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                   SDPBackend.EFFICIENT_ATTENTION,
                    SDPBackend.MATH]
 
 
@@ -419,7 +431,8 @@ def _(q, k, v, cu_seqlens, max_seqlen):
 
 
 @torch.library.custom_op("avjepa::attention_backward", mutates_args=())
-def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor,
                            lse: torch.Tensor, cu_seqlens: torch.Tensor,
                            max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _attention_bwd_triton(do, q, k, v, out, lse, cu_seqlens, max_seqlen)
@@ -487,7 +500,8 @@ def gather_torch(x, index, pos=None):
 
 @triton.jit
 def _rows_kernel(X, INDEX, POS, OUT, K, D, P, sx, spos, sout,
-                 SCATTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                 SCATTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     """Move K rows of width D, BLOCK_R per program: gather out[r] = x[index[r]] (+ pos[index[r] %
     P]), or scatter out[index[r]] = x[r]."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -529,13 +543,15 @@ def _gather_op(x: torch.Tensor, index: torch.Tensor, pos: Optional[torch.Tensor]
 
 @_gather_op.register_fake
 def _(x, index, pos):
-    return x.new_empty(index.shape[0], x.shape[1], dtype=x.dtype if pos is None else torch.result_type(x, pos))
+    return x.new_empty(index.shape[0], x.shape[1],
+                       dtype=x.dtype if pos is None else torch.result_type(x, pos))
 
 
 def _gather_setup(ctx, inputs, output):
     x, index, pos = inputs
     ctx.save_for_backward(index)
-    ctx.x_meta, ctx.pos_meta = (x.shape[0], x.dtype), None if pos is None else (pos.shape[0], pos.dtype)
+    ctx.x_meta, ctx.pos_meta = (x.shape[0], x.dtype), None if pos is None else (pos.shape[0],
+                                                                                pos.dtype)
 
 
 def _gather_grad(ctx, grad):
@@ -568,7 +584,8 @@ def _scatter_op(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     out = x.new_zeros(n, D)
     if K:
         BR, BD = _rows_config(D)
-        _rows_kernel[(triton.cdiv(K, BR),)](x, index, x, out, K, D, 1, x.stride(0), 0, out.stride(0),
+        _rows_kernel[(triton.cdiv(K, BR),)](x, index, x, out, K, D, 1, x.stride(0), 0,
+                                            out.stride(0),
                                             SCATTER=True, HAS_POS=False, BLOCK_R=BR, BLOCK_D=BD)
     return out
 

@@ -39,7 +39,8 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from common import (COUNT, NONNEG_INT, PATCH, TUBELET, check_space, disk_full, no_space, remove_stale, take_lock,
+from common import (COUNT, NONNEG_INT, PATCH, TUBELET, check_space, disk_full, no_space,
+                    remove_stale, take_lock,
                     unlock_run)
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
@@ -174,7 +175,8 @@ def log_mel(wave, n_frames):
     n_frames]."""
     w = torch.from_numpy(wave)[None]
     mel = kaldi.fbank(w - w.mean(), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
-                      window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0, frame_shift=HOP * 1000).T
+                      window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0,
+                      frame_shift=HOP * 1000).T
     mel = torch.nn.functional.pad(mel, (0, max(0, n_frames - mel.shape[1])), value=SILENCE)
     return mel[:, :n_frames].numpy()
 
@@ -298,7 +300,8 @@ def from_vjepa_list(path):
     # Name the classes after their folders when labels and folders match one to one, with at least
     # two videos each so that it is not chance (.../archery/a.mp4 0, .../archery/b.mp4 0, ...)
     pairs = {(l, p.parent.name) for p, l, _ in items if l >= 0}
-    by_label, counts = dict(pairs), np.bincount([l for _, l, _ in items if l >= 0], minlength=n_classes)
+    by_label, counts = dict(pairs), np.bincount([l for _, l, _ in items if l >= 0],
+                                                minlength=n_classes)
     if len(pairs) == n_classes == len(by_label) == len(set(by_label.values())) and n_classes and counts.min() >= 2:
         return items, [by_label[i] for i in range(n_classes)], skipped
     return items, [str(i) for i in range(n_classes)], skipped
@@ -349,7 +352,8 @@ def from_vggsound_csv(path):
         if stem not in files:
             skipped.append({"path": str(path.parent / f"{stem}.mp4"), "reason": "file not found"})
             continue
-        items.append((files[stem], index[label], "train" if split.strip().lower() == "train" else "val"))
+        items.append((files[stem], index[label],
+                      "train" if split.strip().lower() == "train" else "val"))
     return items, classes, skipped
 
 
@@ -419,23 +423,27 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
         files = {(s, k): open(tmp / f"{s}_{k}.bin", "wb") for s in SPLITS for k in KEYS}
         # stats: n, sum, sum of squares
         counts, ingested, stats = dict.fromkeys(SPLITS, 0), [], np.zeros(3)
-        work = partial(decode_video, frames=frames, frame_step=frame_step, size=size, clips_per_video=clips_per_video)
+        work = partial(decode_video, frames=frames, frame_step=frame_step, size=size,
+                       clips_per_video=clips_per_video)
         with Pool(workers, init_worker) if workers > 1 else nullcontext() as pool:
             # in order: deterministic
             results = (pool.imap if pool else map)(work, [p for p, _, _ in items])
-            for (path, label, split), r in zip(items, tqdm(results, total=len(items), unit="video", smoothing=0.1)):
+            for (path, label, split), r in zip(items, tqdm(results, total=len(items), unit="video",
+                                                           smoothing=0.1)):
                 if "error" in r:
                     skipped.append({"path": str(path), "reason": r["error"]})
                     continue
                 # workers return arrays, only this process writes: the files just grow
                 n = len(r["video"])
-                for key, arr in zip(KEYS, (r["video"], r["audio"], np.full(n, label, np.int64), r["has_audio"])):
+                for key, arr in zip(KEYS, (r["video"], r["audio"], np.full(n, label, np.int64),
+                                           r["has_audio"])):
                     files[split, key].write(np.ascontiguousarray(arr).tobytes())
                 counts[split] += n
                 if split == "train" and r["has_audio"].any():
                     a = r["audio"][r["has_audio"] == 1].astype(np.float64)
                     stats += (a.size, a.sum(), np.square(a).sum())
-                ingested.append({"path": str(path), "clips": n, "has_audio": bool(r["has_audio"].all()),
+                ingested.append({"path": str(path), "clips": n,
+                                 "has_audio": bool(r["has_audio"].all()),
                                  "padded": bool(r["padded"])})
         for f in files.values():
             f.close()
@@ -447,13 +455,18 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
         # Without any audio fall back to AudioSet's statistics.
         mean = stats[1] / stats[0] if stats[0] else -4.27
         std = math.sqrt(max(stats[2] / stats[0] - mean ** 2, 1e-12)) if stats[0] else 4.57
-        meta = {"version": 1, "source": str(source), "frames": frames, "size": size, "frame_step": frame_step,
+        meta = {"version": 1, "source": str(source), "frames": frames, "size": size,
+                "frame_step": frame_step,
                 "fps": FPS, "frame_seconds": frame_step / FPS, "clip_seconds": clip_seconds,
-                "sample_rate": SAMPLE_RATE, "mel_bins": MEL_BINS, "audio_frames": n_mel, "audio_hop_seconds": HOP,
-                "audio_mean": float(mean), "audio_std": float(std), "classes": classes, "splits": counts,
-                "video_shape": [frames, size, size, 3], "audio_shape": [MEL_BINS, n_mel], **(extra_meta or {})}
+                "sample_rate": SAMPLE_RATE, "mel_bins": MEL_BINS, "audio_frames": n_mel,
+                "audio_hop_seconds": HOP,
+                "audio_mean": float(mean), "audio_std": float(std), "classes": classes,
+                "splits": counts,
+                "video_shape": [frames, size, size, 3], "audio_shape": [MEL_BINS, n_mel],
+                **(extra_meta or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "report.json").write_text(json.dumps({"ingested": ingested, "skipped": skipped}, indent=1))
+        (tmp / "report.json").write_text(json.dumps({"ingested": ingested, "skipped": skipped},
+                                                    indent=1))
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
@@ -483,7 +496,8 @@ def prepare(source, out, frames=16, frame_step=4, size=224, clips_per_video=1, v
 # follows from its neighbours (sky above, ground below, a ridge between); the object moves at a steady
 # pace, so where it is hidden follows from where it was; and the sound is made by what is seen.
 
-COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.9, 0.8, 0.1)}
+COLOURS = {"red": (0.9, 0.15, 0.1), "green": (0.15, 0.75, 0.2), "blue": (0.15, 0.3, 0.95),
+           "yellow": (0.9, 0.8, 0.1)}
 SHAPES = ("circle", "square", "triangle")
 RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
 DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the object's motion across the screen
@@ -507,12 +521,14 @@ def write_mp4(path, frames, fps, wave, sample_rate):
         # streams first
         a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None
         for i, img in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]), format="rgb24")
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]),
+                                           format="rgb24")
             f.pts, f.time_base = i, 1 / rate
             c.mux(v.encode(f))
         c.mux(v.encode())
         if a is not None:
-            f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp", layout="mono")
+            f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp",
+                                           layout="mono")
             f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
             c.mux(a.encode(f))
             c.mux(a.encode())
@@ -546,7 +562,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     # away. Every state, the first included, may have jumped into: a late clip's first hit (at the clip's
     # start) is then as likely as a synced one's, and the sound alone says nothing of sync.
     jumps = rng.random(n_states + 2) < 0.6                  # state s is index s + 2 (s = -2 .. 5)
-    heights = (rng.uniform(0, 1) + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2), 0))) % 1.0
+    heights = (rng.uniform(0, 1) + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2),
+                                                      0))) % 1.0
     # sideways per tubelet: >= half a patch
     step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width
     x0 = rng.uniform(0, width)            # uniform start: no cue in the first frame
@@ -560,7 +577,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     ground_top, ground_low = rng.uniform(0.2, 0.5, 3), rng.uniform(0.05, 0.3, 3)
     # ridge: amplitude, harmonic, phase
     waves = [(rng.uniform(2, 6) / k, k, rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)]
-    posts = [(rng.uniform(0, world), rng.uniform(3, 6), rng.uniform(10, 22), rng.uniform(0.05, 0.3, 3))
+    posts = [(rng.uniform(0, world), rng.uniform(3, 6), rng.uniform(10, 22),
+              rng.uniform(0.05, 0.3, 3))
              for _ in range(rng.integers(2, 5))]   # (x, half-width, height above the ridge, colour)
     pan = rng.choice([-1, 1]) * rng.uniform(0.1, 0.2) * width / tau   # pixels per second
     cam0 = rng.uniform(0, world)
@@ -575,7 +593,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     scene = np.where((y >= ridge)[..., None], (1 - g) * ground_top + g * ground_low, scene)
     for px, hw, ph, pc in posts:
         d = (wx - px + world / 2) % world - world / 2
-        scene = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc, scene)
+        scene = np.where(((abs(d) <= hw) & (y >= ridge - ph) & (y < ridge + 3))[..., None], pc,
+                         scene)
     left = cam0 + pan * np.arange(n_frames) / fps                       # [F] the window's left edge
     # [F, W] linear between two columns
     col = np.floor(left)[:, None] + np.arange(width)
@@ -591,7 +610,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     mask = np.zeros((len(shown), width, width), bool)
     for shift in (-width, 0, width):                                   # wrapping round the edges
         dx, dy = x - cx - shift, y - cy
-        mask |= {"circle": dx ** 2 + dy ** 2 <= r ** 2, "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
+        mask |= {"circle": dx ** 2 + dy ** 2 <= r ** 2,
+                 "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
                  "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
     frames = np.where(mask[k - k.min(), ..., None], COLOURS[colour], img)
 
@@ -710,7 +730,8 @@ if __name__ == "__main__":
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of the videos held out for val, when the source has no split of "
                         "its own")
-    p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N", help="decoding processes")
+    p.add_argument("--workers", type=COUNT, default=os.cpu_count(), metavar="N",
+                   help="decoding processes")
     p.add_argument("--seed", type=NONNEG_INT, default=0, metavar="N", help="seed of the "
                                                                            "train/val split")
     args = p.parse_args()
@@ -735,7 +756,8 @@ if __name__ == "__main__":
         else:
             src = Path(args.videos).expanduser()
             out = args.out or Path("data") / (src.resolve().stem if src.is_file() else src.resolve().name)
-            prepare(src, out, args.frames, args.frame_step, args.size, args.clips_per_video, args.val_fraction,
+            prepare(src, out, args.frames, args.frame_step, args.size, args.clips_per_video,
+                    args.val_fraction,
                     args.workers, args.seed)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: no dataset was written, an existing one is left as it was")

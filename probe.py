@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 import avjepa
 import kernels
-from common import (COUNT, IMAGENET_MEAN, IMAGENET_STD, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET,
+from common import (COUNT, IMAGENET_MEAN, IMAGENET_STD, NONNEG, NONNEG_INT, PATCH, POSITIVE,
+                    TUBELET,
                     augment_video, batch_indices, check_device, crop_params, get_batch, load_split,
                     normalize_audio, pyplot, read_checkpoint, save_figure, write_atomic)
 
@@ -52,7 +53,8 @@ from common import (COUNT, IMAGENET_MEAN, IMAGENET_STD, NONNEG, NONNEG_INT, PATC
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Probe an avjepa checkpoint: attentive "
                                             "classification or masked reconstruction.")
-    p.add_argument("--task", choices=["classify", "reconstruct", "retrieve", "refit"], required=True,
+    p.add_argument("--task", choices=["classify", "reconstruct", "retrieve", "refit"],
+                   required=True,
                    help="which probe to run; refit: the diagnostic that tells a hidden part not "
                         "inferable from one not learned yet")
     p.add_argument("--ckpt", default="", help="checkpoint to probe (default: the newest "
@@ -202,7 +204,7 @@ def encode(encoder, video, audio, has_audio, separate=False):
     keep = kernels.pack(lists, N, B, split_at=nv if separate else None).to(valid.device)
     # whole clips, for the encoder's fused last blocks
     fused = kernels.pack(lists, N, B).to(valid.device)
-    out = encoder(video, audio, keep=keep, fused=fused)
+    out = encoder(video, audio, tokens=keep, clips=fused)
     return out.new_zeros(B * N, out.shape[-1]).index_copy(0, keep.index, out).view(B, N, -1), valid
 
 
@@ -221,7 +223,8 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
                      for r in (["separate", "joint"] if read == "both" else [read])]
         xs.append(torch.cat([x for x, _ in parts], 1).half().cpu())
         valids.append(torch.cat([v for _, v in parts], 1).cpu())
-    return dict(x=torch.cat(xs), valid=torch.cat(valids), y=torch.from_numpy(np.asarray(data["label"])[ids]))
+    return dict(x=torch.cat(xs), valid=torch.cat(valids),
+                y=torch.from_numpy(np.asarray(data["label"])[ids]))
 
 
 def standardize(train, val, bounds):
@@ -263,7 +266,8 @@ class AttentiveProbe(nn.Module):
         # one query per head
         self.query = nn.Parameter(torch.zeros(1, len(outputs), dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim,
+                                                                                             dim)
         self.mlp = avjepa.MLP(dim)
         self.out = nn.ModuleList(nn.Linear(dim, n) for n in outputs)
         avjepa.init_weights(self, [])
@@ -327,7 +331,8 @@ def predict_classes(probe, feats, targets, device):
     heads (for one head, its log-softmax), so a full ranking of the classes comes out either way."""
     scores = []
     for i in range(0, len(feats["y"]), 256):
-        logits = probe(feats["x"][i:i + 256].to(device).float(), feats["valid"][i:i + 256].to(device))
+        logits = probe(feats["x"][i:i + 256].to(device).float(),
+                       feats["valid"][i:i + 256].to(device))
         logp = [F.log_softmax(l, -1).cpu() for l in logits]
         scores.append(sum(lp[:, targets[:, h]] for h, lp in enumerate(logp)))
     return torch.cat(scores)
@@ -377,7 +382,8 @@ def paired(feats, encoder, k=16, seed=0):
         onehot = F.one_hot(col_t, T).float()                                         # [C, T]
         a = (x[:, nv:nv + Fa * C] * valid[:, nv:nv + Fa * C]).view(n, Fa, C, D).sum(1)   # [n, C, D]
         cnt = valid[:, nv:nv + Fa * C].view(n, Fa, C, 1).sum(1)
-        a = torch.einsum("ncd,ct->ntd", a, onehot) / torch.einsum("ncd,ct->ntd", cnt, onehot).clamp(min=1)
+        a = torch.einsum("ncd,ct->ntd", a, onehot) / torch.einsum("ncd,ct->ntd", cnt,
+                                                                  onehot).clamp(min=1)
         pairs.append(torch.einsum("ntk,ntl->nkl", pv, a @ Q).flatten(1) / T)
     return torch.cat(pairs, 1)
 
@@ -392,7 +398,8 @@ def linear_readout(train_x, train_y, val_x, sizes, lam=0.1):
     x = F.pad(train_x - mean, (0, 1), value=1.0).double()                          # a bias column
     y = torch.cat([F.one_hot(train_y[:, h], n) for h, n in enumerate(sizes)], 1).double()
     xx = x.T @ x
-    w = torch.linalg.solve(xx + lam * xx.diagonal().mean() * torch.eye(len(xx), dtype=xx.dtype), x.T @ y)
+    w = torch.linalg.solve(xx + lam * xx.diagonal().mean() * torch.eye(len(xx), dtype=xx.dtype),
+                           x.T @ y)
     scores = F.pad(val_x - mean, (0, 1), value=1.0).double() @ w
     return torch.stack([part.argmax(1) for part in scores.split(sizes, 1)], 1)
 
@@ -403,14 +410,16 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     cfg = ckpt["config"]
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
-    train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips, True)
+    train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips,
+                                                                          True)
     for split, ids, data in (("train", train_ids, train_data), ("val", val_ids, val_data)):
         if not len(ids):
             held = f"its {data['n']} {split} clips have no labels" if data["n"] else f"it has 0 {split} clips"
             raise SystemExit(f"{data_dir} cannot be classified: {held}. Prepare a labelled dataset "
                              "with both splits (class folders or a CSV with labels; "
                              "--val-fraction > 0 when the source has no split)")
-    classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(), val_data["label"].max())) + 1
+    classes = len(meta.get("classes") or []) or int(max(train_data["label"].max(),
+                                                        val_data["label"].max())) + 1
     encoder = frozen_models(ckpt, init, args.seed)[2].to(device)
     check_data(meta, encoder, args.modalities != "video")
 
@@ -420,13 +429,16 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_sha256=ckpt["sha256"], data=str(data_dir.resolve()),
-               data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed, clips=args.clips)
+               data_mtime=(data_dir / "meta.json").stat().st_mtime_ns, seed=args.seed,
+               clips=args.clips)
     feats = torch.load(cache, weights_only=True) if cache.exists() and not args.no_cache else None
     if feats is not None and feats["key"] == key:
         print(f"features from {cache}")
     else:
-        feats = dict(key=key, **{split: extract(encoder, d, ids, args.modalities, read, device, args.batch_size, split)
-                                 for split, d, ids in (("train", train_data, train_ids), ("val", val_data, val_ids))})
+        feats = dict(key=key, **{split: extract(encoder, d, ids, args.modalities, read, device,
+                                                args.batch_size, split)
+                                 for split, d, ids in (("train", train_data, train_ids),
+                                                       ("val", val_data, val_ids))})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
     nv = 0 if args.modalities == "audio" else encoder.nv
@@ -440,18 +452,23 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     runs = []
     # the probe is a trained network too: its seed moves its score
     for k in range(args.probe_seeds):
-        probe = train_probe(feats["train"], outputs, targets, encoder.heads, args, device, args.seed + k)
+        probe = train_probe(feats["train"], outputs, targets, encoder.heads, args, device,
+                            args.seed + k)
         logits = predict_classes(probe, feats["val"], targets, device)
         run = dict(top1=top_k(logits, labels, 1),
-                   train_top1=top_k(predict_classes(probe, feats["train"], targets, device), feats["train"]["y"], 1))
+                   train_top1=top_k(predict_classes(probe, feats["train"], targets, device),
+                                    feats["train"]["y"], 1))
         if classes >= 10:
             run["top5"] = top_k(logits, labels, 5)
         if "class_factors" in meta:
             run["factors"] = factor_accuracy(logits.argmax(-1), labels, meta)
         runs.append(run)
-    res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               modalities=args.modalities, read=read, init=init, epochs=args.epochs, classes=classes,
-               train_clips=len(train_ids), val_clips=len(labels), chance_top1=1 / classes, probe_runs=runs,
+    res = dict(task="classify", run=path.parent.name, ckpt=str(path), step=ckpt["step"],
+               data=str(data_dir),
+               modalities=args.modalities, read=read, init=init, epochs=args.epochs,
+               classes=classes,
+               train_clips=len(train_ids), val_clips=len(labels), chance_top1=1 / classes,
+               probe_runs=runs,
                **(mean_of(runs) if runs else {}))
     if runs:
         res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
@@ -495,7 +512,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
         res = json.loads(cache.read_text())
         if res.get("key") == key:
             return res
-    classes = len(meta.get("classes") or []) or int(max(train["label"].max(), val["label"].max())) + 1
+    classes = len(meta.get("classes") or []) or int(max(train["label"].max(),
+                                                        val["label"].max())) + 1
     sizes, targets = label_heads(classes, meta)
     factors = list(meta.get("factors", {}))
     flip_swaps = factors.index("direction") if "direction" in factors else None
@@ -528,7 +546,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
             flipped = theta[:, 0, 0] < 0
             y[flipped, flip_swaps] = 1 - y[flipped, flip_swaps]
         y = y.to(device)
-        loss = sum(F.cross_entropy(out, y[:, h]) for h, out in enumerate(logits(b, theta.to(device))))
+        loss = sum(F.cross_entropy(out, y[:, h]) for h, out in enumerate(logits(b,
+                                                                                theta.to(device))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -540,7 +559,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
             pred = torch.stack([out.argmax(-1).cpu() for out in logits(b)], 1)
             right.append(pred == targets[b["label"].cpu()])
     right = torch.cat(right)
-    res = dict(key=key, steps=steps, top1=right.all(1).float().mean().item(), seconds=time.time() - t0,
+    res = dict(key=key, steps=steps, top1=right.all(1).float().mean().item(),
+               seconds=time.time() - t0,
                final_loss=loss.item())
     if "class_factors" in meta:
         res["factors"] = {f: right[:, j].float().mean().item() for j, f in enumerate(factors)}
@@ -596,7 +616,8 @@ def classify(args, path, ckpt, data_dir, device):
     if "labels" in res:
         labels = f" [labels: {scores(res['labels'])}]; the labels' encoder trained {res['labels']['steps']} steps"
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
-    factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
+    factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors",
+                                                                        {}).items())
     chart = path.parent / f"probe_classify_{res['modalities']}.png"
     plot_classify(res, chart)
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}linear "
@@ -614,7 +635,8 @@ def plot_classify(res, png_path):
     readouts.append(("linear readout", lambda r: r["linear"]))
     names = ["top-1"] + list(res.get("chance_factors", {}))
     chance = [res["chance_top1"]] + list(res.get("chance_factors", {}).values())
-    fig, axes = plt.subplots(1, len(readouts), figsize=(1.2 * len(names) * len(readouts) + 2, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(readouts), figsize=(1.2 * len(names) * len(readouts) + 2, 3.4),
+                             squeeze=False)
     for ax, (title, pick) in zip(axes[0], readouts):
         x = np.arange(len(names))
         encoders = [(res["init"], pick(res))] + ([("random", pick(res["random"]))] if "random" in res else [])
@@ -623,10 +645,13 @@ def plot_classify(res, png_path):
         w = 0.8 / len(encoders)
         for i, (label, r) in enumerate(encoders):
             scores = [r["top1"]] + [r.get("factors", {}).get(f, 0) for f in names[1:]]
-            ax.bar(x + (i - (len(encoders) - 1) / 2) * w, [100 * v for v in scores], 0.95 * w, label=label,
+            ax.bar(x + (i - (len(encoders) - 1) / 2) * w, [100 * v for v in scores], 0.95 * w,
+                   label=label,
                    color={"pretrained": "C0", "random": "0.65"}.get(label, "C2"))
-        ax.scatter(x, [100 * c for c in chance], marker="_", s=400, color="C3", label="chance", zorder=3)
-        ax.set(title=f"{title}, {res['modalities']}", xticks=x, xticklabels=names, ylabel="val accuracy (%)",
+        ax.scatter(x, [100 * c for c in chance], marker="_", s=400, color="C3", label="chance",
+                   zorder=3)
+        ax.set(title=f"{title}, {res['modalities']}", xticks=x, xticklabels=names,
+               ylabel="val accuracy (%)",
                ylim=(0, 100))
         ax.grid(axis="y", alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
@@ -642,10 +667,11 @@ def cross_predict(jepa, video, audio, config, to_audio):
     hidden modality."""
     encoder = jepa.encoder
     B, nv, N = video.shape[0], encoder.nv, encoder.n_tokens()
-    shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N), np.arange(nv))
+    shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N),
+                                                                        np.arange(nv))
     # one modality shown
     masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)
-    masks.tgt_config.fill_(config)
+    masks.target_config.fill_(config)
     pred, _ = jepa(video, audio, masks)
     return pred.view(B, len(hidden), -1)
 
@@ -667,7 +693,8 @@ def ridge_ranks(train_x, train_y, query, gallery, lam=1.0):
     x = x - mx
     # [n_train, n_train]
     K = (x @ x.T).double()
-    alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype), (y - my).double())
+    alpha = torch.linalg.solve(K + lam * K.diagonal().mean() * torch.eye(len(K), dtype=K.dtype),
+                               (y - my).double())
     return ranks((query.flatten(1) - mx) @ x.T @ alpha.float() + my, gallery)
 
 
@@ -708,7 +735,8 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one "
                          "(--audio)")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
-    configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a", "a2v")}
+    configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a",
+                                                                                           "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     val, train = load_split(data_dir, "val"), load_split(data_dir, "train")
@@ -718,25 +746,32 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve "
                          "among")
     t0, D = time.time(), encoder.width
-    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
+    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio",
+                           "train_video")}
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
     jobs = [("val", val, ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
     train_ids = clip_ids(train, args.clips or 1024, sounding=True)
-    jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids), args.batch_size)]
+    jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids),
+                                                                               args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
         b = get_batch(data, batch_ids, device)
-        video, audio = augment_video(b["video"], cfg.size), normalize_audio(b["audio"], data["meta"])
+        video, audio = augment_video(b["video"], cfg.size), normalize_audio(b["audio"],
+                                                                            data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
                 if split == "val":
                     c = cfg.masks.index(configs[direction])
                     out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
-                alone = target_encoder(None, audio) if name == "audio" else target_encoder(video, None)
-                out[name if split == "val" else "train_" + name].append(F.layer_norm(alone.float(), (D,)).cpu())
+                alone = target_encoder(None, audio) if name == "audio" else target_encoder(video,
+                                                                                           None)
+                out[name if split == "val" else "train_" + name].append(F.layer_norm(alone.float(),
+                                                                                     (D,)).cpu())
     out = {k: torch.cat(v) if v else None for k, v in out.items()}   # None: no train clip has sound
     n = len(ids)
-    res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
-               init=init, mask_tokens=configs, val_clips=n, train_clips=len(train_ids), chance_r1=1 / n,
+    res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"],
+               data=str(data_dir),
+               init=init, mask_tokens=configs, val_clips=n, train_clips=len(train_ids),
+               chance_r1=1 / n,
                chance_r5=min(5 / n, 1.0), chance_median_rank=(n + 1) / 2)
     for direction, name, other in (("v2a", "audio", "video"), ("a2v", "video", "audio")):
         pred, gallery = out["pred_" + name], out[name]
@@ -744,11 +779,14 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         # spread: how much the predictions differ from clip to clip, against how much the real features do.
         # Near 0, the predictor says the same for every clip (the mean), and nothing can be retrieved.
         res[direction] = dict(r1=(r <= 1).float().mean().item(), r5=(r <= 5).float().mean().item(),
-                              median_rank=r.median().item(), spread=(pred.var(0).mean() / gallery.var(0).mean()).item(),
+                              median_rank=r.median().item(),
+                              spread=(pred.var(0).mean() / gallery.var(0).mean()).item(),
                               gap=shuffled_gap(pred, gallery))
         if out["train_" + name] is not None:
-            r = ridge_ranks(out["train_" + other], out["train_" + name], out[other], gallery).float()
-            res[direction + "_ridge"] = dict(r1=(r <= 1).float().mean().item(), median_rank=r.median().item())
+            r = ridge_ranks(out["train_" + other], out["train_" + name], out[other],
+                            gallery).float()
+            res[direction + "_ridge"] = dict(r1=(r <= 1).float().mean().item(),
+                                             median_rank=r.median().item())
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{init}.json")
     return res
@@ -844,7 +882,8 @@ def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
     video = augment_video(b["video"], cfg.size, theta)
     audio = normalize_audio(b["audio"], data["meta"]) if cfg.audio else None
     has_audio = b["has_audio"].cpu().numpy() if cfg.audio else np.zeros(len(ids), bool)
-    masks = avjepa.sample_masks(rng, cfg, len(ids), encoder.video_grid, encoder.audio_grid, has_audio)
+    masks = avjepa.sample_masks(rng, cfg, len(ids), encoder.video_grid, encoder.audio_grid,
+                                has_audio)
     return video, audio, masks.to(device)
 
 
@@ -859,11 +898,13 @@ def predict(jepa, target_encoder, cfg, data, ids, rng, device):
     with autocast(device):
         pred, _ = jepa(video, audio, masks)
         target = avjepa.target_features(target_encoder, video, audio, replace(cfg, target_layers=1))
-    index, N = masks.tgt.index, encoder.n_tokens(audio is not None)
+    index, N = masks.targets.index, encoder.n_tokens(audio is not None)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1, 1)
-    return dict(pix=patchify_video(video * std + mean).cpu(), mel=patchify_audio(audio).cpu() if audio is not None else None,
-                config=masks.tgt_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(), x=pred.float().cpu(),
+    return dict(pix=patchify_video(video * std + mean).cpu(),
+                mel=patchify_audio(audio).cpu() if audio is not None else None,
+                config=masks.target_config.cpu(), clip=(index // N).cpu(), token=(index % N).cpu(),
+                x=pred.float().cpu(),
                 target=target.flatten(0, 1)[index].float().cpu())
 
 
@@ -926,7 +967,8 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
         for s in sources:
             decoders[s, "video"].accumulate(r[s][v], r["pix"][r["clip"][v], r["token"][v]])
             if cfg.audio:
-                decoders[s, "audio"].accumulate(r[s][~v], r["mel"][r["clip"][~v], r["token"][~v] - nv])
+                decoders[s, "audio"].accumulate(r[s][~v],
+                                                r["mel"][r["clip"][~v], r["token"][~v] - nv])
     for d in decoders.values():
         d.solve()
 
@@ -938,15 +980,18 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
     ids = clip_ids(val_data, args.clips)
     shown = set(ids[np.linspace(0, len(ids) - 1, min(args.examples, len(ids))).round().astype(int)].tolist())
     for i in tqdm(range(0, len(ids), bs), desc=f"val ({init})", dynamic_ncols=True):
-        r = predict(jepa, target_encoder, cfg, val_data, ids[i:i + bs], np.random.default_rng([args.seed, 1, i]),
+        r = predict(jepa, target_encoder, cfg, val_data, ids[i:i + bs],
+                    np.random.default_rng([args.seed, 1, i]),
                     device)
         keep = r["config"] == config_id
         for s, suffix in zip(sources, ("", "_oracle")):
-            vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders[s, "video"], source=s)
+            vid, vmask = decode_into(r["pix"], r, keep & (r["token"] < nv), decoders[s, "video"],
+                                     source=s)
             vid = vid.clamp(0, 1)
             score("psnr" + suffix, masked_psnr(vid, r["pix"], vmask))
             if cfg.audio:
-                mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv), decoders[s, "audio"], nv, source=s)
+                mel, amask = decode_into(r["mel"], r, keep & (r["token"] >= nv),
+                                         decoders[s, "audio"], nv, source=s)
                 for name, fn in (("l1", masked_l1), ("snr", masked_snr)):
                     score(name + suffix, fn(mel, r["mel"], amask))
             if s == "x":
@@ -963,7 +1008,8 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
                                  **(dict(mel=r["mel"][j], rec=pred_mel[j], amask=amask[j],
                                          Ta=encoder.audio_grid[1] * PATCH) if cfg.audio else {})))
 
-    res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"], data=str(data_dir),
+    res = dict(task="reconstruct", run=path.parent.name, ckpt=str(path), step=ckpt["step"],
+               data=str(data_dir),
                mask=args.mask, init=init, train_clips=len(train_ids), val_clips=len(ids),
                **{k: torch.cat(v).nanmean().item() for k, v in scores.items() if v})
     out_dir = path.parent / "reconstruct"
@@ -986,7 +1032,7 @@ def predictor_loss(jepa, target_encoder, video, audio, masks, cfg):
     with autocast(video.device):
         target = avjepa.target_features(target_encoder, video, audio, cfg)
         pred, _ = jepa(video, audio, masks)
-        return avjepa.jepa_loss(pred, target.flatten(0, 1)[masks.tgt.index], masks)[0].float()
+        return avjepa.jepa_loss(pred, target.flatten(0, 1)[masks.targets.index], masks)[0].float()
 
 
 def refit(args, path, ckpt, data_dir, device):
@@ -1008,7 +1054,8 @@ def refit(args, path, ckpt, data_dir, device):
     @torch.no_grad()
     def val_loss():   # the same val clips and masks before and after
         losses = [predictor_loss(jepa, target_encoder, *masked_clips(
-            encoder, cfg, val_data, val_ids[i:i + args.batch_size], np.random.default_rng([args.seed, 3, i]),
+            encoder, cfg, val_data, val_ids[i:i + args.batch_size],
+            np.random.default_rng([args.seed, 3, i]),
             device), cfg) for i in range(0, len(val_ids), args.batch_size)]
         return torch.stack(losses).mean().item()
 
@@ -1019,7 +1066,8 @@ def refit(args, path, ckpt, data_dir, device):
     for s in tqdm(range(steps), desc="refit the predictor", dynamic_ncols=True):
         ids = batch_indices(n, B, s, args.seed)
         loss = predictor_loss(jepa, target_encoder, *masked_clips(
-            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device, crop=True), cfg)
+            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device,
+            crop=True), cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1043,7 +1091,8 @@ def refit(args, path, ckpt, data_dir, device):
                 f"{closed:.0%} of the gap closed, {verdict}"), closed
     video, v_closed = moved("psnr", "{:.1f}".format, " dB")
     audio, a_closed = moved("l1", "{:.3f}".format) if cfg.audio else ("", None)
-    res = dict(task="refit", run=path.parent.name, ckpt=str(refit_path), steps=steps, mask=args.mask,
+    res = dict(task="refit", run=path.parent.name, ckpt=str(refit_path), steps=steps,
+               mask=args.mask,
                loss_before=before, loss_after=after, before=old, after=new, video_closed=v_closed,
                audio_closed=a_closed)
     write_json(res, path.parent / f"probe_refit_{args.mask}.json")
@@ -1070,14 +1119,16 @@ def mel_to_wave(mel, meta, iters=32):
     # [257, 128]
     inverse.fb = F.pad(get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)[0], (0, 1)).T
     spec = inverse(power)
-    griffin_lim = torchaudio.transforms.GriffinLim(n_fft=512, win_length=400, hop_length=160, power=2.0, n_iter=iters)
+    griffin_lim = torchaudio.transforms.GriffinLim(n_fft=512, win_length=400, hop_length=160,
+                                                   power=2.0, n_iter=iters)
     torch.manual_seed(0)   # Griffin-Lim starts from random phases
     return torchaudio.functional.deemphasis(griffin_lim(spec)[None], 0.97)[0].clamp(-1, 1)
 
 
 def colormap(x, lo, hi):
     """[H, W] values -> uint8 RGB, dark blue (low) -> red -> yellow (high)."""
-    anchors = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]], float)
+    anchors = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]],
+                       float)
     t = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * (len(anchors) - 1)
     return np.stack([np.interp(t, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
 
@@ -1096,7 +1147,8 @@ def example_png(rows, ex, cfg, k):
         for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
             # low pitch at the bottom
             mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)
-            specs.append(Image.fromarray(colormap(mel.numpy(), lo, hi)).resize((ex["Ta"] * 2, 256), Image.NEAREST))
+            specs.append(Image.fromarray(colormap(mel.numpy(), lo, hi)).resize((ex["Ta"] * 2, 256),
+                                                                               Image.NEAREST))
     width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in specs))
     canvas = Image.new("RGB", (width, 3 * (tile + gap) + (256 + 20 + gap if specs else 0)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -1121,7 +1173,8 @@ def write_example(stem, ex, cfg, meta):
     T, S = cfg.frames, cfg.size
     def frames(p):   # patches -> uint8 frames [T, S, S, 3]
         return (unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0).clamp(0, 1) * 255).round().byte().numpy()
-    rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], 0.5, ex["pix"])), frames(ex["vid"])]
+    rows = [frames(ex["pix"]), frames(torch.where(ex["vmask"][:, None], 0.5, ex["pix"])),
+            frames(ex["vid"])]
     k = max(1, math.ceil(128 / S))                       # scale-up factor for small frames
     write_atomic(f"{stem}.png", lambda t: example_png(rows, ex, cfg, k).save(t, format="PNG"))
     sr, sound = meta.get("sample_rate", 16000), None
@@ -1134,7 +1187,8 @@ def write_example(stem, ex, cfg, meta):
     side = np.stack([np.concatenate([a, np.full((S, 4, 3), 255, np.uint8), b], 1) for a, b in zip(rows[0], rows[2])])
     # prepare.py holds the PyAV code; importing it here keeps av optional
     from prepare import write_mp4
-    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"], sound, sr))
+    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2),
+                                                    1 / meta["frame_seconds"], sound, sr))
 
 
 def write_wav(path, w, sr):
@@ -1153,7 +1207,8 @@ def main(argv=None):
         torch.use_deterministic_algorithms(True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path, ckpt, data_dir = open_run(args)
-    task = dict(classify=classify, reconstruct=reconstruct, retrieve=retrieve, refit=refit)[args.task]
+    task = dict(classify=classify, reconstruct=reconstruct, retrieve=retrieve,
+                refit=refit)[args.task]
     return task(args, path, ckpt, data_dir, device)
 
 

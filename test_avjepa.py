@@ -48,9 +48,11 @@ def write_fake_dataset(root, n_train=16, n_val=8, frames=4, size=32, audio_frame
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
     meta = dict(version=1, frames=frames, size=size, frame_step=4, fps=30, frame_seconds=4 / 30,
-                clip_seconds=frames * 4 / 30, sample_rate=16000, mel_bins=128, audio_frames=audio_frames,
+                clip_seconds=frames * 4 / 30, sample_rate=16000, mel_bins=128,
+                audio_frames=audio_frames,
                 audio_hop_seconds=0.01, audio_mean=-5.0, audio_std=4.0, classes=["a", "b"],
-                splits=dict(train=n_train, val=n_val), video_shape=[frames, size, size, 3], audio_shape=[128, audio_frames])
+                splits=dict(train=n_train, val=n_val), video_shape=[frames, size, size, 3],
+                audio_shape=[128, audio_frames])
     for split, n in meta["splits"].items():
         rng.integers(0, 256, (n, frames, size, size, 3), dtype=np.uint8).tofile(f"{root}/{split}_video.bin")
         (rng.standard_normal((n, 128, audio_frames)) * 4 - 5).astype(np.float16).tofile(f"{root}/{split}_audio.bin")
@@ -70,7 +72,8 @@ def fake_data(tmp_path_factory):
 def micro_args(data, out, *extra):
     """Training flags for a tiny run. On the CPU even where a GPU is: bit-identical results, and the
     tests compare with tensors made on the CPU. The GPU path has its own tests (test_gpu_*)."""
-    return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4", "--log-every", "1",
+    return ["--data", data, "--out", str(out), "--model", "vit_micro", "--batch-size", "4",
+            "--log-every", "1",
             "--device", "cpu", *extra]
 
 VIDEO_GRID, AUDIO_GRID = (8, 14, 14), (8, 13)   # 16 x 224^2 frames, 2.08 s of log-mel
@@ -80,7 +83,8 @@ N = math.prod(VIDEO_GRID) + math.prod(AUDIO_GRID)   # 1568 + 104 tokens per clip
 def micro_config(**settings):
     """The Config of the micro model on 4 frames of 32 x 32 px and 32 log-mel columns, with
     sound."""
-    return avjepa.Config(**{"model": "vit_micro", "audio": True, "frames": 4, "size": 32, "audio_frames": 32,
+    return avjepa.Config(**{"model": "vit_micro", "audio": True, "frames": 4, "size": 32,
+                            "audio_frames": 32,
                             "tubelet_seconds": 0.27, "audio_patch_seconds": 0.16, **settings})
 
 
@@ -102,7 +106,8 @@ def mask_config(*names, context_pass="joint", **settings):
 def masks_for(config, batch=24, seed=0, has_audio=None, truncate=False):
     has_audio = np.ones(batch, bool) if has_audio is None else has_audio
     cfg = mask_config(config, truncate=truncate)
-    return avjepa.sample_masks(np.random.default_rng(seed), cfg, batch, VIDEO_GRID, AUDIO_GRID, has_audio)
+    return avjepa.sample_masks(np.random.default_rng(seed), cfg, batch, VIDEO_GRID, AUDIO_GRID,
+                               has_audio)
 
 
 def segments(packed):
@@ -121,8 +126,10 @@ def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
 def micro_step_inputs(config="long", batch=3, seed=0):
     """A random batch for micro_jepa and its masks (separate passes, as the defaults)."""
     g = torch.Generator().manual_seed(seed)
-    video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32, generator=g)
-    masks = avjepa.sample_masks(np.random.default_rng(seed), mask_config(config, context_pass="separate"), batch,
+    video, audio = torch.randn(batch, 3, 4, 32, 32, generator=g), torch.randn(batch, 1, 128, 32,
+                                                                              generator=g)
+    masks = avjepa.sample_masks(np.random.default_rng(seed),
+                                mask_config(config, context_pass="separate"), batch,
                                 (2, 2, 2), (8, 2), np.ones(batch, bool))
     return video, audio, masks
 
@@ -159,7 +166,7 @@ def test_the_loss_reads_the_teacher_only_at_the_targets(monkeypatch):
     video, audio, masks = micro_step_inputs()
     cfg, real = micro_config(reg="none"), avjepa.target_features
     hidden = torch.zeros(3 * 24, dtype=torch.bool)
-    hidden[masks.tgt.index] = True
+    hidden[masks.targets.index] = True
 
     def loss_with_teacher_moved_at(rows):
         def moved(*args):
@@ -177,7 +184,7 @@ def hide(video, audio, masks, clip, noise):
     noise."""
     video, audio = video.clone(), audio.clone()
     nv, n = 8, 8 + 16   # micro grid: 2 x 2 x 2 tubelets, 8 x 2 audio patches
-    for i in masks.tgt.index[masks.tgt.cu[clip]:masks.tgt.cu[clip + 1]].tolist():
+    for i in masks.targets.index[masks.targets.cu[clip]:masks.targets.cu[clip + 1]].tolist():
         i -= clip * n
         if i < nv:   # tubelet (t, h, w): frames 2t, 2t + 1, rows 16h.., columns 16w..
             t, h, w = i // 4, i // 2 % 2, i % 2
@@ -199,7 +206,8 @@ def test_context_features_and_predictions_do_not_change_when_the_target_pixels_d
         pred, context = jepa(video, audio, masks)
         pred2, context2 = jepa(changed_video, changed_audio, masks)
         feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config())
-        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio, avjepa.Config())
+        feats2 = avjepa.target_features(target_encoder, changed_video, changed_audio,
+                                        avjepa.Config())
     torch.testing.assert_close(context2, context, atol=1e-6, rtol=0)
     torch.testing.assert_close(pred2, pred, atol=1e-6, rtol=0)
     # while the target encoder, which sees whole clips, does see the change: the test is not vacuous
@@ -233,7 +241,7 @@ def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
 @pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
-    for c, t in zip(segments(m.ctx), segments(m.tgt)):
+    for c, t in zip(segments(m.context), segments(m.targets)):
         assert not set(c) & set(t)
         assert sorted(set(c) | set(t)) == list(range(c.min() // N * N, (c.min() // N + 1) * N))
 
@@ -243,13 +251,13 @@ def test_multiblock_target_coverage_is_in_vjepa_range(config, low, high):
     # V-JEPA's short-range config hides about 63% of the clip, the long-range about 82%
     m = masks_for(config, batch=64)
     nv = math.prod(VIDEO_GRID)
-    frac_video = np.mean([np.mean(t % N < nv) * len(t) / nv for t in segments(m.tgt)])
+    frac_video = np.mean([np.mean(t % N < nv) * len(t) / nv for t in segments(m.targets)])
     assert low < frac_video < high
 
 
 def test_video_target_blocks_span_all_time():
     nv = math.prod(VIDEO_GRID)
-    for t in segments(masks_for("short").tgt):
+    for t in segments(masks_for("short").targets):
         v = np.zeros(nv, bool)
         v[t[t % N < nv] % N] = True
         v = v.reshape(VIDEO_GRID)
@@ -258,7 +266,7 @@ def test_video_target_blocks_span_all_time():
 
 def test_future_hides_the_second_half_of_both_senses():
     nv = math.prod(VIDEO_GRID)
-    t = segments(masks_for("future", batch=1).tgt)[0]
+    t = segments(masks_for("future", batch=1).targets)[0]
     video = np.isin(np.arange(nv), t).reshape(VIDEO_GRID)                      # [t, h, w]
     audio = np.isin(np.arange(nv, N), t).reshape(AUDIO_GRID)                   # [mel, time]
     assert (video == (np.arange(8) >= 4)[:, None, None]).all()                 # tubelets 4-7 of 8
@@ -268,8 +276,9 @@ def test_future_hides_the_second_half_of_both_senses():
 
 def test_context_is_never_empty_even_on_a_tiny_grid():
     for config in ["short", "long", "v2a", "a2v", "future"]:
-        m = avjepa.sample_masks(np.random.default_rng(1), mask_config(config), 200, (1, 2, 2), (2, 2), np.arange(200) % 2 == 0)
-        index, cu, _ = m.ctx
+        m = avjepa.sample_masks(np.random.default_rng(1), mask_config(config), 200, (1, 2, 2),
+                                (2, 2), np.arange(200) % 2 == 0)
+        index, cu, _ = m.context
         assert (cu[1:] - cu[:-1]).min() >= 1
 
 
@@ -277,19 +286,20 @@ def test_silent_clips_keep_no_audio_tokens():
     has_audio = np.array([True, False] * 4)
     m = masks_for("short", batch=8, has_audio=has_audio)
     nv = math.prod(VIDEO_GRID)
-    for b, (c, t) in enumerate(zip(segments(m.ctx), segments(m.tgt))):
+    for b, (c, t) in enumerate(zip(segments(m.context), segments(m.targets))):
         audio_tokens = np.sum(np.concatenate([c, t]) % N >= nv)
         assert (audio_tokens > 0) == has_audio[b]
 
 
 def test_each_clip_gets_its_own_masks():
-    tgt = [tuple(t % N) for t in segments(masks_for("short", batch=16).tgt)]
+    tgt = [tuple(t % N) for t in segments(masks_for("short", batch=16).targets)]
     assert len(set(tgt)) == 16
 
 
 def test_packed_offsets_are_consistent():
-    m = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 6, VIDEO_GRID, AUDIO_GRID, np.ones(6, bool))
-    for index, cu, max_len in (m.ctx, m.tgt):
+    m = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 6, VIDEO_GRID,
+                            AUDIO_GRID, np.ones(6, bool))
+    for index, cu, max_len in (m.context, m.targets):
         lengths = (cu[1:] - cu[:-1]).numpy()
         assert cu[0] == 0 and cu[-1] == len(index) and len(cu) == 13 and max_len == lengths.max()
         for s, seg in enumerate(segments((index, cu, max_len))):
@@ -299,8 +309,8 @@ def test_packed_offsets_are_consistent():
 
 def test_varlen_keeps_every_token_but_truncate_cuts_to_the_batch_minimum():
     full, cut = masks_for("long"), masks_for("long", truncate=True)
-    full_len = (full.ctx[1][1:] - full.ctx[1][:-1]).numpy()
-    cut_len = (cut.ctx[1][1:] - cut.ctx[1][:-1]).numpy()
+    full_len = (full.context[1][1:] - full.context[1][:-1]).numpy()
+    cut_len = (cut.context[1][1:] - cut.context[1][:-1]).numpy()
     assert (cut_len == full_len.min()).all() and full_len.sum() > cut_len.sum()
 
 # -----------------------------------------------------------------------------
@@ -313,9 +323,9 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
     n = enc.nv + 16
     keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
     packed = kernels.pack(keep, n, 3)
-    out = enc(video, audio, keep=packed)
+    out = enc(video, audio, tokens=packed)
     for b in range(3):
-        alone = enc(video[b:b + 1], audio[b:b + 1], keep=kernels.pack([keep[b]], n, 1))
+        alone = enc(video[b:b + 1], audio[b:b + 1], tokens=kernels.pack([keep[b]], n, 1))
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -324,7 +334,7 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     enc = avjepa.Encoder(micro_config()).eval()
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
     n = enc.n_tokens()
-    whole = enc(video, audio, keep=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
+    whole = enc(video, audio, tokens=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
     torch.testing.assert_close(whole[:, :enc.nv], enc(video, None), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole[:, enc.nv:], enc(None, audio), atol=1e-5, rtol=1e-5)
     # a context with both modalities, split at its first audio token, gives the same as each part alone
@@ -332,9 +342,11 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     split = kernels.pack(keep, n, 2, split_at=enc.nv)
     assert torch.equal(split.index, kernels.pack(keep, n, 2).index)
     assert split.cu.tolist() == [0, 2, 4, 6] and split.max_len == 2
-    out = enc(video, audio, keep=split)
-    torch.testing.assert_close(out[:2], enc(video[:1], None, keep=kernels.pack([keep[0][:2]], enc.nv, 1)))
-    torch.testing.assert_close(out[2:4], enc(None, audio[:1], keep=kernels.pack([keep[0][2:] - enc.nv], 16, 1)))
+    out = enc(video, audio, tokens=split)
+    torch.testing.assert_close(out[:2],
+                               enc(video[:1], None, tokens=kernels.pack([keep[0][:2]], enc.nv, 1)))
+    torch.testing.assert_close(out[2:4], enc(None, audio[:1],
+                                             tokens=kernels.pack([keep[0][2:] - enc.nv], 16, 1)))
 
 
 class RefViT(nn.Module):
@@ -344,7 +356,8 @@ class RefViT(nn.Module):
         self.heads = heads
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(3, dim, (2, 16, 16), (2, 16, 16))
-        self.pos_embed = nn.Parameter(torch.zeros(1, frames // 2 * (size // 16) ** 2, dim), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, frames // 2 * (size // 16) ** 2, dim),
+                                      requires_grad=False)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
             b = nn.Module()
@@ -422,7 +435,7 @@ def test_video_features_see_the_audio_only_in_the_fused_blocks(fuse):
     N, nv = encoder.n_tokens(), encoder.nv
     separate, joint = (avjepa.whole_clips(2, nv, N, "cpu", s) for s in (True, False))
     def video_features(a):
-        return encoder(video, a, keep=separate, fused=joint).view(2, N, -1)[:, :nv]
+        return encoder(video, a, tokens=separate, clips=joint).view(2, N, -1)[:, :nv]
     changed = not torch.allclose(video_features(audio), video_features(audio + 1))
     assert changed == (fuse > 0)
 
@@ -433,7 +446,8 @@ def test_targets_of_one_layer_are_the_last_blocks_normed_output_and_of_k_the_mea
     hidden = []   # [total, D] after each block
     hooks = [b.register_forward_hook(lambda m, i, o: hidden.append(o)) for b in encoder.blocks]
     one = avjepa.target_features(encoder, video, audio, avjepa.Config()).flatten(0, 1)
-    two = avjepa.target_features(encoder, video, audio, avjepa.Config(target_layers=2)).flatten(0, 1)
+    two = avjepa.target_features(encoder, video, audio, avjepa.Config(target_layers=2)).flatten(0,
+                                                                                                1)
     [h.remove() for h in hooks]
     norm = lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:])
     before_last, last = hidden[-2], encoder.norm(hidden[-1])
@@ -447,10 +461,10 @@ def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skip
     lists = [np.arange(3) if b != 2 else np.arange(2, 3) for b in range(B)] * 2
     # tokens 0, 1 video; 2 audio
     masks = avjepa.pack_masks([np.arange(3, 6)] * 2 * B, lists, B, nv=2, n_tokens=6)
-    targets = torch.randn(len(masks.tgt.index), D, generator=torch.Generator().manual_seed(0))
+    targets = torch.randn(len(masks.targets.index), D, generator=torch.Generator().manual_seed(0))
     matched = avjepa.clip_contrast(targets * 10, targets, masks, B)
     # [Tt] clip of each row
-    clips = masks.tgt.segment_ids() % B
+    clips = masks.targets.segment_ids() % B
     # the same for every clip
     mean_pred = torch.zeros(len(targets), D)
     assert matched < 0.05 < avjepa.clip_contrast(mean_pred, targets, masks, B)
@@ -470,10 +484,11 @@ def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_a
 
 
 def test_a_pass_that_does_not_cut_per_sense_shares_the_packing_and_it_moves_once():
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short"), 2, VIDEO_GRID, AUDIO_GRID, np.ones(2, bool))
-    assert masks.enc is masks.ctx
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short"), 2, VIDEO_GRID,
+                                AUDIO_GRID, np.ones(2, bool))
+    assert masks.context_passes is masks.context
     moved = masks.to("cpu")
-    assert moved.enc is moved.ctx
+    assert moved.context_passes is moved.context
 
 
 def test_packed_predictor_equals_each_segment_predicted_alone():
@@ -482,17 +497,20 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
     # distinct mask tokens per config and modality
     nn.init.normal_(predictor.mask_tokens)
     N = encoder.n_tokens()
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 3, encoder.video_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 3,
+                                encoder.video_grid,
                                 encoder.audio_grid, np.array([1, 0, 1]))
-    context = torch.randn(len(masks.ctx.index), 32)
+    context = torch.randn(len(masks.context.index), 32)
     pred = predictor(context, masks)
-    ctx_cu, tgt_cu = masks.ctx.cu.tolist(), masks.tgt.cu.tolist()
+    ctx_cu, tgt_cu = masks.context.cu.tolist(), masks.targets.cu.tolist()
     for s in range(6):                                 # segment s = (config s // 3, clip s % 3)
         rows = lambda p, cu: (p.index[cu[s]:cu[s + 1]] % N).numpy()
-        alone = avjepa.pack_masks([rows(masks.ctx, ctx_cu)], [rows(masks.tgt, tgt_cu)], 1, encoder.nv, N)
-        alone.tgt_config.fill_(s // 3)
+        alone = avjepa.pack_masks([rows(masks.context, ctx_cu)], [rows(masks.targets, tgt_cu)], 1,
+                                  encoder.nv, N)
+        alone.target_config.fill_(s // 3)
         torch.testing.assert_close(pred[tgt_cu[s]:tgt_cu[s + 1]],
-                                   predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5, rtol=1e-5)
+                                   predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_predictor_slots_put_each_segments_targets_after_its_context():
@@ -539,7 +557,7 @@ def test_a_modality_without_targets_has_no_loss_and_takes_no_weight():
     masks = avjepa.pack_masks([[2, 3]], [[0, 1]], 1, 4, 4)          # video only
     loss, video, audio = loss_of([1, 3], masks)
     assert loss == pytest.approx(2) and video == pytest.approx(2) and math.isnan(audio)
-    assert masks.tgt_weight.sum().item() == pytest.approx(1)
+    assert masks.target_weight.sum().item() == pytest.approx(1)
 
 
 def schedule_args(*flags):
@@ -562,7 +580,8 @@ def test_vjepa1_schedules_warm_up_then_follow_cosines_and_stop_at_80_percent():
 def test_vjepa2_schedule_holds_lr_and_ema_then_cools_down_to_the_final_lr():
     args = schedule_args("--schedule", "vjepa2", "--cooldown", "0.2")
     assert avjepa.schedules(0, args)[0] == pytest.approx(args.start_lr)
-    assert avjepa.schedules(50, args) == pytest.approx((args.lr, args.wd[0], avjepa.ema_range(100)[0]))
+    assert avjepa.schedules(50, args) == pytest.approx((args.lr, args.wd[0],
+                                                        avjepa.ema_range(100)[0]))
     assert avjepa.schedules(80, args)[0] == pytest.approx(args.lr)
     assert avjepa.schedules(100, args)[0] == pytest.approx(args.final_lr)
 
@@ -572,7 +591,8 @@ def test_vjepa2_schedule_holds_lr_and_ema_then_cools_down_to_the_final_lr():
 
 def test_loss_decreases_on_a_tiny_batch(fake_data, tmp_path):
     # a teacher that barely moves (V-JEPA's EMA), so that the falling loss measures the optimisation alone
-    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "40", "--lr", "2e-3", "--start-lr", "2e-3",
+    avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "40", "--lr", "2e-3",
+                            "--start-lr", "2e-3",
                             "--ema", "0.998", "1.0"))
     log = [json.loads(line) for line in open(tmp_path / "vit_micro-av" / "log.jsonl")]
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
@@ -625,7 +645,8 @@ def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
     assert avjepa.sigreg(torch.zeros(2000, 16)) > 0.15
 
 
-@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"], ["--audio", "--truncate"]])
+@pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"],
+                                   ["--audio", "--truncate"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
@@ -639,7 +660,8 @@ def test_training_draws_each_mask_configs_targets_in_its_colour_at_the_start(fak
                         drawn.update(grids_and_targets[-1]))
     avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1", "--masks", "long,v2a"))
     assert list(drawn) == ["long", "v2a"]
-    assert [colour for colour, _ in drawn.values()] == [avjepa.MASKS[m].colour for m in ("long", "v2a")]
+    assert [colour for colour, _ in drawn.values()] == [avjepa.MASKS[m].colour for m in ("long",
+                                                                                         "v2a")]
     (_, long), (_, v2a), nv = drawn["long"], drawn["v2a"], 8   # micro grid: 2 x 2 x 2 tubelets
     assert long.any() and not long.all()                            # targets, and context left
     assert not v2a[:nv].any() and v2a[nv:].all()                    # all the sound, none of the picture
@@ -654,7 +676,8 @@ GOLDEN = {
         encoder=(283.75373231293315, 1534.0053708866549, 14.839846268010739),
         predictor=(207.07369673992144, 448.81870563895825, 18.12377950183824),
         target_encoder=(280.59010924697236, 1529.1811746364015, 14.969518622112219))),
-    "av-vjepa": (["--audio", "--context-pass", "joint", "--target-pass", "joint", "--reg", "none"], dict(
+    "av-vjepa": (["--audio", "--context-pass", "joint", "--target-pass", "joint", "--reg", "none"],
+                 dict(
         encoder=(281.73560030566307, 1530.3179120884527, 15.093141010442439),
         predictor=(207.09806441593565, 448.860772521412, 24.90379203244351),
         target_encoder=(280.58581327942034, 1529.1735404455762, 14.970206744250387))),
@@ -672,11 +695,13 @@ def fingerprint(module):
 
 
 @pytest.mark.parametrize("recipe", GOLDEN)
-def test_three_steps_at_a_fixed_seed_give_the_golden_weights(fake_data, tmp_path, monkeypatch, recipe):
+def test_three_steps_at_a_fixed_seed_give_the_golden_weights(fake_data, tmp_path, monkeypatch,
+                                                             recipe):
     monkeypatch.setattr(kernels, "BACKEND", "torch")
     flags, want = GOLDEN[recipe]
     # the EMA these fingerprints were taken with (V-JEPA's, before the default followed --steps)
-    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", "--ema", "0.998", "1.0", *flags))
+    models = avjepa.train(micro_args(fake_data, tmp_path, "--steps", "3", "--ema", "0.998", "1.0",
+                                     *flags))
     for name, module in zip(want, models):
         assert fingerprint(module) == pytest.approx(want[name], rel=1e-5), name
 
@@ -719,7 +744,8 @@ def saved_before_one_config(ck):
     cfg = ck["config"]
     geometry = ("frames", "size", "audio_frames", "tubelet_seconds", "audio_patch_seconds")
     flags = {**{k: v for k, v in cfg.items() if k not in geometry}, "masks": ",".join(cfg["masks"])}
-    model = ("model", "audio", "pred_width", "pred_depth", "context_pass", "fuse", "target_pass", "data",
+    model = ("model", "audio", "pred_width", "pred_depth", "context_pass", "fuse", "target_pass",
+             "data",
              *geometry[:1], *geometry[2:])
     config = {**{k: cfg[k] for k in model}, "masks": list(cfg["masks"]), "crop": cfg["size"]}
     return {**ck, "config": config, "flags": flags}
@@ -734,7 +760,8 @@ def test_a_checkpoint_saved_before_the_one_config_reads_as_the_same_config(fake_
 
 def test_a_checkpoint_trained_with_a_removed_setting_is_refused_by_name(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "1"))
-    ck = saved_before_one_config(torch.load(tmp_path / "vit_micro-av" / "ckpt.pt", weights_only=True))
+    ck = saved_before_one_config(torch.load(tmp_path / "vit_micro-av" / "ckpt.pt",
+                                            weights_only=True))
     ck["config"]["pred_pass"] = "separate"
     with pytest.raises(SystemExit, match="--pred-pass separate"):
         avjepa.Config.of(ck)
@@ -747,7 +774,8 @@ def test_resume_reads_a_checkpoint_saved_before_fuse_was_a_setting(fake_data, tm
     del ck["config"]["fuse"], ck["flags"]["fuse"]
     torch.save(ck, path)
     with pytest.raises(SystemExit, match="--fuse 0, not 1"):   # what it ran with
-        avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "4", "--fuse", "1", "--resume"))
+        avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "4", "--fuse", "1",
+                                "--resume"))
     avjepa.train(micro_args(fake_data, tmp_path, "--audio", "--steps", "4", "--resume"))
     assert torch.load(path, weights_only=True)["step"] == 4
 
@@ -774,26 +802,33 @@ def test_ddp_two_gloo_processes_keep_identical_weights(fake_data, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = tmp_path / "child.py"
-    script.write_text(DDP_CHILD.format(repo=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path),
-                                       args=micro_args(fake_data, tmp_path, "--audio", "--steps", "3")))
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+    script.write_text(DDP_CHILD.format(repo=os.path.dirname(os.path.abspath(__file__)),
+                                       out=str(tmp_path),
+                                       args=micro_args(fake_data, tmp_path, "--audio", "--steps",
+                                                       "3")))
+    procs = [subprocess.Popen([sys.executable, str(script)],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
              "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 def test_the_readme_torchrun_line_with_a_run_name_trains_on_the_cpu(fake_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "avjepa.py"),
-           "--data", fake_data, "--out", str(tmp_path), "--model", "vit_tiny", "--audio", "--name", "ddp",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "avjepa.py"),
+           "--data", fake_data, "--out", str(tmp_path), "--model", "vit_tiny", "--audio", "--name",
+           "ddp",
            "--batch-size", "2", "--steps", "2", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_deterministic_runs_with_one_seed_give_bit_identical_weights(fake_data, tmp_path):
     try:
-        runs = [avjepa.train(micro_args(fake_data, tmp_path / str(i), "--audio", "--steps", "3", "--deterministic"))
+        runs = [avjepa.train(micro_args(fake_data, tmp_path / str(i), "--audio", "--steps", "3",
+                                        "--deterministic"))
                 for i in range(2)]
         assert torch.are_deterministic_algorithms_enabled()
     finally:
@@ -972,7 +1007,8 @@ def test_attention_accepts_strided_views_of_one_qkv_tensor(triton_path):
     qkv = torch.randn(sum(RAGGED), 3, H, hd, generator=g).to(DEVICE).requires_grad_()
     cu = cu_seqlens(RAGGED)
     out, (dqkv,) = _grads(lambda: kernels.attention(*qkv.unbind(1), cu, max(RAGGED)), [qkv])
-    ref, (ref_dqkv,) = _grads(lambda: kernels.attention_torch(*qkv.unbind(1), cu, max(RAGGED)), [qkv])
+    ref, (ref_dqkv,) = _grads(lambda: kernels.attention_torch(*qkv.unbind(1), cu,
+                                                              max(RAGGED)), [qkv])
     assert_close(out, ref, torch.float32)
     assert_close(dqkv, ref_dqkv, torch.float32)
 
@@ -1042,16 +1078,19 @@ def test_the_whole_step_compiles_as_one_graph_with_no_break(monkeypatch, backend
     monkeypatch.setattr(kernels, "BACKEND", backend)
     encoder, predictor, target_encoder = micro_jepa()
     model = avjepa.JEPA(encoder, predictor)
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long", context_pass="separate"), 2,
+    masks = avjepa.sample_masks(np.random.default_rng(0),
+                                mask_config("short", "long", context_pass="separate"), 2,
                                 encoder.video_grid, encoder.audio_grid, np.ones(2, bool))
     def step_loss(video, audio, masks):
-        target_feats = avjepa.target_features(target_encoder, video, audio, avjepa.Config(target_layers=2))
+        target_feats = avjepa.target_features(target_encoder, video, audio,
+                                              avjepa.Config(target_layers=2))
         pred, context = model(video, audio, masks)
-        targets = kernels.gather(target_feats.flatten(0, 1), masks.tgt.index)
+        targets = kernels.gather(target_feats.flatten(0, 1), masks.targets.index)
         return (avjepa.jepa_loss(pred, targets, masks)[0] + avjepa.sigreg(context)
                 + avjepa.clip_contrast(pred, targets, masks, 2))
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(step_loss)(torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32), masks)
+    explained = torch._dynamo.explain(step_loss)(torch.randn(2, 3, 4, 32, 32),
+                                                 torch.randn(2, 1, 128, 32), masks)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
 
@@ -1077,11 +1116,13 @@ assert torch.equal(kernels.scatter(x[:3], index, 6), kernels.scatter_torch(x[:3]
 def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeypatch):
     encoder, predictor, _ = micro_jepa()
     model = avjepa.JEPA(encoder, predictor).to(DEVICE)
-    video, audio = torch.randn(2, 3, 4, 32, 32, device=DEVICE), torch.randn(2, 1, 128, 32, device=DEVICE)
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid, encoder.audio_grid,
+    video, audio = torch.randn(2, 3, 4, 32, 32, device=DEVICE), torch.randn(2, 1, 128, 32,
+                                                                            device=DEVICE)
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2,
+                                encoder.video_grid, encoder.audio_grid,
                                 [1, 0])
     masks = masks.to(DEVICE)
-    target_tokens = torch.randn(len(masks.tgt.index), 32, device=DEVICE)
+    target_tokens = torch.randn(len(masks.targets.index), 32, device=DEVICE)
     def loss_and_grads(backend):
         monkeypatch.setattr(kernels, "BACKEND", backend)
         model.zero_grad()
@@ -1105,7 +1146,8 @@ needs_gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reaso
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads", [6, 12])   # vit_small's and vit_base's, head dim 64
-def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradient(triton_path, dtype, heads):
+def test_gpu_attention_at_real_ragged_sizes_matches_reference_with_every_gradient(triton_path,
+                                                                                  dtype, heads):
     # a whole 16 x 224^2 clip, a single token, and lengths off the tile grid
     assert_attention_matches_reference([1568, 1, 300, 777], heads, dtype)
 
@@ -1118,14 +1160,17 @@ def test_gpu_auto_attention_on_whole_clips_matches_reference_with_every_gradient
 
 
 def gpu_training_setup(seed=0):
-    meta = dict(frames=8, size=64, audio_shape=[128, 112], frame_seconds=4 / 30, audio_hop_seconds=0.01)
+    meta = dict(frames=8, size=64, audio_shape=[128, 112], frame_seconds=4 / 30,
+                audio_hop_seconds=0.01)
     args = avjepa.Config(model="vit_tiny", audio=True, masks=("short", "long", "v2a")).with_data(meta)
     torch.manual_seed(seed)
     encoder, predictor, target_encoder = avjepa.build(args)
     model, target_encoder = avjepa.JEPA(encoder, predictor).cuda(), target_encoder.cuda()
     g = torch.Generator().manual_seed(seed)
-    video, audio = torch.randn(4, 3, 8, 64, 64, generator=g).cuda(), torch.randn(4, 1, 128, 112, generator=g).cuda()
-    masks = avjepa.sample_masks(np.random.default_rng(seed), args, 4, encoder.video_grid, encoder.audio_grid,
+    video, audio = torch.randn(4, 3, 8, 64, 64, generator=g).cuda(), torch.randn(4, 1, 128, 112,
+                                                                                 generator=g).cuda()
+    masks = avjepa.sample_masks(np.random.default_rng(seed), args, 4, encoder.video_grid,
+                                encoder.audio_grid,
                                 np.array([1, 1, 0, 1]))
     return args, model, target_encoder, avjepa.make_optimizer(model, args.lr), video, audio, masks.to("cuda")
 
@@ -1137,7 +1182,8 @@ def test_gpu_train_step_on_the_triton_path_equals_the_torch_path(monkeypatch):
         monkeypatch.setattr(kernels, "BACKEND", path)
         args, model, target_encoder, opt, video, audio, masks = gpu_training_setup()
         loss = avjepa.train_step(model, target_encoder, opt, video, audio, masks, 0.99, args)[0]
-        results.append((loss.item(), torch.cat([p.detach().flatten() for p in target_encoder.parameters()])))
+        results.append((loss.item(),
+                        torch.cat([p.detach().flatten() for p in target_encoder.parameters()])))
     (loss_torch, w_torch), (loss_triton, w_triton) = results
     assert abs(loss_triton - loss_torch) <= 2e-2 * abs(loss_torch)   # bf16 autocast on both paths
     # one lr-sized step, then the EMA
@@ -1157,14 +1203,16 @@ def test_gpu_train_step_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 @needs_gpu
-def test_gpu_train_waits_for_the_device_only_on_log_and_save_steps(fake_data, tmp_path, monkeypatch):
+def test_gpu_train_waits_for_the_device_only_on_log_and_save_steps(fake_data, tmp_path,
+                                                                   monkeypatch):
     # train() itself, prefetch thread and all: steps 1-4 run with any host sync an error; 0 and 5 log
     schedules = avjepa.schedules
     def watched(step, args):
         torch.cuda.set_sync_debug_mode("error" if 0 < step < args.steps - 1 else "default")
         return schedules(step, args)
     monkeypatch.setattr(avjepa, "schedules", watched)
-    argv = micro_args(fake_data, tmp_path, "--audio", "--steps", "6", "--log-every", "100", "--device", "cuda")
+    argv = micro_args(fake_data, tmp_path, "--audio", "--steps", "6", "--log-every", "100",
+                      "--device", "cuda")
     try:
         avjepa.train(argv)
     finally:
@@ -1180,7 +1228,8 @@ def test_step_quick(tmp_path, monkeypatch):
     # vit_tiny's init alone takes seconds on a CPU
     monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))
     out = tmp_path / "bench.json"
-    res = bench.main(["--quick", "--only", "step", "--models", "vit_micro", "--device", "cpu", "--batch-size", "1",
+    res = bench.main(["--quick", "--only", "step", "--models", "vit_micro", "--device", "cpu",
+                      "--batch-size", "1",
                       "--steps", "1", "--json", str(out)])
     rows = res["step"]
     # AV/V x varlen/truncate x 3 paths
@@ -1195,10 +1244,12 @@ def test_step_quick(tmp_path, monkeypatch):
 
 def test_profile_quick_splits_the_step_into_its_kinds_of_work(monkeypatch, capsys):
     monkeypatch.setitem(avjepa.MODELS, "vit_micro", (64, 2, 2))
-    res = bench.main(["--quick", "--only", "gather", "--profile", "--models", "vit_micro", "--device", "cpu",
+    res = bench.main(["--quick", "--only", "gather", "--profile", "--models", "vit_micro",
+                      "--device", "cpu",
                       "--batch-size", "1", "--steps", "1", "--repeats", "1"])
     shares = {r["category"]: r["pct"] for r in res["profile"]}
-    assert set(shares) == {"attention", "matmul", "norm and elementwise", "gather/scatter", "optimizer", "other", "idle"}
+    assert set(shares) == {"attention", "matmul", "norm and elementwise", "gather/scatter",
+                           "optimizer", "other", "idle"}
     assert shares["matmul"] > 0 and shares["attention"] > 0 and shares["optimizer"] > 0
     assert sum(shares.values()) >= 99   # idle is what the rest leaves of the wall time
     assert "Self CPU" in capsys.readouterr().out   # the profiler's table of top ops
@@ -1209,7 +1260,8 @@ def test_profile_quick_splits_the_step_into_its_kinds_of_work(monkeypatch, capsy
 def test_tune_quick_checks_every_gather_scatter_tile_and_finds_a_winner_per_width(monkeypatch):
     # its sweep takes half a minute here
     monkeypatch.setattr(bench, "tune_attention", lambda args: [])
-    res = bench.main(["--tune", "--quick", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    res = bench.main(["--tune", "--quick", "--device", "cpu", "--batch-size", "1", "--repeats",
+                      "1"])
     rows = res["tune"]["rows"]
     # every tile equals the reference
     assert all(r["note"] == "" for r in rows), [r for r in rows if r["note"]]
@@ -1217,7 +1269,8 @@ def test_tune_quick_checks_every_gather_scatter_tile_and_finds_a_winner_per_widt
 
 
 def test_kernels_quick():
-    res = bench.main(["--quick", "--only", "attention", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    res = bench.main(["--quick", "--only", "attention", "--device", "cpu", "--batch-size", "1",
+                      "--repeats", "1"])
     rows = res["attention"]
     ref = [r for r in rows if r["kind"] == "ref"]
     assert len(ref) == 13 and all(r["fwd_ms"] > 0 and r["fb_ms"] > 0 and r["err"] < 1e-4 for r in ref)   # 13 cases
@@ -1227,7 +1280,8 @@ def test_kernels_quick():
     assert len(auto) == 13 and all(r["fb_ms"] > 0 and r["err"] < 1e-4 for r in auto)
     # torch's: CUDA only
     assert all(r["note"] == bench.SKIP_CUDA for r in rows if r["kind"] in ("varlen", "flex"))
-    res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1", "--repeats", "1"])
+    res = bench.main(["--quick", "--only", "gather", "--device", "cpu", "--batch-size", "1",
+                      "--repeats", "1"])
     rows = res["gather"]
     assert all(r["err"] == 0 and r["gbs"] > 0 for r in rows if "[triton]" not in r["row"])
 
@@ -1256,11 +1310,14 @@ def test_unknown_model_is_named(capsys):
 BAD_FLAGS = [  # (the script's get_args, flag, bad value, what the message says)
     (avjepa.get_config, "--batch-size", "0", ">= 1"), (avjepa.get_config, "--steps", "-5", ">= 1"),
     (avjepa.get_config, "--lr", "0", "> 0"), (avjepa.get_config, "--lr", "nan", "> 0"),
-    (avjepa.get_config, "--ema", "0.9 1.5", "in [0.0, 1.0]"), (avjepa.get_config, "--warmup", "2", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--ema", "0.9 1.5", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--warmup", "2", "in [0.0, 1.0]"),
     (avjepa.get_config, "--wd", "-1 0.4", ">= 0"), (avjepa.get_config, "--save-every", "0", ">= 1"),
     (avjepa.get_config, "--log-every", "0", ">= 1"), (avjepa.get_config, "--seed", "-1", ">= 0"),
-    (avjepa.get_config, "--crop", "100", "multiple of 16"), (avjepa.get_config, "--pred-width", "100", "multiple of"),
-    (avjepa.get_config, "--schedule-scale", "0.5", ">= 1"), (avjepa.get_config, "--cooldown", "1.5", "in [0.0, 1.0]"),
+    (avjepa.get_config, "--crop", "100", "multiple of 16"),
+    (avjepa.get_config, "--pred-width", "100", "multiple of"),
+    (avjepa.get_config, "--schedule-scale", "0.5", ">= 1"),
+    (avjepa.get_config, "--cooldown", "1.5", "in [0.0, 1.0]"),
     (avjepa.get_config, "--device", "tpu", "use cpu, cuda"), (avjepa.get_config, "--target-layers", "13", "more than"), (avjepa.get_config, "--steps", "ten", "not an integer"),
     (probe.get_args, "--epochs", "0", ">= 1"), (probe.get_args, "--batch-size", "-2", ">= 1"),
     (probe.get_args, "--lr", "-0.001", "> 0"), (probe.get_args, "--clips", "-1", ">= 0"),
@@ -1278,16 +1335,21 @@ def test_a_bad_flag_value_is_named_with_its_range(get_args, flag, value, says, c
 
 
 @pytest.mark.parametrize("script, argv", [
-    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]), ("prepare.py", ["--videos", "v", "--size", "100"]),
-    ("prepare.py", ["--val-fraction", "1.5"]), ("probe.py", ["--task", "classify", "--epochs", "0"])])
+    ("avjepa.py", ["--batch-size", "0"]), ("prepare.py", ["--frames", "0"]),
+    ("prepare.py", ["--videos", "v", "--size", "100"]),
+    ("prepare.py", ["--val-fraction", "1.5"]),
+    ("probe.py", ["--task", "classify", "--epochs", "0"])])
 def test_a_bad_flag_on_the_command_line_exits_2_without_a_traceback_or_a_hang(script, argv):
-    r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(HERE / script), *argv], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 2 and argv[-2] in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("script", ["avjepa.py", "probe.py", "bench.py", pytest.param("prepare.py", marks=needs_av)])
+@pytest.mark.parametrize("script", ["avjepa.py", "probe.py", "bench.py",
+                                    pytest.param("prepare.py", marks=needs_av)])
 def test_every_script_prints_a_clean_help(script):
-    r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(HERE / script), "--help"], capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "" and "usage:" in r.stdout, r.stderr
     # an unescaped % prints argparse's dict
     assert "{'" not in r.stdout and "%(" not in r.stdout, r.stdout
@@ -1296,7 +1358,8 @@ def test_every_script_prints_a_clean_help(script):
 @needs_av
 def test_prepare_imports_no_trainer_and_no_triton():
     code = "import sys; import prepare; assert 'avjepa' not in sys.modules and 'triton' not in sys.modules"
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
 
 
@@ -1312,7 +1375,8 @@ def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
     other = vit(64, 2, 2, frames=4, size=32)
     torch.save({"target_encoder": other.state_dict()}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="does not fit this model"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--init", str(tmp_path / "other.pt")))
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--init",
+                                str(tmp_path / "other.pt")))
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
@@ -1321,12 +1385,14 @@ def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
         avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
 
 
-def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data, tmp_path):
+def test_a_second_process_on_a_running_runs_folder_exits_at_once_naming_the_running_one(fake_data,
+                                                                                        tmp_path):
     run = tmp_path / "vit_micro-v"
     run.mkdir()
     common.lock_run(run)   # this process is "the running one"
     try:
-        argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name", "vit_micro-v")
+        argv = micro_args(fake_data, tmp_path, "--steps", "1", "--model", "vit_tiny", "--name",
+                          "vit_micro-v")
         r = subprocess.run([sys.executable, str(HERE / "avjepa.py"), *argv],
                            capture_output=True, text=True, timeout=120)
     finally:
@@ -1397,7 +1463,8 @@ def test_a_new_run_on_a_folder_with_an_old_log_starts_a_new_log(fake_data, tmp_p
 def test_resume_refuses_a_changed_flag_naming_its_old_and_new_value(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--lr", "0.001"))
     with pytest.raises(SystemExit, match=r"--lr 0.001, not 0.01; --seed 0, not 3"):
-        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--lr", "0.01", "--seed", "3", "--resume"))
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "4", "--lr", "0.01", "--seed", "3",
+                                "--resume"))
 
 
 def test_resume_may_extend_steps_and_change_logging_and_says_so(fake_data, tmp_path, capsys):
@@ -1417,7 +1484,8 @@ def test_resuming_a_finished_run_prints_its_summary(fake_data, tmp_path, capsys)
 @pytest.mark.parametrize("video_shape, "
                          "audio_frames", [((2, 3, 8, 32, 32), 32), ((2, 3, 4, 64, 64), 32),
                                                        ((2, 3, 4, 32, 32), 64)])
-def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape, audio_frames):
+def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_shapes(video_shape,
+                                                                                      audio_frames):
     encoder = micro_jepa()[0]   # built for 4 frames of 32 px and 32 audio frames
     with pytest.raises(ValueError, match=r"does not fit this model, which expects \[batch, "):
         encoder(torch.randn(video_shape), torch.randn(2, 1, 128, audio_frames))
@@ -1425,10 +1493,11 @@ def test_a_clip_that_does_not_fit_the_models_grid_is_a_value_error_naming_both_s
 
 def test_context_rows_that_do_not_fit_the_masks_are_a_value_error():
     encoder, predictor, _ = micro_jepa()
-    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2, encoder.video_grid,
+    masks = avjepa.sample_masks(np.random.default_rng(0), mask_config("short", "long"), 2,
+                                encoder.video_grid,
                                 encoder.audio_grid, np.ones(2, bool))
     with pytest.raises(ValueError, match="does not fit the masks"):
-        predictor(torch.randn(len(masks.ctx.index) + 1, 32), masks)
+        predictor(torch.randn(len(masks.context.index) + 1, 32), masks)
 
 
 @pytest.mark.parametrize("edit", [dict(frames=8, size=64), dict(video_shape=[8, 32, 16, 3])])
@@ -1453,7 +1522,8 @@ def test_a_nan_loss_stops_with_a_message(fake_data, tmp_path, monkeypatch):
 HERE = Path(__file__).parent
 
 
-def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv420p", frame_fn=None, times=None,
+def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv420p",
+               frame_fn=None, times=None,
                audio=None, sample_rate=16000, layout="mono", acodec="aac", audio_start=0.0):
     """Write a small test video. frame_fn(i) -> [H, W, 3] uint8 (default: a moving gradient);
     times: per-frame timestamps in seconds (variable frame rate); audio: [channels, samples]
@@ -1463,7 +1533,8 @@ def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
     with av.open(str(path), "w") as c:
-        v = c.add_stream(vcodec, rate=fps, options={"x265-params": "log-level=none"} if vcodec == "libx265" else {})
+        v = c.add_stream(vcodec, rate=fps,
+                         options={"x265-params": "log-level=none"} if vcodec == "libx265" else {})
         v.width, v.height, v.pix_fmt = w, h, pix_fmt
         tb = Fraction(1, 1000) if times is not None else Fraction(1, fps)
         v.codec_context.time_base = tb
@@ -1478,7 +1549,8 @@ def make_video(path, n=30, fps=30, size=(64, 48), vcodec="libx264", pix_fmt="yuv
             c.mux(v.encode(f))
         c.mux(v.encode())
         if a is not None:
-            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.float32), format="fltp", layout=layout)
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.float32), format="fltp",
+                                           layout=layout)
             f.sample_rate, f.time_base = sample_rate, Fraction(1, sample_rate)
             f.pts = round(audio_start * sample_rate)
             c.mux(a.encode(f))
@@ -1526,7 +1598,8 @@ def test_outputs_have_documented_shapes_dtypes_and_meta(tmp_path):
 
 @needs_av
 def test_labels_from_class_folders_and_split_folders(tmp_path):
-    for name in ("train/cat/0.mkv", "train/dog/0.mkv", "train/dog/1.mkv", "val/cat/0.mkv", "val/emu/0.mkv"):
+    for name in ("train/cat/0.mkv", "train/dog/0.mkv", "train/dog/1.mkv", "val/cat/0.mkv",
+                 "val/emu/0.mkv"):
         make_video(tmp_path / "src" / name, n=10)
     train, val, _ = run(tmp_path, tmp_path / "src")
     assert train["meta"]["classes"] == ["cat", "dog", "emu"]
@@ -1703,7 +1776,8 @@ def test_flash_and_click_stay_aligned(tmp_path, audio_start):
     ("stereo", 44100, "aac", "mp4"), ("5.1", 48000, "flac", "mkv"), ("mono", 8000, "flac", "mkv"),
     ("stereo", 22050, "libmp3lame", "mp4")])
 @needs_av
-def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec, ext):
+def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, sample_rate, codec,
+                                                              ext):
     """A 1 s, 1 kHz tone in the first channel only, from 0.5 s to 1.5 s: after prepare it must last
     1 s, sit in the mel bin of 1 kHz, and have the level of the channel average (amp / channels)."""
     import av
@@ -1711,11 +1785,13 @@ def test_downmix_and_resampling_keep_duration_pitch_and_level(tmp_path, layout, 
     channels = av.AudioLayout(layout).nb_channels
     audio = np.zeros((channels, 2 * sample_rate), np.float32)
     audio[0, sample_rate // 2:3 * sample_rate // 2] = tone(1.0, sample_rate, freq=1000, amp=0.6)[0]
-    make_video(tmp_path / "src" / f"t.{ext}", n=60, audio=audio, sample_rate=sample_rate, layout=layout, acodec=codec)
+    make_video(tmp_path / "src" / f"t.{ext}", n=60, audio=audio, sample_rate=sample_rate,
+               layout=layout, acodec=codec)
     # a 2 s clip from 0
     train, _, _ = run(tmp_path, tmp_path / "src", frames=60, frame_step=1, val_fraction=0)
     mel = np.asarray(train["audio"][0], np.float32)
-    ref = prepare.log_mel(np.pad(tone(1.0, 16000, freq=1000, amp=0.6 / channels)[0], (8000, 8000)), mel.shape[1])
+    ref = prepare.log_mel(np.pad(tone(1.0, 16000, freq=1000, amp=0.6 / channels)[0], (8000, 8000)),
+                          mel.shape[1])
     # columns where the tone is (within 6 nats, ~26 dB, of its level)
     on = mel.max(0) > ref.max() - 6
     assert abs(on.sum() * 0.01 - 1.0) < 0.05  # interleaved stereo read as mono would give 2 s
@@ -1744,12 +1820,16 @@ def test_variable_frame_rate_picks_the_frame_shown_at_each_time(tmp_path):
 def test_odd_files_all_ingest(tmp_path):
     odd = {"portrait.mp4": dict(size=(48, 96), audio=tone(1, 16000)),
            "gray.mkv": dict(pix_fmt="gray", audio=tone(1, 8000), sample_rate=8000, acodec="flac"),
-           "odd_size_vp9.webm": dict(size=(97, 53), vcodec="libvpx-vp9", acodec="libopus", audio=tone(1, 48000),
+           "odd_size_vp9.webm": dict(size=(97, 53), vcodec="libvpx-vp9", acodec="libopus",
+                                     audio=tone(1, 48000),
                                      sample_rate=48000),
-           "mpeg4_mp3.avi": dict(vcodec="mpeg4", acodec="libmp3lame", audio=tone(1, 44100, 2), sample_rate=44100,
+           "mpeg4_mp3.avi": dict(vcodec="mpeg4", acodec="libmp3lame", audio=tone(1, 44100, 2),
+                                 sample_rate=44100,
                                  layout="stereo"),
-           "hevc_5fps.mp4": dict(vcodec="libx265", fps=5, n=8, audio=tone(1.6, 32000), sample_rate=32000),
-           "h264_120fps.mov": dict(fps=120, n=150, audio=tone(1.25, 44100, 6), sample_rate=44100, layout="5.1"),
+           "hevc_5fps.mp4": dict(vcodec="libx265", fps=5, n=8, audio=tone(1.6, 32000),
+                                 sample_rate=32000),
+           "h264_120fps.mov": dict(fps=120, n=150, audio=tone(1.25, 44100, 6), sample_rate=44100,
+                                   layout="5.1"),
            "audio_outlasts.m4v": dict(audio=tone(3, 16000))}
     for name, kw in odd.items():
         make_video(tmp_path / "src" / name, **kw)
@@ -1766,7 +1846,8 @@ def test_synthetic_set_records_its_factors(tmp_path):
     meta = prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 1))
     assert len(meta["classes"]) == 96 and meta["splits"] == {"train": 96, "val": 96}
     modality = {f: v["modality"] for f, v in meta["factors"].items()}
-    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio", "direction": "video over time",
+    assert modality == {"colour": "video", "shape": "both", "rhythm": "audio",
+                        "direction": "video over time",
                         "sync": "video against audio"}
     for name, idx in zip(meta["classes"], meta["class_factors"]):
         assert name == "-".join(v["values"][i] for v, i in zip(meta["factors"].values(), idx))
@@ -1775,7 +1856,8 @@ def test_synthetic_set_records_its_factors(tmp_path):
 
 
 @needs_av
-def test_the_synthetic_build_writes_and_removes_only_its_own_files_and_times_both_stages(tmp_path, capsys):
+def test_the_synthetic_build_writes_and_removes_only_its_own_files_and_times_both_stages(tmp_path,
+                                                                                         capsys):
     import prepare
     videos = tmp_path / "synthetic_videos"
     cls = videos / "train" / "red-circle-slow-left-sync"
@@ -1859,8 +1941,10 @@ def test_the_object_moves_at_least_half_a_patch_per_tubelet_and_reversed_time_sw
 @needs_av
 def test_a_late_soundtrack_is_the_synced_one_two_tubelets_later_and_the_picture_is_the_same():
     import prepare
-    sync_frames, sync_wave, sr, states = prepare.synth_world("red", "circle", "slow", "left", "sync", seed=3)
-    late_frames, late_wave, sr_late, _ = prepare.synth_world("red", "circle", "slow", "left", "late", seed=3)
+    sync_frames, sync_wave, sr, states = prepare.synth_world("red", "circle", "slow", "left",
+                                                             "sync", seed=3)
+    late_frames, late_wave, sr_late, _ = prepare.synth_world("red", "circle", "slow", "left",
+                                                             "late", seed=3)
     assert np.array_equal(sync_frames, late_frames) and sr == sr_late
     height = -object_track(sync_frames)[1]                            # up is high
     pitch, late_pitch = heard_pitch(sync_wave, sr), heard_pitch(late_wave, sr)
@@ -1877,7 +1961,8 @@ def test_pitch_follows_the_seen_height_only_when_synced():
     for sync in prepare.SYNCS:
         corr[sync] = []
         for seed in range(12):
-            frames, wave, sr, states = prepare.synth_world("green", "circle", "fast", "right", sync, seed)
+            frames, wave, sr, states = prepare.synth_world("green", "circle", "fast", "right",
+                                                           sync, seed)
             height, pitch = -object_track(frames, "green")[1], np.log(heard_pitch(wave, sr))
             if height.std() > 1 and pitch.std() > 0.01:   # something changed within the clip
                 corr[sync].append(np.corrcoef(height, pitch)[0, 1])
@@ -1885,7 +1970,8 @@ def test_pitch_follows_the_seen_height_only_when_synced():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, str(HERE / "prepare.py"), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(HERE / "prepare.py"), *map(str, args)],
+                          capture_output=True, text=True,
                           timeout=120)
 
 
@@ -1917,22 +2003,26 @@ def probe_run(tmp_path_factory):
         video[1::2] += 128
         video.tofile(f"{data}/{split}_video.bin")
     meta = json.loads((root / "data" / "meta.json").read_text())
-    meta.update(factors={"side": {"values": ["a", "b"], "modality": "video"}}, class_factors=[[0], [1]])
+    meta.update(factors={"side": {"values": ["a", "b"], "modality": "video"}},
+                class_factors=[[0], [1]])
     (root / "data" / "meta.json").write_text(json.dumps(meta))
     avjepa.train(micro_args(data, root / "out", "--audio", "--steps", "2"))
-    return dict(root=root, data=data, runs=str(root / "out"), ckpt=root / "out" / "vit_micro-av" / "ckpt.pt")
+    return dict(root=root, data=data, runs=str(root / "out"),
+                ckpt=root / "out" / "vit_micro-av" / "ckpt.pt")
 
 
 @pytest.fixture(scope="module")
 def reconstructed(probe_run):
-    return probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "2", "--batch-size", "8"])
+    return probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "2",
+                       "--batch-size", "8"])
 
 # -----------------------------------------------------------------------------
 # End to end
 
 @pytest.mark.parametrize("modalities, init", [("both", "pretrained"), ("video", "random")])
 def test_classify_runs_end_to_end_and_writes_its_result(probe_run, modalities, init):
-    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--epochs", "20", "--lr", "1e-2",
+    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--epochs", "20", "--lr",
+                      "1e-2",
                       "--modalities", modalities, "--init", init])
     name = f"{modalities}_separate_{init}" if modalities == "both" else f"{modalities}_{init}"
     saved = json.loads((probe_run["ckpt"].parent / f"probe_classify_{name}.json").read_text())
@@ -1989,7 +2079,8 @@ def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
     x, val_y = feats(y), torch.randint(0, 3, (20, 2), generator=g)
     val_x = feats(val_y)
     pred = probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3)
-    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, [3, 3], lam=1e-3))
+    assert (pred == val_y).all() and torch.equal(pred, probe.linear_readout(x, y, val_x, [3, 3],
+                                                                            lam=1e-3))
 
 
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
@@ -2000,7 +2091,8 @@ def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
 
 
 def test_classify_reuses_cached_features(probe_run, capsys):
-    argv = ["--task", "classify", "--runs", probe_run["runs"], "--epochs", "1", "--modalities", "audio"]
+    argv = ["--task", "classify", "--runs", probe_run["runs"], "--epochs", "1", "--modalities",
+            "audio"]
     first = probe.main(argv)
     assert "features from" not in capsys.readouterr().out
     second = probe.main(argv)
@@ -2011,7 +2103,8 @@ def test_probe_inputs_are_standardised_per_modality_with_train_statistics():
     g = torch.Generator().manual_seed(0)
     # 3 video tokens around 5 with std 2, 2 audio tokens around -1 with std 0.1; D = 4
     def split(n):
-        x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g), -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
+        x = torch.cat([5 + 2 * torch.randn(n, 3, 4, generator=g),
+                       -1 + 0.1 * torch.randn(n, 2, 4, generator=g)], 1)
         valid = torch.ones(n, 5, dtype=torch.bool)
         # a silent clip: its audio slots hold junk that must not count
         valid[0, 3:] = False
@@ -2052,20 +2145,23 @@ def test_attentive_probe_equals_vjepas_plain_form_in_value_and_gradient():
     fast, ref = p(x, valid), plain(x, valid)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    grads = [torch.autograd.grad(sum(l.sum() for l in out), list(p.parameters())) for out in (fast, ref)]
+    grads = [torch.autograd.grad(sum(l.sum() for l in out), list(p.parameters())) for out in (fast,
+                                                                                              ref)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
-    meta = dict(factors={"colour": {"values": ["red", "blue"]}, "size": {"values": ["s", "m", "l"]}},
+    meta = dict(factors={"colour": {"values": ["red", "blue"]},
+                         "size": {"values": ["s", "m", "l"]}},
                 # 6 classes: (colour, size)
                 class_factors=[[c, s] for c in range(2) for s in range(3)])
     outputs, targets = probe.label_heads(6, meta)
     assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
     # sure of red, and of large
     colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
-    feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool), y=torch.tensor([2]))
+    feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool),
+                 y=torch.tensor([2]))
     scores = probe.predict_classes(lambda x, valid: [colour, size], feats, targets, "cpu")
     expected = [F.log_softmax(colour, -1)[0, c] + F.log_softmax(size, -1)[0, s] for c, s in meta["class_factors"]]
     torch.testing.assert_close(scores[0], torch.stack(expected))
@@ -2076,7 +2172,8 @@ def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
     ckpt = common.read_checkpoint(probe_run["ckpt"])
     encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0)[2]
     data = common.load_split(probe_run["data"], "val")
-    feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8, "test")
+    feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8,
+                          "test")
     silent = ~torch.from_numpy(np.array(data["has_audio"])).bool()
     assert silent.any() and not feats["valid"][silent, encoder.nv:].any() and feats["valid"][~silent].all()
 
@@ -2118,13 +2215,15 @@ def test_the_paired_readout_reads_sync_and_direction_where_pooled_tokens_cannot(
 
 def test_reconstruct_runs_end_to_end_and_writes_metrics_with_baselines(probe_run, reconstructed):
     saved = json.loads((probe_run["ckpt"].parent / "probe_reconstruct_short_pretrained.json").read_text())
-    for k in ("psnr", "psnr_mean_fill", "psnr_oracle", "l1", "l1_mean_fill", "l1_oracle", "snr", "snr_mean_fill"):
+    for k in ("psnr", "psnr_mean_fill", "psnr_oracle", "l1", "l1_mean_fill", "l1_oracle", "snr",
+              "snr_mean_fill"):
         assert math.isfinite(saved[k]) and saved[k] == reconstructed[k]
     assert reconstructed["random"]["init"] == "random" and math.isfinite(reconstructed["random"]["psnr"])
 
 
 def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, capsys):
-    probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "0", "--batch-size", "8"])
+    probe.main(["--task", "reconstruct", "--runs", probe_run["runs"], "--examples", "0",
+                "--batch-size", "8"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     num = r"-?[0-9.]+"
     assert re.search(fr"hidden video PSNR {num} dB \(mean-fill {num}, random {num}, "
@@ -2133,9 +2232,11 @@ def test_reconstruct_prints_each_figure_beside_its_floor_and_ceiling(probe_run, 
 
 
 def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_run, capsys):
-    res = probe.main(["--task", "refit", "--runs", probe_run["runs"], "--refit-steps", "3", "--examples", "0",
+    res = probe.main(["--task", "refit", "--runs", probe_run["runs"], "--refit-steps", "3",
+                      "--examples", "0",
                       "--batch-size", "8"])
-    old, new = torch.load(probe_run["ckpt"], weights_only=True), torch.load(res["ckpt"], weights_only=True)
+    old, new = torch.load(probe_run["ckpt"], weights_only=True), torch.load(res["ckpt"],
+                                                                            weights_only=True)
     for key in ("encoder", "target_encoder"):
         assert all(torch.equal(old[key][k], new[key][k]) for k in old[key])
     assert any(not torch.equal(old["predictor"][k], new["predictor"][k]) for k in old["predictor"])
@@ -2147,7 +2248,8 @@ def test_refit_trains_the_predictor_alone_and_reports_the_gap_it_closes(probe_ru
 
 
 def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe_run, capsys):
-    args = ["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0", "--labels-steps", "3"]
+    args = ["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0",
+            "--labels-steps", "3"]
     first = probe.main(args)
     cache = Path(probe_run["data"]) / "labels_vit_micro_av_3steps_seed0.json"
     assert cache.exists() and first["labels"]["steps"] == 3 and 0 <= first["labels"]["top1"] <= 1
@@ -2166,7 +2268,8 @@ def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, recon
     out = probe_run["ckpt"].parent / "reconstruct"
     k = math.ceil(128 / 32)                                       # 32 px frames are drawn 4x
     img = Image.open(out / "short_pretrained_0.png")
-    assert img.size == (110 + max(4 * (32 * k + 4), 3 * (2 * 32 + 4)), 3 * (32 * k + 4) + 256 + 20 + 4)
+    assert img.size == (110 + max(4 * (32 * k + 4), 3 * (2 * 32 + 4)),
+                        3 * (32 * k + 4) + 256 + 20 + 4)
     with av.open(str(out / "short_pretrained_0.mp4")) as c:
         assert c.streams.audio and c.streams.audio[0].sample_rate == 16000
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
@@ -2195,7 +2298,8 @@ def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
         # (dt, dy, dx, c) order
         w = w.permute(0, 2, 3, 4, 1) if w.dim() == 5 else w.permute(0, 2, 3, 1)
         tokens = embed(video if w.dim() == 5 else audio)
-        torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_masked_metrics_count_only_hidden_patches():
@@ -2212,7 +2316,8 @@ def test_masked_metrics_count_only_hidden_patches():
 
 
 def test_mean_fill_uses_the_visible_patches_of_the_same_clip():
-    patches = torch.tensor([[[1.0, 3.0], [5.0, 5.0], [3.0, 1.0]], [[7.0, 7.0], [0.0, 0.0], [1.0, 1.0]]])
+    patches = torch.tensor([[[1.0, 3.0], [5.0, 5.0], [3.0, 1.0]],
+                            [[7.0, 7.0], [0.0, 0.0], [1.0, 1.0]]])
     mask = torch.tensor([[False, True, False], [True, True, False]])
     filled = probe.mean_fill(patches, mask)
     assert filled[0, 1].tolist() == [2.0, 2.0] and filled[1, 0].tolist() == [1.0, 1.0] == filled[1, 1].tolist()
@@ -2223,7 +2328,8 @@ def test_griffin_lim_resynthesis_keeps_the_pitch_of_a_tone():
     import torchaudio.compliance.kaldi as kaldi
     sr, f0 = 16000, 1000.0
     w = 0.3 * torch.sin(2 * math.pi * f0 * torch.arange(sr) / sr)[None]
-    mel = kaldi.fbank(w, htk_compat=True, sample_frequency=sr, use_energy=False, window_type="hanning",
+    mel = kaldi.fbank(w, htk_compat=True, sample_frequency=sr, use_energy=False,
+                      window_type="hanning",
                       num_mel_bins=128, dither=0.0, frame_shift=10).T
     meta = dict(audio_mean=-5.0, audio_std=4.0)
     out = probe.mel_to_wave((mel - meta["audio_mean"]) / (2 * meta["audio_std"]), meta)
@@ -2267,13 +2373,15 @@ def test_wrong_checkpoint_files_are_explained(tmp_path):
 
 def test_missing_dataset_is_explained(probe_run, tmp_path):
     with pytest.raises(SystemExit, match="no dataset at"):
-        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", str(tmp_path / "nowhere")])
+        probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data",
+                    str(tmp_path / "nowhere")])
 
 
 def test_unlabelled_dataset_cannot_be_classified(probe_run, tmp_path):
     data = write_fake_dataset(tmp_path / "unlabelled")
     for split in ("train", "val"):
-        np.full(json.loads((tmp_path / "unlabelled" / "meta.json").read_text())["splits"][split], -1,
+        np.full(json.loads((tmp_path / "unlabelled" / "meta.json").read_text())["splits"][split],
+                -1,
                 np.int64).tofile(tmp_path / "unlabelled" / f"{split}_label.bin")
     with pytest.raises(SystemExit, match="its 16 train clips have no labels"):
         probe.main(["--task", "classify", "--ckpt", str(probe_run["ckpt"]), "--data", data])
@@ -2306,7 +2414,8 @@ def enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_a_checkpoint_names_the_path_and_what_survives(tmp_path,
+                                                                                monkeypatch):
     net = nn.Linear(3, 3)
     opt = torch.optim.AdamW(net.parameters())
     path = tmp_path / "ckpt.pt"
@@ -2334,7 +2443,8 @@ def test_a_checkpoint_that_cannot_fit_fails_before_writing(tmp_path, monkeypatch
     net = nn.Linear(300, 300)
     monkeypatch.setattr(common.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(tmp_path / "ckpt.pt", {"encoder": net}, torch.optim.SGD(net.parameters()), 1, {})
+        common.save_checkpoint(tmp_path / "ckpt.pt", {"encoder": net},
+                               torch.optim.SGD(net.parameters()), 1, {})
     assert "MB needed, 0 MB free" in str(e.value) and "no checkpoint of this run was written yet" in str(e.value)
     assert os.listdir(tmp_path) == []
 
@@ -2345,7 +2455,8 @@ def shutil_usage(free):
 
 
 @needs_av
-def test_a_full_disk_while_preparing_keeps_the_old_dataset_and_leaves_no_temporaries(tmp_path, monkeypatch):
+def test_a_full_disk_while_preparing_keeps_the_old_dataset_and_leaves_no_temporaries(tmp_path,
+                                                                                     monkeypatch):
     import prepare
     for i in range(2):
         make_video(tmp_path / "src" / f"c{i}" / "v.mp4", n=20)
@@ -2431,7 +2542,8 @@ def test_the_probe_cache_is_keyed_by_the_checkpoint_bytes_it_read(probe_run, tmp
     ckpt = tmp_path / "run" / "ckpt.pt"
     ckpt.parent.mkdir()
     shutil.copy(probe_run["ckpt"], ckpt)
-    args = ["--task", "classify", "--ckpt", str(ckpt), "--probe-seeds", "0", "--no-baseline", "--no-labels"]
+    args = ["--task", "classify", "--ckpt", str(ckpt), "--probe-seeds", "0", "--no-baseline",
+            "--no-labels"]
     probe.main(args)
     probe.main(args)
     assert "features from" in capsys.readouterr().out           # same bytes: the cache is read
