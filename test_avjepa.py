@@ -179,6 +179,14 @@ def test_the_loss_reads_the_teacher_only_at_the_targets(monkeypatch):
     assert loss_with_teacher_moved_at(hidden) != base
 
 
+@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
+def test_context_and_targets_are_disjoint_and_cover_every_token(config):
+    m = masks_for(config)
+    for c, t in zip(segments(m.context), segments(m.targets)):
+        assert not set(c) & set(t)
+        assert sorted(set(c) | set(t)) == list(range(c.min() // N * N, (c.min() // N + 1) * N))
+
+
 def hide(video, audio, masks, clip, noise):
     """Copies of video and audio in which the pixels of clip's target tokens are replaced by
     noise."""
@@ -236,14 +244,6 @@ def test_masks_are_vjepas_at_224_px_and_leave_context_on_a_small_grid():
               for c in ("short", "long")}
     # 8 x 0.15 and 2 x 0.7 hid 11 and 12 of 16
     assert hidden["short"] < 3.5 and hidden["long"] < 10.5, hidden
-
-
-@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
-def test_context_and_targets_are_disjoint_and_cover_every_token(config):
-    m = masks_for(config)
-    for c, t in zip(segments(m.context), segments(m.targets)):
-        assert not set(c) & set(t)
-        assert sorted(set(c) | set(t)) == list(range(c.min() // N * N, (c.min() // N + 1) * N))
 
 
 @pytest.mark.parametrize("config, low, high", [("short", 0.5, 0.85), ("long", 0.7, 0.97)])
