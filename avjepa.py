@@ -67,10 +67,11 @@ PASSES = ["joint", "separate"]   # one attention pass over both senses, or one p
 
 
 def mask_names(text):   # an argparse type: "short,long" -> ("short", "long")
-    for m in text.split(","):
+    names = tuple(text.split(","))
+    for m in names:
         if m not in MASKS:
             raise argparse.ArgumentTypeError(f"unknown mask config {m!r}: pick from {', '.join(MASKS)}")
-    return tuple(text.split(","))
+    return names
 
 
 def flag(default, help, **argparse_settings):   # a Config field that is a command-line flag

@@ -50,9 +50,8 @@ SKIP_CUDA = "skipped: needs CUDA"
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Time avjepa's attention, gather/scatter and "
                                             "training step against baselines.")
-    p.add_argument("--only", choices=["attention", "gather", "step"], help="run this section "
-                                                                           "only (default: all "
-                                                                           "three)")
+    p.add_argument("--only", choices=["attention", "gather", "step"],
+                   help="run this section only (default: all three)")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes (4 frames, 64 px, 112 audio frames, batch 2, vit_tiny): "
                    "proves the script runs, on a CPU too; the numbers mean nothing")
@@ -345,9 +344,9 @@ def bench_attention(args):
             tol = 5e-2 if args.dtype == torch.bfloat16 else 1e-3
             row["note"] = "WRONG: attends to the padding (speed only)" if kind == "wrong" else "" if row["err"] <= tol else "MISMATCH"
             grad = torch.randn_like(out)
-            for mode, mult, call in (("fwd", 1.0, lambda: fn(*inputs)),
-                                     ("fb", 3.5, lambda: torch.autograd.grad(fn(*inputs), inputs,
-                                                                             grad))):
+            def backward():
+                return torch.autograd.grad(fn(*inputs), inputs, grad)
+            for mode, mult, call in (("fwd", 1.0, lambda: fn(*inputs)), ("fb", 3.5, backward)):
                 t, why = attempt(lambda: median_time(call, args), args)
                 if why:
                     row["note"] = why
@@ -405,8 +404,8 @@ def bench_gather(args):
     results = []
     for D in (384, 768):
         x, pos, rows = (torch.randn(m, D, device=dev, dtype=args.dtype) for m in (B * N, N, n))
-        g_ref, gp_ref, s_ref = x[index], x[index] + pos[index % N], kernels.scatter_torch(rows,
-                                                                                          slot, n)
+        g_ref, gp_ref = x[index], x[index] + pos[index % N]
+        s_ref = kernels.scatter_torch(rows, slot, n)
         g_bytes, s_bytes = 2 * K * D * e + 8 * K, (K + n) * D * e + 8 * n
         def triton(fn):
             def f():
@@ -494,8 +493,8 @@ def step_setup(args, model_name, audio, truncate, compiled):
 
 def time_steps(args, model_name, audio, truncate, path, compiled):
     B = args.batch_size
-    run, host, masks, targs, encoder, predictor = step_setup(args, model_name, audio, truncate,
-                                                             compiled)
+    setup = step_setup(args, model_name, audio, truncate, compiled)
+    run, host, masks, targs, encoder, predictor = setup
     timed = host[args.warmup_steps:]
     flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass) for m in timed)
     with backend(path):

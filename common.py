@@ -90,6 +90,10 @@ def load_split(root, split):
         meta = json.loads((root / "meta.json").read_text())
         n = meta["splits"][split]
         T, H, W, C = meta["video_shape"]
+        if meta["frames"] % TUBELET or meta["size"] % PATCH:   # what the models cut clips into
+            raise ValueError(f"its clips are {meta['frames']} frames of {meta['size']} px, and "
+                             f"both must be multiples of the tubelet's {TUBELET} frames x {PATCH} x "
+                             f"{PATCH} px")
         if (T, H, W, C) != (meta["frames"], meta["size"], meta["size"], 3) or meta["audio_shape"][0] != 128:
             raise ValueError(f"meta.json's video_shape {meta['video_shape']} and audio_shape "
                              f"{meta['audio_shape']} do not match its frames {meta['frames']} and "
@@ -156,14 +160,15 @@ def augment_video(video, size, theta=None):
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
     # per channel with Python scalars: no host-to-device copy of the constants
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN,
-                                                                         IMAGENET_STD))], 1)
+    stats = zip(IMAGENET_MEAN, IMAGENET_STD)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(stats)], 1)
 
 
 def normalize_audio(audio, meta):
     """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as
     AudioMAE/CAV-MAE."""
     return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
+
 
 def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
@@ -369,8 +374,8 @@ def save_checkpoint(path, modules, opt, step, config):
     ckpt.update(opt=opt.state_dict(), step=step, config=config,
                 rng=dict(torch=torch.get_rng_state()))
     needed = sum(t.nbytes for t in tensors(ckpt)) + (1 << 20)
-    # noqa: E731 (read only on a full disk)
-    survives = lambda: checkpoint_survives(path, "previous ")
+    def survives():   # read only on a full disk
+        return checkpoint_survives(path, "previous ")
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp), needed, survives)
 
 
@@ -437,9 +442,7 @@ def init_from(encoder, path):
 def stop_non_finite(step, ckpt_path, data=None, idx=None):
     """Stop on a non-finite loss, saying whether the inputs of that step's batch (clips `idx` of
     `data`) were finite: bad data is not the optimiser's fault."""
-    kept = "no checkpoint was written yet"
-    if ckpt_path.exists():
-        kept = f"the last good checkpoint is {ckpt_path} (step {read_checkpoint(ckpt_path)['step']})"
+    kept = checkpoint_survives(ckpt_path, "last good ")
     if data is not None and idx is not None:
         bad = [int(i) for i in np.unique(idx) if not np.isfinite(np.asarray(data["audio"][i],
                                                                             np.float32)).all()]
@@ -729,8 +732,8 @@ class Run:
         """After step s: (log it, stop after it); saves on save steps. Nothing waits for the device
         but on log, save and stop steps, which check once that every loss so far was finite."""
         cfg, self.end = self.cfg, s + 1
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), s,
-                                     self.first_bad)
+        first = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(first, s, self.first_bad)
         self.clips += cfg.batch_size * self.world
         self.bar.update(1)
         log = s % cfg.log_every == 0 or s == cfg.steps - 1
@@ -760,8 +763,8 @@ class Run:
         if self.master:
             save_checkpoint(self.ckpt_path, self.modules, self.opt, step, asdict(self.cfg))
 
-    # also when an error ends the loop: the caller's own Ctrl-C handling comes back
     def close(self):
+        """Also when an error ends the loop: the caller's own Ctrl-C handling comes back."""
         self.restore_signals()
         self.bar.close()
 

@@ -550,8 +550,8 @@ def _(x, index, pos):
 def _gather_setup(ctx, inputs, output):
     x, index, pos = inputs
     ctx.save_for_backward(index)
-    ctx.x_meta, ctx.pos_meta = (x.shape[0], x.dtype), None if pos is None else (pos.shape[0],
-                                                                                pos.dtype)
+    pos_meta = None if pos is None else (pos.shape[0], pos.dtype)
+    ctx.x_meta, ctx.pos_meta = (x.shape[0], x.dtype), pos_meta
 
 
 def _gather_grad(ctx, grad):

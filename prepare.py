@@ -562,8 +562,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     # away. Every state, the first included, may have jumped into: a late clip's first hit (at the clip's
     # start) is then as likely as a synced one's, and the sound alone says nothing of sync.
     jumps = rng.random(n_states + 2) < 0.6                  # state s is index s + 2 (s = -2 .. 5)
-    heights = (rng.uniform(0, 1) + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2),
-                                                      0))) % 1.0
+    start = rng.uniform(0, 1)                               # drawn before the jumps' sizes
+    heights = (start + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2), 0))) % 1.0
     # sideways per tubelet: >= half a patch
     step = DIRECTIONS[direction] * rng.uniform(0.15, 0.2) * width
     x0 = rng.uniform(0, width)            # uniform start: no cue in the first frame

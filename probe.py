@@ -266,8 +266,8 @@ class AttentiveProbe(nn.Module):
         # one query per head
         self.query = nn.Parameter(torch.zeros(1, len(outputs), dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim,
-                                                                                             dim)
+        self.q, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
         self.mlp = avjepa.MLP(dim)
         self.out = nn.ModuleList(nn.Linear(dim, n) for n in outputs)
         avjepa.init_weights(self, [])
@@ -410,8 +410,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     cfg = ckpt["config"]
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     meta = train_data["meta"]
-    train_ids, val_ids = clip_ids(train_data, args.clips, True), clip_ids(val_data, args.clips,
-                                                                          True)
+    train_ids = clip_ids(train_data, args.clips, labelled=True)
+    val_ids = clip_ids(val_data, args.clips, labelled=True)
     for split, ids, data in (("train", train_ids, train_data), ("val", val_ids, val_data)):
         if not len(ids):
             held = f"its {data['n']} {split} clips have no labels" if data["n"] else f"it has 0 {split} clips"
@@ -616,8 +616,8 @@ def classify(args, path, ckpt, data_dir, device):
     if "labels" in res:
         labels = f" [labels: {scores(res['labels'])}]; the labels' encoder trained {res['labels']['steps']} steps"
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
-    factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors",
-                                                                        {}).items())
+    chances = res.get("chance_factors", {}).items()
+    factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in chances)
     chart = path.parent / f"probe_classify_{res['modalities']}.png"
     plot_classify(res, chart)
     print(f"classify {res['run']} [{args.modalities}{passes}, {args.init}]: {attentive}linear "
@@ -667,8 +667,8 @@ def cross_predict(jepa, video, audio, config, to_audio):
     hidden modality."""
     encoder = jepa.encoder
     B, nv, N = video.shape[0], encoder.nv, encoder.n_tokens()
-    shown, hidden = (np.arange(nv), np.arange(nv, N)) if to_audio else (np.arange(nv, N),
-                                                                        np.arange(nv))
+    video_rows, audio_rows = np.arange(nv), np.arange(nv, N)
+    shown, hidden = (video_rows, audio_rows) if to_audio else (audio_rows, video_rows)
     # one modality shown
     masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)
     masks.target_config.fill_(config)
@@ -735,8 +735,8 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         raise SystemExit(f"{path} is a video-only checkpoint: retrieval needs an audio-visual one "
                          "(--audio)")
     # the mask token of the cross-modal config if the predictor has one; otherwise of the one that hides the most
-    configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0]) for d in ("v2a",
-                                                                                           "a2v")}
+    configs = {d: next((m for m in (d, "long") if m in cfg.masks), cfg.masks[0])
+               for d in ("v2a", "a2v")}
     encoder, predictor, target_encoder = frozen_models(ckpt, init, args.seed)
     jepa, target_encoder = avjepa.JEPA(encoder, predictor).to(device), target_encoder.to(device)
     val, train = load_split(data_dir, "val"), load_split(data_dir, "train")
@@ -751,21 +751,20 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
     jobs = [("val", val, ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
     train_ids = clip_ids(train, args.clips or 1024, sounding=True)
-    jobs += [("train", train, train_ids[i:i + args.batch_size]) for i in range(0, len(train_ids),
-                                                                               args.batch_size)]
+    jobs += [("train", train, train_ids[i:i + args.batch_size])
+             for i in range(0, len(train_ids), args.batch_size)]
     for split, data, batch_ids in tqdm(jobs, desc="retrieve", dynamic_ncols=True):
         b = get_batch(data, batch_ids, device)
-        video, audio = augment_video(b["video"], cfg.size), normalize_audio(b["audio"],
-                                                                            data["meta"])
+        video = augment_video(b["video"], cfg.size)
+        audio = normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
                 if split == "val":
                     c = cfg.masks.index(configs[direction])
                     out["pred_" + name].append(cross_predict(jepa, video, audio, c, name == "audio").float().cpu())
-                alone = target_encoder(None, audio) if name == "audio" else target_encoder(video,
-                                                                                           None)
-                out[name if split == "val" else "train_" + name].append(F.layer_norm(alone.float(),
-                                                                                     (D,)).cpu())
+                alone = target_encoder(None, audio) if name == "audio" else target_encoder(video)
+                into = name if split == "val" else "train_" + name
+                out[into].append(F.layer_norm(alone.float(), (D,)).cpu())
     out = {k: torch.cat(v) if v else None for k, v in out.items()}   # None: no train clip has sound
     n = len(ids)
     res = dict(task="retrieve", run=path.parent.name, ckpt=str(path), step=ckpt["step"],
@@ -1147,8 +1146,8 @@ def example_png(rows, ex, cfg, k):
         for p in (ex["mel"], torch.where(ex["amask"][:, None], lo, ex["mel"]), ex["rec"]):
             # low pitch at the bottom
             mel = unpatchify_audio(p[None].float(), 128, ex["Ta"])[0, 0].flip(0)
-            specs.append(Image.fromarray(colormap(mel.numpy(), lo, hi)).resize((ex["Ta"] * 2, 256),
-                                                                               Image.NEAREST))
+            img = Image.fromarray(colormap(mel.numpy(), lo, hi))
+            specs.append(img.resize((ex["Ta"] * 2, 256), Image.NEAREST))
     width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in specs))
     canvas = Image.new("RGB", (width, 3 * (tile + gap) + (256 + 20 + gap if specs else 0)), "white")
     draw = ImageDraw.Draw(canvas)

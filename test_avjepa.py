@@ -1379,6 +1379,12 @@ def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
                                 str(tmp_path / "other.pt")))
 
 
+def test_a_dataset_whose_clips_do_not_cut_into_tubelets_is_named(tmp_path):
+    data = write_fake_dataset(tmp_path / "odd", frames=3)
+    with pytest.raises(SystemExit, match="3 frames of 32 px, and both must be multiples"):
+        avjepa.train(micro_args(data, tmp_path / "out", "--steps", "1"))
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1"))
     with pytest.raises(SystemExit, match="add --resume"):
