@@ -202,9 +202,8 @@ def _tile(P, rows, stride, offs_d, mask):
 
 @triton.jit
 def _scores(q, K, V, n, L, offs_d, d_mask, skt, svt, qk_scale):
-    """Key rows n of the clip, their values, and the scores of queries q against them: q k^T in log2
-    units,
-    -inf for rows past the clip's end."""
+    """Key rows n of the clip, their values, and the scores of queries q against them: q k^T in
+    log2 units, -inf for rows past the clip's end."""
     kv_mask = (n < L)[:, None] & d_mask[None, :]
     k, v = _tile(K, n, skt, offs_d, kv_mask), _tile(V, n, svt, offs_d, kv_mask)
     return k, v, tl.where((n < L)[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))

@@ -4,8 +4,7 @@ Turn video files into training-ready memmaps for avjepa.py, or build the built-i
     python prepare.py                                    # synthetic audio-visual set -> data/synthetic
     python prepare.py --videos ~/ucf101 --out data/ucf  # a folder, a V-JEPA list or a Kinetics CSV
 
-Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), for split in train,
-val:
+Written to --out (nanoGPT style: flat arrays whose shapes are in meta.json), per split (train, val):
     {split}_video.bin      uint8   [N, T, S, S, 3]       RGB frames on a fixed time grid
     {split}_audio.bin      float16 [N, 128, audio_frames] log-mel, NOT normalised (meta has mean/std)
     {split}_label.bin      int64   [N]                    -1 = unlabeled
@@ -14,8 +13,8 @@ val:
 
 The time grid: frame i of a clip is the frame shown at t0 + i * frame_step / 30 seconds, whatever
 the file's fps, and the audio is cut from the same clock: audio_frames log-mel columns from t0 on
-(10 ms hop, 25 ms windows; the clip's frames * frame_step / 30 seconds rounded to 16 columns, one
-patch).
+(10 ms hop, 25 ms windows; the clip's frames * frame_step / 30 seconds, rounded to whole patches
+of 16 columns).
 """
 import argparse
 import csv

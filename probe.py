@@ -17,8 +17,7 @@ own query and head and scores each.
 retrieve asks the predictor, the JEPA way, which sound goes with a picture: hide all of a val clip's
 audio, predict its audio features from its video, and rank every val clip's audio (encoded alone) by
 distance to the prediction; and the reverse. R@1, R@5 and median rank, against chance, and beside
-them the same ranking through a ridge map fit on the train clips' features (what the features
-carry).
+them the same ranking through a ridge map fit on the train clips' features (what they carry).
 
 reconstruct makes the predictions visible. JEPA never predicts pixels, so with the encoder and
 predictor frozen we fit a linear decoder from one token to its patch: the predictor's output at
@@ -166,9 +165,8 @@ def check_data(meta, encoder, audio):
 
 
 def clip_ids(data, n_max, labelled=False, sounding=False):
-    """Clips to use (only labelled ones, only those with sound, if asked), sorted (memmap-friendly);
-    a
-    --clips subset is drawn at random, as splits are often stored class by class and their first
+    """Clips to use (only labelled ones, only those with sound, if asked), sorted (memmap-friendly).
+    A --clips subset is drawn at random, as splits are often stored class by class and their first
     clips would all share one label."""
     keep = np.ones(data["n"], bool)
     if labelled:
@@ -1025,15 +1023,6 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
 REFIT_LEARNED = 0.25   # share of the gap to the oracle that more predictor training must close
 
 
-def predictor_loss(jepa, target_encoder, video, audio, masks, cfg):
-    """Training's JEPA loss with the encoder and the EMA target encoder frozen: only the predictor
-    learns."""
-    with autocast(video.device):
-        target = avjepa.target_features(target_encoder, video, audio, cfg)
-        pred, _ = jepa(video, audio, masks)
-        return avjepa.jepa_loss(pred, target.flatten(0, 1)[masks.targets.index], masks)[0].float()
-
-
 def refit(args, path, ckpt, data_dir, device):
     """The diagnostic to run on a new set: train the checkpoint's predictor on for --refit-steps,
     with the encoder and the target encoder frozen, then reconstruct again. If the hidden part comes
@@ -1049,13 +1038,17 @@ def refit(args, path, ckpt, data_dir, device):
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     check_data(train_data["meta"], encoder, cfg.audio)
     val_ids = clip_ids(val_data, args.clips)
+    jepa_loss_only = replace(cfg, reg="none", nce_weight=0.0)   # training's loss, less the extras
+
+    def predictor_loss(data, ids, rng, crop=False):   # the encoders stay frozen: only it learns
+        inputs = masked_clips(encoder, cfg, data, ids, rng, device, crop)
+        return avjepa.step_loss(jepa, target_encoder, *inputs, jepa_loss_only)[0]
 
     @torch.no_grad()
     def val_loss():   # the same val clips and masks before and after
-        losses = [predictor_loss(jepa, target_encoder, *masked_clips(
-            encoder, cfg, val_data, val_ids[i:i + args.batch_size],
-            np.random.default_rng([args.seed, 3, i]),
-            device), cfg) for i in range(0, len(val_ids), args.batch_size)]
+        losses = [predictor_loss(val_data, val_ids[i:i + args.batch_size],
+                                 np.random.default_rng([args.seed, 3, i]))
+                  for i in range(0, len(val_ids), args.batch_size)]
         return torch.stack(losses).mean().item()
 
     before = val_loss()
@@ -1064,9 +1057,7 @@ def refit(args, path, ckpt, data_dir, device):
     n, B = train_data["n"], min(cfg.batch_size, train_data["n"])
     for s in tqdm(range(steps), desc="refit the predictor", dynamic_ncols=True):
         ids = batch_indices(n, B, s, args.seed)
-        loss = predictor_loss(jepa, target_encoder, *masked_clips(
-            encoder, cfg, train_data, ids, np.random.default_rng([args.seed, 2, s]), device,
-            crop=True), cfg)
+        loss = predictor_loss(train_data, ids, np.random.default_rng([args.seed, 2, s]), crop=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
