@@ -8,16 +8,17 @@ to fill in, in embedding space, what an *EMA* copy of the encoder (the *target e
 the targets when it sees the whole clip. No gradient reaches the target encoder (stop-gradient): it
 only follows the encoder, slowly. Nothing is ever reconstructed in pixels. Without --audio: V-JEPA.
 
-Read top to bottom: config -> data -> masks -> model -> loss -> loop. What is only plumbing (the
-dataset reader, checkpoints, logs, locks, signals) lives in common.py.
+Read top to bottom: config -> data -> masks -> model -> loss -> loop -> using what you trained.
+What is only plumbing (the arrays' reader, checkpoints, logs, locks, signals, FLOP counts) lives in
+common.py.
 
     python avjepa.py --model vit_tiny --audio           # AV-JEPA on data/synthetic
     torchrun --nproc_per_node 8 avjepa.py --data data/k400 --model vit_base --audio
 """
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from functools import partial
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -26,10 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Run,
-                    augment_video, batch_indices, check_device, collapse_monitor, crop_params, ddp,
-                    encoder_weights, get_batch, load_split, normalize_audio, number, plot_masks,
-                    prefetch, read_checkpoint, setup_process, to_device)
+from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Run, check_device,
+                    ddp, encoder_weights, get_batch, load_split, number, plot_masks, prefetch,
+                    read_checkpoint, saved_config, setup_process, to_device, vjepa_shapes)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -127,8 +127,14 @@ class Config:
     tubelet_seconds: float = field(default=1.0, metadata=dict(flag=False))
     audio_patch_seconds: float = field(default=1.0, metadata=dict(flag=False))
 
-    # what may change when a run resumes (printed), and where a run is rather than how it trains
-    MAY_CHANGE, WHERE = ("steps", "save_every", "log_every", "device"), ("resume", "name", "out")
+    # what --resume lets change (and prints), and what says where a run is rather than how it trains
+    RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")
+    LOCATION = ("resume", "name", "out")
+
+    def __post_init__(self):   # lists (argparse's nargs, a checkpoint's dict) are kept as tuples
+        for f in fields(self):
+            if type(getattr(self, f.name)) is list:
+                setattr(self, f.name, tuple(getattr(self, f.name)))
 
     def check(self, error):
         """Settings that are each valid but do not fit together: error(message), argparse's exit."""
@@ -153,18 +159,8 @@ class Config:
 
     @classmethod
     def of(cls, ckpt):
-        """The Config a checkpoint was trained with. Before there was one, checkpoints kept the
-        flags as given beside a dict of the model's settings (its "crop" the frames' side); the
-        oldest lack settings that came later (they ran with fuse 0). Removed settings are refused."""
-        saved = ckpt["config"]
-        if "flags" in ckpt:
-            flags = {k: v for k, v in ckpt["flags"].items() if v is not None}
-            saved = {"fuse": 0, **flags, **saved, "size": saved["crop"], "crop": flags.get("crop", 0)}
-        if saved.get("pred_pass", "joint") != "joint" or "window" in saved["masks"]:
-            raise SystemExit("this checkpoint was trained with --pred-pass separate or the window masks, "
-                             "which avjepa no longer has: use the version of avjepa that trained it")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if type(v) is list else v for k, v in saved.items() if k in names})
+        """The Config a checkpoint was trained with (common.saved_config reads the older forms)."""
+        return cls(**{k: v for k, v in saved_config(ckpt).items() if k in cls.__dataclass_fields__})
 
 
 def make_parser():
@@ -178,7 +174,7 @@ def make_parser():
 
 def get_config(argv=None):
     p = make_parser()
-    cfg = Config(**{k: tuple(v) if type(v) is list else v for k, v in vars(p.parse_args(argv)).items()})
+    cfg = Config(**vars(p.parse_args(argv)))
     cfg.check(p.error)
     check_device(p, cfg.device)
     return cfg
@@ -190,9 +186,57 @@ def ema_range(steps):
     return min(0.998, max(0.9, 1 - 6 / steps)), 1.0
 
 # -----------------------------------------------------------------------------
-# Data: prepare.py's memmaps, video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta], read in batches by
-# common.get_batch, and augmented on the device as V-JEPA does (common.crop_params, augment_video:
-# a random resized crop and flip per clip; the log-mel normalised as AudioMAE, normalize_audio).
+# Data. prepare.py's arrays (video uint8 [N, T, H, W, 3], log-mel [N, 128, Ta]; common.load_split)
+# are read B clips a step, without replacement, epoch after epoch; on the device each clip gets a
+# random resized crop and flip (V-JEPA's augmentation) and its log-mel is normalised (AudioMAE's).
+
+def batch_indices(n, batch_size, step, seed, rank=0, world=1):
+    """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
+    Stateless, so a resumed run reads exactly the batches it would have read."""
+    per_step = batch_size * world
+    epoch, i = divmod(step, max(n // per_step, 1))
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    start = i * per_step + rank * batch_size
+    return np.sort(perm[np.arange(start, start + batch_size) % n])   # sorted: kinder to a memmap
+
+
+def crop_params(rng, B, area=(0.3, 1.0)):
+    """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
+    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps [B, 2, 3]."""
+    theta = torch.zeros(B, 2, 3)
+    area = rng.uniform(*area, B)
+    ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
+    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
+    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
+    theta[:, 0, 0], theta[:, 1, 1] = torch.tensor(w * flip), torch.tensor(h)
+    theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
+    theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
+    return theta
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def augment_video(video, size, theta=None):
+    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3]
+    (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
+    None: resize only."""
+    B, T, H, W, _ = video.shape
+    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)  # frames as channels
+    if theta is None:
+        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
+    grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
+    # per channel with Python scalars: no host-to-device copy of the constants
+    stats = zip(IMAGENET_MEAN, IMAGENET_STD)
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(stats)], 1)
+
+
+def normalize_audio(audio, meta):
+    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std) with the train split's
+    statistics, as AudioMAE and CAV-MAE."""
+    return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
 
 # -----------------------------------------------------------------------------
 # Masks. Tokens are numbered video first, then audio: [t, h, w] raster, then [mel, time] raster.
@@ -213,30 +257,29 @@ def block_mask(rng, grid_h, grid_w, blocks, scale):
     return mask
 
 
-def sample_targets(rng, config, video_grid, audio_grid):
-    """Target mask [Nv + Na] of one clip. Video blocks span all time (V-JEPA's temporal scale 1.0);
-    audio blocks are rectangles over (mel, time)."""
+def grid_blocks(blocks, area):
+    """V-JEPA's block counts are for its 14 x 14 grid (224 px); elsewhere they scale with the grid's
+    area: one block per config on the built-in set's 4 x 4, so that context is left."""
+    return max(1, round(blocks * area / 196))
+
+
+def sample_targets(rng, mask, video_grid, audio_grid):
+    """Target mask [Nv + Na] of one clip under the mask config `mask` (its name). Video blocks span
+    all time (V-JEPA's temporal scale 1.0); audio blocks are rectangles over (mel, time)."""
     T, H, W = video_grid
     Fa, Ca = audio_grid or (0, 0)
-    kind = MASKS[config].kind
+    kind = MASKS[mask].kind
     if kind in ("all_audio", "all_video"):   # one modality is the whole target
         v, a = np.full(T * H * W, kind == "all_video"), np.full(Fa * Ca, kind == "all_audio")
     elif kind == "future":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
     else:
-        _, blocks, scale, _ = MASKS[config]
+        _, blocks, scale, _ = MASKS[mask]
         v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)
         v = np.broadcast_to(v, (T, H, W)).reshape(-1)
         a = block_mask(rng, Fa, Ca, grid_blocks(blocks, Fa * Ca), scale).ravel() if Ca else v[:0]
     return np.concatenate([v, a])
-
-
-def grid_blocks(blocks, area):
-    """V-JEPA's block counts are for its 14 x 14 grid (224 px). Elsewhere they scale with the grid's
-    area, each block keeping its share: V-JEPA's masks at 224 px, one block per config on the 4 x 4
-    grid of the built-in set, so that context is left (V-JEPA's counts hid 11 and 12 of its 16)."""
-    return max(1, round(blocks * area / 196))
 
 
 def whole_clips(batch, nv, n_tokens, device, separate):
@@ -257,34 +300,28 @@ class Masks:
     context: kernels.Packed         # the tokens the encoder sees
     context_passes: kernels.Packed  # the same rows, cut where the encoder's attention passes stop
     targets: kernels.Packed         # the tokens the predictor fills in
-    target_config: torch.Tensor     # [Tt] each target's mask config: picks its mask token
+    target_mask: torch.Tensor       # [Tt] the number of each target's mask config: picks its mask token
     target_modality: torch.Tensor   # [Tt] 0 video, 1 audio
-    target_weight: torch.Tensor     # [Tt] each target's weight in the loss; they sum to 1
     predictor_max_len: int          # the longest [context ; targets] segment of the predictor
 
-    def to(self, device):   # without waiting (common.to_device); a shared field moves once
-        moved = {id(x): x if isinstance(x, int) else x.to(device) if isinstance(x, kernels.Packed)
-                 else to_device(x, device) for x in {id(x): x for x in vars(self).values()}.values()}
-        return Masks(**{k: moved[id(x)] for k, x in vars(self).items()})
+    def to(self, device):
+        """On the device, without waiting; where the context passes are the context, moved once."""
+        context = self.context.to(device)
+        passes = context if self.context_passes is self.context else self.context_passes.to(device)
+        return replace(self, context=context, context_passes=passes, targets=self.targets.to(device),
+                       target_mask=to_device(self.target_mask, device),
+                       target_modality=to_device(self.target_modality, device))
 
 
 def pack_masks(ctx, tgt, batch, nv, n_tokens, separate=False):
-    """Context and target token lists of every (config, clip) segment -> Masks. The loss weights:
-    every mask config counts the same, and within a config video and audio each count the same
-    whatever their token counts, so that the few audio tokens are not drowned by the video ones.
-    separate: the encoder attends within each sense."""
-    n_configs, packed_tgt = len(tgt) // batch, kernels.pack(tgt, n_tokens, batch)
-    config = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])              # [Tt]
+    """Context and target token lists of every (mask config, clip) segment -> Masks. separate: the
+    encoder attends within each sense, so its passes are cut where the video ends."""
+    packed_ctx, packed_tgt = kernels.pack(ctx, n_tokens, batch), kernels.pack(tgt, n_tokens, batch)
+    mask = np.repeat(np.arange(len(tgt)) // batch, [len(x) for x in tgt])                # [Tt]
     modality = (packed_tgt.index.numpy() % n_tokens >= nv).astype(np.int64)               # [Tt]
-    group = config * 2 + modality  # (config, modality)
-    count = np.bincount(group, minlength=2 * n_configs)  # targets per group
-    senses = (count.reshape(n_configs, 2) > 0).sum(1)    # senses with targets, per config
-    weight = 1.0 / count[group] / senses[config] / n_configs
-    packed_ctx = kernels.pack(ctx, n_tokens, batch)   # cut per sense below, if a pass asks for it
     passes = kernels.pack(ctx, n_tokens, batch, nv) if separate else packed_ctx
     return Masks(context=packed_ctx, context_passes=passes, targets=packed_tgt,
-                 target_config=torch.from_numpy(config), target_modality=torch.from_numpy(modality),
-                 target_weight=torch.from_numpy(weight.astype(np.float32)),
+                 target_mask=torch.from_numpy(mask), target_modality=torch.from_numpy(modality),
                  predictor_max_len=int((packed_ctx.cu.diff() + packed_tgt.cu.diff()).max()))
 
 
@@ -293,12 +330,12 @@ def sample_masks(rng, cfg, batch, video_grid, audio_grid, has_audio):
     nv = math.prod(video_grid)
     N = nv + (math.prod(audio_grid) if audio_grid else 0)
     ctx, tgt = [], []
-    for config in cfg.masks:
+    for mask in cfg.masks:
         for b in range(batch):
             exists = np.ones(N, bool)
             exists[nv:] = bool(has_audio[b])      # silent clips drop their audio tokens entirely
             for _ in range(20):                   # resample until the context is not empty
-                is_target = sample_targets(rng, config, video_grid, audio_grid) & exists
+                is_target = sample_targets(rng, mask, video_grid, audio_grid) & exists
                 if (exists & ~is_target).any():
                     break
             else:  # only a2v on a silent clip: keep one video token visible
@@ -449,29 +486,43 @@ class Encoder(nn.Module):
             pos.append(self.audio_pos_embed[0] + self.modality_embed[1])
         return torch.cat(tokens, 1), torch.cat(pos, 0)
 
-    def forward(self, video=None, audio=None, tokens=None, clips=None, average_last=1):
-        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta]. tokens=None: all of them, returns
-        [B, N, D]. tokens=Packed: only those rows of the flattened [B * N] tokens, each segment
-        attending within itself, returns [total, D]. clips: the same rows cut into whole-clip
-        segments, for the last `fuse` blocks (tokens' may be one per sense). average_last=k > 1: the
-        mean of the last k blocks' outputs, each layer-normed (data2vec)."""
+    def forward(self, video=None, audio=None, segments=None, fused_segments=None, average_last=1):
+        """video [B, 3, T, H, W] and/or audio [B, 1, 128, Ta]. segments=None: every token of every
+        clip, returns [B, N, D]. segments (kernels.Packed): only those rows of the flattened [B * N]
+        tokens, each segment attending within itself, returns [total, D]. fused_segments: the same
+        rows cut into whole clips, for the last `fuse` blocks (segments may be one per sense).
+        average_last=k > 1: the mean of the last k blocks' outputs, each layer-normed (data2vec)."""
         x, pos = self.embed(video, audio)
         B, N, D = x.shape
-        index, cu, max_len = tokens or whole_clips(B, N, N, x.device, separate=False)
+        index, cu, max_len = segments or whole_clips(B, N, N, x.device, separate=False)
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
-            if i == self.fuse_from and clips is not None:   # late fusion: the senses meet from here
-                cu, max_len = clips.cu, clips.max_len
+            if i == self.fuse_from and fused_segments is not None:   # late fusion: the senses meet
+                cu, max_len = fused_segments.cu, fused_segments.max_len
             x = block(x, cu, max_len)
             if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
                 earlier.append(F.layer_norm(x, (D,)))
         x = self.norm(x)
         if earlier:
             x = torch.stack(earlier + [F.layer_norm(x, (D,))]).mean(0)
-        return x.view(B, N, D) if tokens is None else x
+        return x.view(B, N, D) if segments is None else x
+
+
+def predictor_slots(ctx, tgt):
+    """Where each context and target row goes when every segment becomes [its context ; its
+    targets]. A row's slot is its place among its own kind plus the rows of the other kind before
+    it: for a context row of segment s, every target of the segments before s (tgt.cu[s]); for a
+    target row, every context row up to and including its own segment (ctx.cu[s + 1]). Two segments,
+    contexts of 3 and 2 rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
+        packed sequence  c0 c1 c2 t0 | c3 c4 t1 t2    cu = ctx.cu + tgt.cu = [0, 4, 8]
+        ctx_slot = [0, 1, 2, 3, 4] + [0, 0, 0, 1, 1] = [0, 1, 2, 4, 5]
+        tgt_slot = [0, 1, 2] + [3, 5, 5]             = [3, 6, 7]"""
+    ctx_slot = torch.arange(len(ctx.index), device=ctx.index.device) + tgt.cu[ctx.segment_ids()]
+    tgt_slot = torch.arange(len(tgt.index), device=tgt.index.device) + ctx.cu[tgt.segment_ids() + 1]
+    return ctx_slot, tgt_slot
 
 
 class Predictor(nn.Module):
@@ -502,7 +553,7 @@ class Predictor(nn.Module):
         # its position in place of each target. kernels.gather(x, rows) is x[rows], fused
         pos_ctx, pos_tgt = (kernels.gather(self.pos_embed, p.index % N) for p in (ctx, tgt))
         x_ctx = self.predictor_embed(context) + pos_ctx                                   # [Tc, Dp]
-        x_tgt = self.mask_tokens[masks.target_config, masks.target_modality] + pos_tgt   # [Tt, Dp]
+        x_tgt = self.mask_tokens[masks.target_mask, masks.target_modality] + pos_tgt     # [Tt, Dp]
         ctx_slot, tgt_slot = predictor_slots(ctx, tgt)   # interleave: x[slot] = row, fused
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]),
                             len(ctx_slot) + len(tgt_slot))
@@ -512,20 +563,6 @@ class Predictor(nn.Module):
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
 
 
-def predictor_slots(ctx, tgt):
-    """Where each context and target row goes when every segment becomes [its context ; its
-    targets]. A row's slot is its place among its own kind plus the rows of the other kind before
-    it: for a context row of segment s, every target of the segments before s (tgt.cu[s]); for a
-    target row, every context row up to and including its own segment (ctx.cu[s + 1]). Two segments,
-    contexts of 3 and 2 rows (cu [0, 3, 5]), targets of 1 and 2 (cu [0, 1, 3]):
-        packed sequence  c0 c1 c2 t0 | c3 c4 t1 t2    cu = ctx.cu + tgt.cu = [0, 4, 8]
-        ctx_slot = [0, 1, 2, 3, 4] + [0, 0, 0, 1, 1] = [0, 1, 2, 4, 5]
-        tgt_slot = [0, 1, 2] + [3, 5, 5]             = [3, 6, 7]"""
-    ctx_slot = torch.arange(len(ctx.index), device=ctx.index.device) + tgt.cu[ctx.segment_ids()]
-    tgt_slot = torch.arange(len(tgt.index), device=tgt.index.device) + ctx.cu[tgt.segment_ids() + 1]
-    return ctx_slot, tgt_slot
-
-
 class JEPA(nn.Module):
     """The trained half: context encoder + predictor (one module, so DDP syncs both)."""
     def __init__(self, encoder, predictor):
@@ -533,26 +570,8 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
-        context = self.encoder(video, audio, tokens=masks.context_passes, clips=masks.context)  # [Tc, D]
+        context = self.encoder(video, audio, masks.context_passes, masks.context)  # [Tc, D]
         return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
-
-
-def step_flops(encoder, predictor, masks, batch, target_pass="separate"):
-    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2
-    per target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3
-    if trained), over the segments each pass really attends within. masks on the CPU."""
-    def lin(m):   # weights applied per token
-        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
-    def attn(m, cu):
-        L = (cu[1:] - cu[:-1]).double()
-        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
-    ctx, tgt, N, nv = masks.context, masks.targets, encoder.n_tokens(), encoder.nv
-    parts = [nv, N - nv] if target_pass == "separate" and N > nv else [N]   # the targets' segments
-    whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
-    tc, tt = len(ctx.index), len(tgt.index)
-    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.context_passes.cu) + 6 * lin(predictor)
-            * (tc + tt) + 3 * attn(predictor, ctx.cu + tgt.cu) + 2 * lin(encoder) * batch * N
-            + attn(encoder, whole_cu))
 
 
 def build(cfg):
@@ -563,46 +582,28 @@ def build(cfg):
     target_encoder.requires_grad_(False)   # stop-gradient: no optimizer updates it, the EMA does
     return encoder, predictor, target_encoder
 
-
-def vjepa_config(sd, path):
-    """The Config of a V-JEPA video ViT's state dict, read off its tensor shapes (16 frames, as all
-    released V-JEPA models see)."""
-    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
-    width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    size = int(math.isqrt(sd["pos_embed"].shape[1] // (16 // tubelet))) * patch
-    model = [name for name, (w, d, _) in MODELS.items() if (w, d) == (width, depth)]
-    if not model:
-        raise SystemExit(f"{path}: a ViT {width} wide and {depth} deep is none of {', '.join(MODELS)}")
-    return Config(model=model[0], frames=16, size=size)
-
-
-def load_encoder(path, device="cpu"):
-    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)`
-    gives features. Reads our checkpoints and V-JEPA's (.pth.tar; common.encoder_weights strips its
-    key prefixes); a V-JEPA encoder's size comes from its tensor shapes."""
-    ckpt = read_checkpoint(path)
-    sd = encoder_weights(ckpt, path)
-    encoder = Encoder(Config.of(ckpt) if "config" in ckpt else vjepa_config(sd, path))
-    try:
-        encoder.load_state_dict(sd)
-    except RuntimeError as e:
-        raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
-    return encoder.to(device).eval().requires_grad_(False)
-
-
 # -----------------------------------------------------------------------------
 # Loss and schedules
 
-def jepa_loss(pred, targets, masks):
+def target_weights(masks, n_masks):
+    """Each target's weight in the loss [Tt], summing to 1: every mask config counts the same, and
+    within a config video and audio each count the same whatever their token counts, so that the few
+    audio tokens are not drowned by the many video ones. Counted on the device: nothing waits."""
+    group = masks.target_mask * 2 + masks.target_modality                  # [Tt] (config, sense)
+    count = torch.zeros(2 * n_masks, dtype=torch.float64, device=group.device)
+    count.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))   # targets per group
+    senses = (count.view(n_masks, 2) > 0).sum(1)                          # senses with targets
+    return (1.0 / count[group] / senses[masks.target_mask] / n_masks).float()
+
+
+def jepa_loss(pred, targets, masks, n_masks):
     """The JEPA loss: L1 distance between predicted and target features, a weighted mean over the
-    target tokens (masks.target_weight: each config, and each modality within it, counts the same).
-    Returns it and, for the log, the plain mean per modality (video, audio; nan if it has none)."""
+    target tokens (target_weights). Returns it and, for the log, the plain mean per modality
+    (video, audio; nan if it has none)."""
     err = (pred.float() - targets.float()).abs().mean(-1)  # [Tt] L1 of each target
     audio = masks.target_modality.float()
     per_modality = [(err * m).sum() / m.sum() for m in (1 - audio, audio)]   # video, audio
-    return (masks.target_weight * err).sum(), *per_modality
+    return (target_weights(masks, n_masks) * err).sum(), *per_modality
 
 
 def clip_contrast(pred, targets, masks, batch, temperature=0.05):
@@ -666,7 +667,6 @@ def schedules(step, cfg):
     ema = ema[0] + (ema[1] - ema[0]) * step / total
     return lr, wd, ema
 
-
 # -----------------------------------------------------------------------------
 # Training loop
 
@@ -679,7 +679,7 @@ def target_features(target_encoder, video, audio, cfg):
     N = target_encoder.n_tokens(audio is not None)
     whole = whole_clips(B, nv, N, video.device, cfg.target_pass == "separate")
     joint = whole_clips(B, nv, N, video.device, False)
-    feats = target_encoder(video, audio, tokens=whole, clips=joint, average_last=cfg.target_layers)
+    feats = target_encoder(video, audio, whole, joint, average_last=cfg.target_layers)
     return F.layer_norm(feats.float(), (D,)).view(B, N, D)
 
 
@@ -696,7 +696,7 @@ def step_loss(model, target_encoder, video, audio, masks, cfg):
         target_feats = target_features(target_encoder, video, audio, cfg)
         pred, context = model(video, audio, masks)                              # [Tt, D], [Tc, D]
         targets = kernels.gather(target_feats.flatten(0, 1), masks.targets.index)   # [Tt, D], fused
-        loss, loss_v, loss_a = jepa_loss(pred, targets, masks)
+        loss, loss_v, loss_a = jepa_loss(pred, targets, masks, len(cfg.masks))
         if cfg.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + cfg.reg_weight * sigreg(context)
         if cfg.nce_weight:        # predictions that tell clips apart
@@ -729,26 +729,6 @@ def make_optimizer(model, lr):
                              betas=(0.9, 0.999), fused=next(model.parameters()).is_cuda or None)
 
 
-def first_masks(cfg, encoder):
-    """What masks.png shows: the grids, and each mask config's colour and targets for one clip."""
-    rng, grids = np.random.default_rng(cfg.seed), (encoder.video_grid, encoder.audio_grid)
-    return *grids, {m: (MASKS[m].colour, sample_targets(rng, m, *grids)) for m in cfg.masks}
-
-
-def log_record(s, losses, schedule, target_feats, masks, has_audio, encoder, predictor, run):
-    """What log.jsonl keeps of step s: the losses and schedules, the target features' RankMe per
-    sense (they collapse if it falls towards 1), the speed and, on a GPU, the MFU."""
-    cfg, B = run.cfg, run.cfg.batch_size
-    rec = dict(step=s, loss=losses[0].item(), loss_video=losses[1].item(),
-               loss_audio=losses[2].item() if cfg.audio else None, clips_per_s=run.clips_per_s(),
-               **dict(zip(("lr", "wd", "ema"), schedule)))
-    rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, has_audio)
-    if run.peak:   # this step's FLOPs per process, times its steps per second
-        flops = step_flops(encoder, predictor, masks.to("cpu"), B, cfg.target_pass)
-        rec["mfu"] = flops * rec["clips_per_s"] / (B * run.world) / run.peak
-    return rec
-
-
 def train(argv=None):
     cfg = get_config(argv)
     device, rank, world = setup_process(cfg.device, cfg.deterministic, cfg.seed)
@@ -762,18 +742,20 @@ def train(argv=None):
     model = ddp(jepa, device)   # under torchrun, the JEPA whose gradients the processes average
     loss_fn = torch.compile(step_loss, dynamic=True) if cfg.compile else step_loss
 
-    def make_batch(s):
-        """Step s's clips, masks and crops, made in the prefetch thread, sent to the device without
-        waiting. All that is random comes from (seed, step, rank): resume replays it exactly."""
-        rng = np.random.default_rng([cfg.seed, s, rank])
-        idx = batch_indices(data["n"], cfg.batch_size, s, cfg.seed, rank, world)
+    clips_of = partial(batch_indices, data["n"], cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+
+    def make_batch(s):   # step s's clips, masks and crops, made in the prefetch thread, sent without
+        # waiting; all that is random comes from (seed, step, rank), so a resumed run replays it
+        rng, idx = np.random.default_rng([cfg.seed, s, rank]), clips_of(s)
         heard = data["has_audio"][idx].astype(bool) & cfg.audio
         masks = sample_masks(rng, cfg, len(idx), encoder.video_grid, encoder.audio_grid, heard)
         return get_batch(data, idx, device), masks.to(device), to_device(crop_params(rng, len(idx)), device)
 
-    run = Run(cfg, (encoder, predictor, target_encoder), opt, device, rank, world, data, Config.of)
-    if rank == 0:   # masks.png: the first clip under each mask config's targets
-        plot_masks(run.dir / "masks.png", data, cfg.audio, *first_masks(cfg, encoder))
+    run = Run(cfg, (encoder, predictor, target_encoder), opt, device, rank, world, data, clips_of, Config.of)
+    if rank == 0:   # masks.png: the first clip under each mask config's targets, in its colour
+        rng, grids = np.random.default_rng(cfg.seed), (encoder.video_grid, encoder.audio_grid)
+        drawn = {m: (MASKS[m].colour, sample_targets(rng, m, *grids)) for m in cfg.masks}
+        plot_masks(run.dir / "masks.png", data, cfg.audio, *grids, drawn)
     try:
         steps = range(run.start, cfg.steps)
         for s, (batch, masks, theta) in zip(steps, prefetch(make_batch, steps)):
@@ -785,15 +767,30 @@ def train(argv=None):
             *losses, target_feats = train_step(model, target_encoder, opt, video, audio, masks,
                                                momentum, cfg, loss_fn)
             log, stop = run.step(s, losses[0])   # saves on save steps; stop: Ctrl-C or SIGTERM came
-            if log:
-                run.write(log_record(s, losses, (lr, wd, momentum), target_feats, masks, batch["has_audio"],
-                                     encoder, predictor, run))
+            if log:   # the losses, schedules, collapse monitor and speed
+                run.write(s, losses, (lr, wd, momentum), target_feats, masks, batch["has_audio"])
             if stop:   # finish saves, draws the curves, sums up, and exits with 128 + the signal
                 break
     finally:
         run.close()
     run.finish(encoder.width)
     return encoder, predictor, target_encoder
+
+# -----------------------------------------------------------------------------
+# Using what you trained: the frozen EMA encoder as a feature extractor
+
+def load_encoder(path, device="cpu"):
+    """The frozen target encoder of a checkpoint, in eval mode: `load_encoder(p)(video, audio)`
+    gives features. Reads our checkpoints and V-JEPA's (.pth.tar; common.encoder_weights strips its
+    key prefixes); a V-JEPA encoder's size comes from its tensor shapes (common.vjepa_shapes)."""
+    ckpt = read_checkpoint(path)
+    sd = encoder_weights(ckpt, path)
+    encoder = Encoder(Config.of(ckpt) if "config" in ckpt else Config(**vjepa_shapes(sd, path, MODELS)))
+    try:
+        encoder.load_state_dict(sd)
+    except RuntimeError as e:
+        raise SystemExit(f"{path} does not fit the encoder it describes: {str(e).splitlines()[0]}")
+    return encoder.to(device).eval().requires_grad_(False)
 
 
 if __name__ == "__main__":

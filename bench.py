@@ -462,7 +462,7 @@ def bench_gather(args):
 
 # -----------------------------------------------------------------------------
 # 3. The training step: avjepa.train_step on random inputs already on the device, fresh masks every
-# step as in training. MFU counts avjepa.step_flops (attention's backward at 2x, no recompute).
+# step as in training. MFU counts common.step_flops (attention's backward at 2x, no recompute).
 
 def step_setup(args, model_name, audio, truncate, compiled):
     """A model as avjepa.train builds it, random inputs already on the device, and fresh masks for
@@ -496,7 +496,7 @@ def time_steps(args, model_name, audio, truncate, path, compiled):
     setup = step_setup(args, model_name, audio, truncate, compiled)
     run, host, masks, targs, encoder, predictor = setup
     timed = host[args.warmup_steps:]
-    flops = sum(avjepa.step_flops(encoder, predictor, m, B, targs.target_pass) for m in timed)
+    flops = sum(common.step_flops(encoder, predictor, m, B, targs.target_pass) for m in timed)
     with backend(path):
         t_compile = time.perf_counter()
         for m in masks[:args.warmup_steps]:

@@ -21,7 +21,10 @@ import signal
 import socket
 import threading
 import time
+import warnings
+import wave
 from dataclasses import asdict
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +33,36 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # The clip geometry every script agrees on: a video tubelet is 2 frames x 16 x 16 pixels, an audio
-# patch 16 mel bins x 16 frames.
+# patch 16 mel bins x 16 frames; and how the pixels and log-mel of a clip are laid out as its
+# tokens' patches (probe.py's decoder draws them).
 TUBELET, PATCH = 2, 16
+
+
+def patchify_video(x):
+    """[B, C, T, H, W] -> [B, Nv, 2*16*16*C], one row per token, (dt, dy, dx, c) inside a row."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T // TUBELET, TUBELET, H // PATCH, PATCH, W // PATCH, PATCH)
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, -1, TUBELET * PATCH * PATCH * C)
+
+
+def unpatchify_video(p, C, T, H, W):
+    x = p.reshape(len(p), T // TUBELET, H // PATCH, W // PATCH, TUBELET, PATCH, PATCH, C)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(len(p), C, T, H, W)
+
+
+def patchify_audio(x):
+    """[B, 1, M, Ta] -> [B, Na, 16*16], (mel, time) inside a row. The row order is band-major: a
+    reshape without this permute would scramble the spectrogram. Columns past the last patch are
+    dropped."""
+    B, _, M, Ta = x.shape
+    x = x[..., :Ta // PATCH * PATCH].reshape(B, M // PATCH, PATCH, Ta // PATCH, PATCH)
+    return x.permute(0, 1, 3, 2, 4).reshape(B, -1, PATCH * PATCH)
+
+
+def unpatchify_audio(p, M, Ta):
+    x = p.reshape(len(p), M // PATCH, Ta // PATCH, PATCH, PATCH)
+    return x.permute(0, 1, 3, 2, 4).reshape(len(p), 1, M, Ta)
+
 
 # -----------------------------------------------------------------------------
 # Flags and devices
@@ -129,55 +160,6 @@ def load_split(root, split):
         raise SystemExit(f"the dataset at {root} is incomplete or not prepare.py's: {why}. Rerun "
                          "`python prepare.py` for it (it writes the arrays and meta.json "
                          "together)")
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def crop_params(rng, B, area=(0.3, 1.0)):
-    """The augmentation of B clips, drawn on the host: random resized crop (area in `area`, aspect
-    0.75-1.35) and horizontal flip, the same for all frames of a clip, as affine maps [B, 2, 3]."""
-    theta = torch.zeros(B, 2, 3)
-    area = rng.uniform(*area, B)
-    ratio = np.exp(rng.uniform(math.log(0.75), math.log(1.35), B))
-    w, h = np.minimum(np.sqrt(area * ratio), 1), np.minimum(np.sqrt(area / ratio), 1)
-    flip = np.where(rng.random(B) < 0.5, -1.0, 1.0)
-    theta[:, 0, 0], theta[:, 1, 1] = torch.tensor(w * flip), torch.tensor(h)
-    theta[:, 0, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - w))   # crop centre, in [-1, 1] units
-    theta[:, 1, 2] = torch.tensor(rng.uniform(-1, 1, B) * (1 - h))
-    return theta
-
-
-def augment_video(video, size, theta=None):
-    """uint8 [B, T, H, W, 3] -> float [B, 3, T, size, size], ImageNet-normalised. theta [B, 2, 3]
-    (crop_params, on the video's device): each clip's crop and flip as one batched affine resample.
-    None: resize only."""
-    B, T, H, W, _ = video.shape
-    x = video.permute(0, 1, 4, 2, 3).reshape(B, T * 3, H, W).float().div_(255)  # frames as channels
-    if theta is None:
-        theta = torch.eye(2, 3, device=x.device).expand(B, 2, 3)
-    grid = F.affine_grid(theta, (B, T * 3, size, size), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    x = x.view(B, T, 3, size, size).transpose(1, 2)                          # [B, 3, T, S, S]
-    # per channel with Python scalars: no host-to-device copy of the constants
-    stats = zip(IMAGENET_MEAN, IMAGENET_STD)
-    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(stats)], 1)
-
-
-def normalize_audio(audio, meta):
-    """float16 log-mel [B, 128, Ta] -> [B, 1, 128, Ta]: (x - mean) / (2 std), as
-    AudioMAE/CAV-MAE."""
-    return ((audio.float() - meta["audio_mean"]) / (2 * meta["audio_std"])).unsqueeze(1)
-
-
-def batch_indices(n, batch_size, step, seed, rank=0, world=1):
-    """The clips of `step` on `rank`: a seeded permutation per epoch, each rank its own slice.
-    Stateless, so a resumed run reads exactly the batches it would have read."""
-    per_step = batch_size * world
-    epoch, i = divmod(step, max(n // per_step, 1))
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    start = i * per_step + rank * batch_size
-    return np.sort(perm[np.arange(start, start + batch_size) % n])   # sorted: kinder to a memmap
 
 
 def to_device(x, device):
@@ -405,8 +387,8 @@ def resume_or_init(cfg, ckpt_path, modules, opt, config_of):
     Never overwrites a run by accident. config_of(checkpoint): the config it was trained with."""
     if cfg.resume:
         ck = read_checkpoint(ckpt_path)
-        check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.MAY_CHANGE,
-                     cfg.WHERE)
+        check_resume(ckpt_path, ck["step"], asdict(config_of(ck)), asdict(cfg), cfg.RESUME_MAY_CHANGE,
+                     cfg.LOCATION)
         for name, module in modules.items():
             module.load_state_dict(ck[name])
         opt.load_state_dict(ck["opt"])   # takes the saved groups' settings, and their "decay" flags
@@ -457,6 +439,35 @@ def stop_non_finite(step, ckpt_path, data=None, idx=None):
                      f"Try a lower --lr or a higher --ema start.")
 
 
+def saved_config(ckpt):
+    """The config a checkpoint of ours was trained with, as a dict. Before there was one Config,
+    checkpoints kept the flags as given beside a dict of the model's settings (its "crop" the frames'
+    side); the oldest lack settings that came later (they ran with fuse 0). Settings since removed
+    are refused by name."""
+    saved = ckpt["config"]
+    if "flags" in ckpt:
+        flags = {k: v for k, v in ckpt["flags"].items() if v is not None}
+        saved = {"fuse": 0, **flags, **saved, "size": saved["crop"], "crop": flags.get("crop", 0)}
+    if saved.get("pred_pass", "joint") != "joint" or "window" in saved["masks"]:
+        raise SystemExit("this checkpoint was trained with --pred-pass separate or the window masks, "
+                         "which avjepa no longer has: use the version of avjepa that trained it")
+    return saved
+
+
+def vjepa_shapes(sd, path, models):
+    """The model name (of `models`: name -> (width, depth, heads)), frames and side of a V-JEPA video
+    ViT's state dict, read off its tensor shapes (16 frames, as all released V-JEPA models see)."""
+    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        raise SystemExit(f"{path}: its encoder has no patch_embed.proj.weight/pos_embed: not a V-JEPA video ViT")
+    width, _, tubelet, patch, _ = sd["patch_embed.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    size = int(math.isqrt(sd["pos_embed"].shape[1] // (16 // tubelet))) * patch
+    model = [name for name, (w, d, _) in models.items() if (w, d) == (width, depth)]
+    if not model:
+        raise SystemExit(f"{path}: a ViT {width} wide and {depth} deep is none of {', '.join(models)}")
+    return dict(model=model[0], frames=16, size=size)
+
+
 def encoder_weights(ckpt, path):
     """The EMA target encoder's state dict from our checkpoints or V-JEPA's (.pth.tar:
     'target_encoder' or 'encoder', under 'module.' and 'backbone.' prefixes), prefixes stripped."""
@@ -484,6 +495,24 @@ def rankme(x):
     s = torch.linalg.svdvals(x.float())
     p = s / s.sum() + 1e-7
     return math.exp(-(p * p.log()).sum().item())
+
+
+def step_flops(encoder, predictor, masks, batch, target_pass="separate"):
+    """Matmul FLOPs of one training step, for the MFU: 6 per weight per trained token (fwd + bwd), 2
+    per target token (EMA encoder, forward only), plus attention's 4*L^2*D per layer and sequence (x3
+    if trained), over the segments each pass really attends within. masks on the CPU."""
+    def lin(m):   # weights applied per token
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "blocks" in n)
+    def attn(m, cu):
+        L = (cu[1:] - cu[:-1]).double()
+        return 4 * len(m.blocks) * m.norm.normalized_shape[0] * float((L * L).sum())
+    ctx, tgt, N, nv = masks.context, masks.targets, encoder.n_tokens(), encoder.nv
+    parts = [nv, N - nv] if target_pass == "separate" and N > nv else [N]   # the targets' segments
+    whole_cu = torch.tensor([0] + [L for _ in range(batch) for L in parts]).cumsum(0)
+    tc, tt = len(ctx.index), len(tgt.index)
+    return (6 * lin(encoder) * tc + 3 * attn(encoder, masks.context_passes.cu) + 6 * lin(predictor)
+            * (tc + tt) + 3 * attn(predictor, ctx.cu + tgt.cu) + 2 * lin(encoder) * batch * N
+            + attn(encoder, whole_cu))
 
 
 def collapse_monitor(target_feats, nv, heard, rows=4096):
@@ -637,6 +666,34 @@ def plot_log(log_path, png_path):
     save_figure(fig, png_path)
 
 
+def plot_classify(res, png_path):
+    """The classify chart: accuracy per factor (and top-1), pretrained beside random, for the
+    attentive probe (when it ran) and the linear readout, with chance marked."""
+    plt = pyplot()
+    readouts = [("attentive probe", lambda r: r)] if "top1" in res else []
+    readouts.append(("linear readout", lambda r: r["linear"]))
+    names = ["top-1"] + list(res.get("chance_factors", {}))
+    chance = [res["chance_top1"]] + list(res.get("chance_factors", {}).values())
+    fig, axes = plt.subplots(1, len(readouts), figsize=(1.2 * len(names) * len(readouts) + 2, 3.4),
+                             squeeze=False)
+    for ax, (title, pick) in zip(axes[0], readouts):
+        x = np.arange(len(names))
+        encoders = [(res["init"], pick(res))] + ([("random", pick(res["random"]))] if "random" in res else [])
+        if "labels" in res:   # the ceiling, the same bars on every panel: its own heads read it
+            encoders.append((f"labels ({res['labels']['steps']} steps)", res["labels"]))
+        w = 0.8 / len(encoders)
+        for i, (label, r) in enumerate(encoders):
+            scores = [r["top1"]] + [r.get("factors", {}).get(f, 0) for f in names[1:]]
+            ax.bar(x + (i - (len(encoders) - 1) / 2) * w, [100 * v for v in scores], 0.95 * w,
+                   label=label, color={"pretrained": "C0", "random": "0.65"}.get(label, "C2"))
+        ax.scatter(x, [100 * c for c in chance], marker="_", s=400, color="C3", label="chance", zorder=3)
+        ax.set(title=f"{title}, {res['modalities']}", xticks=x, xticklabels=names,
+               ylabel="val accuracy (%)", ylim=(0, 100))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, png_path)
+
+
 def plot_masks(png_path, data, audio, video_grid, audio_grid, targets):
     """masks.png: one row per mask config, of the split's first clip: its frames (the first of each
     tubelet) and, with audio, its log-mel spectrogram. The targets, which the predictor must fill
@@ -710,12 +767,12 @@ class Run:
     it starts (its checkpoint when resumed, else --init's weights or the init), the bar and
     log.jsonl (written by the main process), the speed, the stop signals, the non-finite loss check,
     its checkpoints, and at the end the curves, the summary line and the exit code. nets: (encoder,
-    predictor, target encoder); config_of(checkpoint): the config it was trained with, for
-    --resume."""
-    def __init__(self, cfg, nets, opt, device, rank, world, data, config_of):
+    predictor, target encoder); clips_of(step): the train clips of a step on this process;
+    config_of(checkpoint): the config it was trained with, for --resume."""
+    def __init__(self, cfg, nets, opt, device, rank, world, data, clips_of, config_of):
         modules = dict(zip(("encoder", "predictor", "target_encoder"), nets))
         self.cfg, self.modules, self.opt, self.world, self.device = cfg, modules, opt, world, device
-        self.dir, self.master, self.data, self.rank = Path(cfg.out) / cfg.name, rank == 0, data, rank
+        self.dir, self.master, self.data, self.clips_of = Path(cfg.out) / cfg.name, rank == 0, data, clips_of
         self.ckpt_path = self.dir / "ckpt.pt"
         if self.master:
             lock_run(self.dir)
@@ -740,11 +797,8 @@ class Run:
         save = (s + 1) % cfg.save_every == 0 and s + 1 < cfg.steps
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
-            bad = self.first_bad.item()
-            idx = batch_indices(self.data["n"], cfg.batch_size, bad, cfg.seed, self.rank,
-                                self.world)
-            # the clips of that step, read again
-            stop_non_finite(bad, self.ckpt_path, self.data, idx)
+            bad = self.first_bad.item()   # the clips of that step, read again
+            stop_non_finite(bad, self.ckpt_path, self.data, self.clips_of(bad))
         if save and not stop:
             self.save(s + 1)
         return log, stop
@@ -753,7 +807,19 @@ class Run:
         """Clips per second, all processes together, since the last record."""
         return self.clips / (time.time() - self.t0)
 
-    def write(self, rec):
+    def write(self, s, losses, schedule, target_feats, masks, has_audio):
+        """What log.jsonl keeps of step s: the losses and schedules (lr, wd, ema), the target
+        features' RankMe per sense (they collapse if it falls towards 1), the speed and, on a GPU,
+        the MFU."""
+        cfg, B = self.cfg, self.cfg.batch_size
+        rec = dict(step=s, loss=losses[0].item(), loss_video=losses[1].item(),
+                   loss_audio=losses[2].item() if cfg.audio else None, clips_per_s=self.clips_per_s(),
+                   **dict(zip(("lr", "wd", "ema"), schedule)))
+        encoder, predictor = self.modules["encoder"], self.modules["predictor"]
+        rec["rank_video"], rec["rank_audio"] = collapse_monitor(target_feats, encoder.nv, has_audio)
+        if self.peak:   # this step's FLOPs per process, times its steps per second
+            flops = step_flops(encoder, predictor, masks.to("cpu"), B, cfg.target_pass)
+            rec["mfu"] = flops * rec["clips_per_s"] / (B * self.world) / self.peak
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", clips_s=f"{rec['clips_per_s']:.1f}")
         if self.log:
             write_log_line(self.log, rec)
@@ -778,3 +844,119 @@ class Run:
         end_run(self.dir)
         if self.end < self.cfg.steps:
             raise SystemExit(128 + (self.caught[0] if self.caught else signal.SIGTERM))
+
+
+# -----------------------------------------------------------------------------
+# Pictures, video and sound: what probe.py writes for people to look at and listen to, and the
+# built-in set's videos (prepare.py)
+
+def colormap(x, lo, hi):
+    """[H, W] values -> uint8 RGB, dark blue (low) -> red -> yellow (high)."""
+    anchors = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]],
+                       float)
+    t = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1) * (len(anchors) - 1)
+    return np.stack([np.interp(t, np.arange(len(anchors)), anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+
+def example_png(rows, specs, names, k):
+    """A picture of one example: a row of (up to 8 of) the frames of each entry of `rows` (uint8
+    [T, S, S, 3], drawn k times larger), labelled with `names`, then the log-mel spectrograms
+    `specs` ([128, Ta] each, all on the first's colour scale, low pitch at the bottom) side by side."""
+    from PIL import Image, ImageDraw
+    T, S = rows[0].shape[:2]
+    shown = np.linspace(0, T - 1, min(T, 8)).round().astype(int)
+    tile, label, gap, n = S * k, 110, 4, len(rows)
+    lo, hi = (specs[0].min(), specs[0].max()) if specs else (0, 1)
+    images = [Image.fromarray(colormap(x[::-1], lo, hi)).resize((x.shape[1] * 2, 256), Image.NEAREST)
+              for x in specs]
+    width = label + max(len(shown) * (tile + gap), sum(s.width + gap for s in images))
+    canvas = Image.new("RGB", (width, n * (tile + gap) + (256 + 20 + gap if images else 0)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, frames) in enumerate(zip(names, rows)):
+        draw.text((4, r * (tile + gap) + tile // 2), name, fill="black")
+        for c, t in enumerate(shown):   # small frames: nearest, visible
+            frame = Image.fromarray(frames[t]).resize((tile, tile), Image.NEAREST)
+            canvas.paste(frame, (label + c * (tile + gap), r * (tile + gap)))
+    x = label
+    for name, s in zip(names, images):
+        draw.text((x, n * (tile + gap) + 4), f"{name} log-mel", fill="black")
+        canvas.paste(s, (x, n * (tile + gap) + 20))
+        x += s.width + gap
+    return canvas
+
+
+def write_media(stem, rows, specs, meta, has_audio, names=("original", "hidden", "reconstruction")):
+    """One example, for people to look at and listen to: stem.png (example_png of the frames `rows`
+    and the log-mel `specs`, [128, Ta] tensors); stem.mp4 (the first row beside the last, with the
+    last log-mel's sound); stem.wav and stem_original.wav (the first log-mel through the same
+    resynthesis, to compare like with like)."""
+    S = rows[0].shape[1]
+    k = max(1, math.ceil(128 / S))                       # scale-up factor for small frames
+    write_atomic(f"{stem}.png", lambda t: example_png(rows, [x.numpy() for x in specs], names, k).save(t, format="PNG"))
+    sr, sound = meta.get("sample_rate", 16000), None
+    if specs:
+        waves = [mel_to_wave(x, meta).numpy() if has_audio else np.zeros(x.shape[1] * 160, np.float32)
+                 for x in (specs[-1], specs[0])]
+        for w, suffix in zip(waves, ("", "_original")):
+            write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
+        sound = waves[0]
+    gap = np.full((S, 4, 3), 255, np.uint8)
+    side = np.stack([np.concatenate([a, gap, b], 1) for a, b in zip(rows[0], rows[-1])])
+    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"],
+                                                    sound, sr))
+
+
+def mel_to_wave(mel, meta, iters=32):
+    """Normalised log-mel [128, Ta] -> 16 kHz waveform, roughly: undo the normalisation and the log,
+    spread the mel energies back over FFT bins by least squares on kaldi's own filterbank (the one
+    prepare.py's fbank used: 25 ms window, 10 ms hop, 512-point FFT, 20 Hz - 8 kHz), guess phases by
+    Griffin-Lim, and undo kaldi's 0.97 pre-emphasis."""
+    import torchaudio
+    from torchaudio.compliance.kaldi import get_mel_banks
+    power = (mel.float() * 2 * meta["audio_std"] + meta["audio_mean"]).exp()
+    # its own filterbank, replaced below, has empty low bands at 128 mels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inverse = torchaudio.transforms.InverseMelScale(257, 128, 16000, driver="gelsd")
+    # [257, 128]
+    inverse.fb = F.pad(get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)[0], (0, 1)).T
+    spec = inverse(power)
+    griffin_lim = torchaudio.transforms.GriffinLim(n_fft=512, win_length=400, hop_length=160,
+                                                   power=2.0, n_iter=iters)
+    torch.manual_seed(0)   # Griffin-Lim starts from random phases
+    return torchaudio.functional.deemphasis(griffin_lim(spec)[None], 0.97)[0].clamp(-1, 1)
+
+
+def write_wav(path, w, sr):
+    """16-bit mono PCM with the standard library's wave module."""
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sr)
+        f.writeframes((np.clip(w, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def write_mp4(path, frames, fps, wave, sample_rate):
+    """H.264 (+ AAC when wave is not None) mp4 from frames [T, H, W, 3] uint8 and a mono waveform,
+    with PyAV (imported here: training and the GPU image need no PyAV)."""
+    import av
+    rate = Fraction(fps).limit_denominator(1000)
+    with av.open(str(path), "w", format="mp4") as c:
+        # constant quantiser, not crf: this x264's crf mode gives slightly different bytes from run to run
+        v = c.add_stream("libx264", rate=rate, options={"qp": "20", "preset": "veryfast"})
+        # even, for 4:2:0
+        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"
+        # streams first
+        a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]),
+                                           format="rgb24")
+            f.pts, f.time_base = i, 1 / rate
+            c.mux(v.encode(f))
+        c.mux(v.encode())
+        if a is not None:
+            f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp",
+                                           layout="mono")
+            f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
+            c.mux(a.encode(f))
+            c.mux(a.encode())

@@ -26,7 +26,6 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from fractions import Fraction
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -39,8 +38,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from common import (COUNT, NONNEG_INT, PATCH, TUBELET, check_space, disk_full, no_space,
-                    remove_stale, take_lock,
-                    unlock_run)
+                    remove_stale, take_lock, unlock_run, write_mp4)
 
 VIDEO_EXTS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"}
 AUDIO_EXTS = {".m4a", ".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aac", ".wma"}
@@ -506,31 +504,6 @@ SYNTH_VERSION = 2
 TUBELET_FRAMES = TUBELET * SYNTH["frame_step"]  # source frames per tubelet: 8 at 30 fps, 0.267 s
 # prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
 FIRST_FRAME = 2
-
-
-def write_mp4(path, frames, fps, wave, sample_rate):
-    """H.264 (+ AAC when wave is not None) mp4 from frames [T, H, W, 3] uint8 and a mono waveform,
-    with PyAV."""
-    rate = Fraction(fps).limit_denominator(1000)
-    with av.open(str(path), "w", format="mp4") as c:
-        # constant quantiser, not crf: this x264's crf mode gives slightly different bytes from run to run
-        v = c.add_stream("libx264", rate=rate, options={"qp": "20", "preset": "veryfast"})
-        # even, for 4:2:0
-        v.width, v.height, v.pix_fmt = frames.shape[2] // 2 * 2, frames.shape[1] // 2 * 2, "yuv420p"
-        # streams first
-        a = c.add_stream("aac", rate=sample_rate, layout="mono") if wave is not None else None
-        for i, img in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[:v.height, :v.width]),
-                                           format="rgb24")
-            f.pts, f.time_base = i, 1 / rate
-            c.mux(v.encode(f))
-        c.mux(v.encode())
-        if a is not None:
-            f = av.AudioFrame.from_ndarray(wave[None].astype(np.float32), format="fltp",
-                                           layout="mono")
-            f.sample_rate, f.pts, f.time_base = sample_rate, 0, Fraction(1, sample_rate)
-            c.mux(a.encode(f))
-            c.mux(a.encode())
 
 
 def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):

@@ -323,9 +323,9 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
     n = enc.nv + 16
     keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
     packed = kernels.pack(keep, n, 3)
-    out = enc(video, audio, tokens=packed)
+    out = enc(video, audio, segments=packed)
     for b in range(3):
-        alone = enc(video[b:b + 1], audio[b:b + 1], tokens=kernels.pack([keep[b]], n, 1))
+        alone = enc(video[b:b + 1], audio[b:b + 1], segments=kernels.pack([keep[b]], n, 1))
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -334,7 +334,7 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     enc = avjepa.Encoder(micro_config()).eval()
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 32)
     n = enc.n_tokens()
-    whole = enc(video, audio, tokens=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
+    whole = enc(video, audio, segments=avjepa.whole_clips(2, enc.nv, n, "cpu", separate=True)).view(2, n, -1)
     torch.testing.assert_close(whole[:, :enc.nv], enc(video, None), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(whole[:, enc.nv:], enc(None, audio), atol=1e-5, rtol=1e-5)
     # a context with both modalities, split at its first audio token, gives the same as each part alone
@@ -342,11 +342,11 @@ def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     split = kernels.pack(keep, n, 2, split_at=enc.nv)
     assert torch.equal(split.index, kernels.pack(keep, n, 2).index)
     assert split.cu.tolist() == [0, 2, 4, 6] and split.max_len == 2
-    out = enc(video, audio, tokens=split)
+    out = enc(video, audio, segments=split)
     torch.testing.assert_close(out[:2],
-                               enc(video[:1], None, tokens=kernels.pack([keep[0][:2]], enc.nv, 1)))
+                               enc(video[:1], None, segments=kernels.pack([keep[0][:2]], enc.nv, 1)))
     torch.testing.assert_close(out[2:4], enc(None, audio[:1],
-                                             tokens=kernels.pack([keep[0][2:] - enc.nv], 16, 1)))
+                                             segments=kernels.pack([keep[0][2:] - enc.nv], 16, 1)))
 
 
 class RefViT(nn.Module):
@@ -435,7 +435,7 @@ def test_video_features_see_the_audio_only_in_the_fused_blocks(fuse):
     N, nv = encoder.n_tokens(), encoder.nv
     separate, joint = (avjepa.whole_clips(2, nv, N, "cpu", s) for s in (True, False))
     def video_features(a):
-        return encoder(video, a, tokens=separate, clips=joint).view(2, N, -1)[:, :nv]
+        return encoder(video, a, segments=separate, fused_segments=joint).view(2, N, -1)[:, :nv]
     changed = not torch.allclose(video_features(audio), video_features(audio + 1))
     assert changed == (fuse > 0)
 
@@ -507,7 +507,7 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
         rows = lambda p, cu: (p.index[cu[s]:cu[s + 1]] % N).numpy()
         alone = avjepa.pack_masks([rows(masks.context, ctx_cu)], [rows(masks.targets, tgt_cu)], 1,
                                   encoder.nv, N)
-        alone.target_config.fill_(s // 3)
+        alone.target_mask.fill_(s // 3)
         torch.testing.assert_close(pred[tgt_cu[s]:tgt_cu[s + 1]],
                                    predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5,
                                    rtol=1e-5)
@@ -539,10 +539,10 @@ def hand_masks():
     return avjepa.pack_masks([[3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]], [[0, 1, 2, 4], [3]], 1, 4, 8)
 
 
-def loss_of(errors, masks):
+def loss_of(errors, masks, n_masks=2):
     """jepa_loss when target token i is off by errors[i] in every feature."""
     pred = torch.tensor(errors, dtype=torch.float32)[:, None].expand(-1, 6)
-    return [x.item() for x in avjepa.jepa_loss(pred, torch.zeros(len(errors), 6), masks)]
+    return [x.item() for x in avjepa.jepa_loss(pred, torch.zeros(len(errors), 6), masks, n_masks)]
 
 
 def test_jepa_loss_averages_each_config_and_modality_then_the_configs():
@@ -555,9 +555,9 @@ def test_jepa_loss_averages_each_config_and_modality_then_the_configs():
 
 def test_a_modality_without_targets_has_no_loss_and_takes_no_weight():
     masks = avjepa.pack_masks([[2, 3]], [[0, 1]], 1, 4, 4)          # video only
-    loss, video, audio = loss_of([1, 3], masks)
+    loss, video, audio = loss_of([1, 3], masks, 1)
     assert loss == pytest.approx(2) and video == pytest.approx(2) and math.isnan(audio)
-    assert masks.target_weight.sum().item() == pytest.approx(1)
+    assert avjepa.target_weights(masks, 1).sum().item() == pytest.approx(1)
 
 
 def schedule_args(*flags):
@@ -1086,7 +1086,7 @@ def test_the_whole_step_compiles_as_one_graph_with_no_break(monkeypatch, backend
                                               avjepa.Config(target_layers=2))
         pred, context = model(video, audio, masks)
         targets = kernels.gather(target_feats.flatten(0, 1), masks.targets.index)
-        return (avjepa.jepa_loss(pred, targets, masks)[0] + avjepa.sigreg(context)
+        return (avjepa.jepa_loss(pred, targets, masks, 2)[0] + avjepa.sigreg(context)
                 + avjepa.clip_contrast(pred, targets, masks, 2))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(step_loss)(torch.randn(2, 3, 4, 32, 32),
@@ -1126,7 +1126,7 @@ def test_jepa_loss_and_gradients_on_the_triton_path_equal_the_torch_path(monkeyp
     def loss_and_grads(backend):
         monkeypatch.setattr(kernels, "BACKEND", backend)
         model.zero_grad()
-        loss = avjepa.jepa_loss(model(video, audio, masks)[0], target_tokens, masks)[0]
+        loss = avjepa.jepa_loss(model(video, audio, masks)[0], target_tokens, masks, 2)[0]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
     (loss_t, grads_t), (loss_r, grads_r) = loss_and_grads("triton"), loss_and_grads("torch")
@@ -2162,8 +2162,9 @@ def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
                          "size": {"values": ["s", "m", "l"]}},
                 # 6 classes: (colour, size)
                 class_factors=[[c, s] for c in range(2) for s in range(3)])
-    outputs, targets = probe.label_heads(6, meta)
-    assert outputs == [2, 3] and targets.tolist() == meta["class_factors"]
+    split = dict(meta=meta, label=np.arange(6))
+    classes, outputs, targets = probe.label_heads(split, split)
+    assert classes == 6 and outputs == [2, 3] and targets.tolist() == meta["class_factors"]
     # sure of red, and of large
     colour, size = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
     feats = dict(x=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool),
@@ -2176,7 +2177,7 @@ def test_a_factored_label_is_scored_by_summing_each_factors_log_probability():
 
 def test_silent_clips_have_no_audio_tokens_for_the_probe(probe_run):
     ckpt = common.read_checkpoint(probe_run["ckpt"])
-    encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0)[2]
+    encoder = probe.frozen_models({**ckpt, "config": avjepa.Config.of(ckpt)}, "pretrained", 0, "cpu")[1]
     data = common.load_split(probe_run["data"], "val")
     feats = probe.extract(encoder, data, np.arange(8), "both", "separate", torch.device("cpu"), 8,
                           "test")
@@ -2267,6 +2268,27 @@ def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe
     assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
 
 
+def test_the_labels_ceiling_trains_with_pretrainings_clip_sampler_and_schedule(probe_run, monkeypatch):
+    seen = []
+    def batch_indices(n, batch_size, step, seed):
+        seen.append(("clips", step))
+        return avjepa.batch_indices(n, batch_size, step, seed)
+    def schedules(step, cfg):
+        seen.append(("lr", step, cfg.steps))
+        return avjepa.schedules(step, cfg)
+    monkeypatch.setattr(probe, "batch_indices", batch_indices)
+    monkeypatch.setattr(probe, "schedules", schedules)
+    probe.main(["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "0", "--no-baseline",
+                "--labels-steps", "4", "--seed", "7"])
+    # every step's clips and learning rate come from avjepa, over the labels' own 4 steps
+    assert seen == [x for s in range(4) for x in (("lr", s, 4), ("clips", s))]
+
+
+def test_refit_refuses_a_mask_config_the_predictor_has_no_token_for(probe_run):
+    with pytest.raises(SystemExit, match="mask tokens for short, long only, not 'v2a'"):
+        probe.main(["--task", "refit", "--runs", probe_run["runs"], "--mask", "v2a"])
+
+
 @needs_av
 def test_written_png_mp4_and_wav_decode_with_the_expected_sizes(probe_run, reconstructed):
     import av
@@ -2295,9 +2317,9 @@ def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
     torch.manual_seed(0)
     enc = vit(32, 1, 2, audio=True, frames=4, size=32, audio_frames=48)
     video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
-    pv, pa = probe.patchify_video(video), probe.patchify_audio(audio)
-    assert torch.equal(probe.unpatchify_video(pv, 3, 4, 32, 32), video)
-    assert torch.equal(probe.unpatchify_audio(pa, 128, 48), audio)
+    pv, pa = common.patchify_video(video), common.patchify_audio(audio)
+    assert torch.equal(common.unpatchify_video(pv, 3, 4, 32, 32), video)
+    assert torch.equal(common.unpatchify_audio(pa, 128, 48), audio)
     # a patch embedding is a linear map of its patch: same rows, same order as the encoder's tokens
     for p, embed in ((pv, enc.patch_embed), (pa, enc.audio_patch_embed)):
         w = embed.proj.weight
@@ -2338,7 +2360,7 @@ def test_griffin_lim_resynthesis_keeps_the_pitch_of_a_tone():
                       window_type="hanning",
                       num_mel_bins=128, dither=0.0, frame_shift=10).T
     meta = dict(audio_mean=-5.0, audio_std=4.0)
-    out = probe.mel_to_wave((mel - meta["audio_mean"]) / (2 * meta["audio_std"]), meta)
+    out = common.mel_to_wave((mel - meta["audio_mean"]) / (2 * meta["audio_std"]), meta)
     spectrum = np.abs(np.fft.rfft(out.numpy()))
     assert abs(np.argmax(spectrum) * sr / len(out) - f0) < 40
 
