@@ -1,9 +1,10 @@
 """
-What every avjepa script shares, and none of it is the method: argparse range types and device
-checks, the dataset reader, atomic writes, checkpoints (reading, resuming, V-JEPA's format),
-processes under torchrun, the run lock, run logs and their plot, and stop signals. As nanoGPT
+What every avjepa script shares, and none of it is the method: the clips' patch layout, argparse
+range types and device checks, the arrays' reader, atomic writes, checkpoints (reading, resuming,
+V-JEPA's format), processes under torchrun, a run's bookkeeping (its lock, log, FLOP count, collapse
+monitor, stop signals), plots, and the pictures, video and sound written for people. As nanoGPT
 keeps configurator.py beside train.py, this keeps the plumbing beside avjepa.py, so that the method
-reads without it, and so that prepare.py and probe.py need not import the trainer for it.
+reads without it. It imports nothing of the project: prepare.py, avjepa.py and probe.py build on it.
 """
 import argparse
 import errno
@@ -892,7 +893,8 @@ def write_media(stem, rows, specs, meta, has_audio, names=("original", "hidden",
     resynthesis, to compare like with like)."""
     S = rows[0].shape[1]
     k = max(1, math.ceil(128 / S))                       # scale-up factor for small frames
-    write_atomic(f"{stem}.png", lambda t: example_png(rows, [x.numpy() for x in specs], names, k).save(t, format="PNG"))
+    picture = example_png(rows, [x.numpy() for x in specs], names, k)
+    write_atomic(f"{stem}.png", lambda t: picture.save(t, format="PNG"))
     sr, sound = meta.get("sample_rate", 16000), None
     if specs:
         waves = [mel_to_wave(x, meta).numpy() if has_audio else np.zeros(x.shape[1] * 160, np.float32)
@@ -901,9 +903,8 @@ def write_media(stem, rows, specs, meta, has_audio, names=("original", "hidden",
             write_atomic(f"{stem}{suffix}.wav", lambda t, w=w: write_wav(t, w, sr))
         sound = waves[0]
     gap = np.full((S, 4, 3), 255, np.uint8)
-    side = np.stack([np.concatenate([a, gap, b], 1) for a, b in zip(rows[0], rows[-1])])
-    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side.repeat(k, 1).repeat(k, 2), 1 / meta["frame_seconds"],
-                                                    sound, sr))
+    side = np.stack([np.concatenate([a, gap, b], 1) for a, b in zip(rows[0], rows[-1])]).repeat(k, 1).repeat(k, 2)
+    write_atomic(f"{stem}.mp4", lambda t: write_mp4(t, side, 1 / meta["frame_seconds"], sound, sr))
 
 
 def mel_to_wave(mel, meta, iters=32):
