@@ -211,10 +211,9 @@ def extract(encoder, data, ids, modalities, read, device, batch_size, desc):
 
 
 def standardize(train, val, bounds):
-    """Scale every channel of the frozen tokens to zero mean and unit variance over the train split,
-    each modality's tokens (the ranges between `bounds`) with their own statistics (MAE's BatchNorm
-    before its linear probe). What tells clips apart can sit in channels of small variance, under a
-    large part all tokens share: the probe's LayerNorm alone left the probe underfit."""
+    """Every channel of the frozen tokens to zero mean and unit variance over the train split, each
+    sense's tokens (the ranges between `bounds`) apart (MAE's BatchNorm before its linear probe): what
+    tells clips apart can sit in channels of small variance, and LayerNorm alone left the probe underfit."""
     for f in (train, val):
         f["x"] = f["x"].float()                                                  # [n, N, D]
     for part in (slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])):
@@ -498,10 +497,8 @@ def labelled_batch(net, cfg, data, idx, heads, device, theta=None):
 
 
 def labels_recipe(cfg):
-    """How the labels train: as pretraining (cfg's clips per step, steps, lr, sampler and schedule),
-    but with the schedule run to its end. V-JEPA stretches its schedules by 1.25 and stops at 80%,
-    with the learning rate still an eighth of its peak; a supervised net is scored where it has come
-    down (at 600 steps the stretch left the ceiling's rhythm at 66% against 99% run to the end)."""
+    """How the labels train: as pretraining, but with the schedule run to its end (V-JEPA's stretch
+    stops at an eighth of the peak lr: at 600 steps, the ceiling's rhythm 66% against 99%)."""
     return replace(cfg, schedule_scale=1.0)
 
 
@@ -608,9 +605,8 @@ def classify(args, path, ckpt, data_dir, device):
 
 @torch.no_grad()
 def cross_predict(jepa, video, audio, mask, to_audio):
-    """Hide one whole modality of every clip and predict it from the other, with the predictor's
-    mask token of mask config number `mask`: [B, N_hidden, D] predicted target features of the
-    hidden modality."""
+    """Hide one whole sense of every clip and predict it from the other with the mask token of mask
+    config number `mask`: the hidden sense's predicted target features [B, N_hidden, D]."""
     B, nv, N = video.shape[0], jepa.encoder.nv, jepa.encoder.n_tokens()
     shown, hidden = (np.arange(nv), np.arange(nv, N))[::1 if to_audio else -1]
     masks = avjepa.pack_masks([shown] * B, [hidden] * B, B, nv, N).to(video.device)
@@ -749,9 +745,8 @@ def mean_fill(patches, mask):
 
 
 class Decoder(nn.Module):
-    """One token -> one patch: LayerNorm (no affine) + Linear. It sees a single token (no neighbours,
-    no position), so what it draws is what that token carries. Its fit is closed-form: ridge least
-    squares over every hidden token of the train pass, normal equations summed batch by batch."""
+    """One token -> one patch: LayerNorm (no affine) + Linear, so what it draws is what that token
+    carries. Fit in closed form: ridge least squares, normal equations summed batch by batch."""
     def __init__(self, dim, out, ridge=1e-3):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
@@ -787,10 +782,9 @@ def masked_clips(encoder, cfg, data, ids, rng, device, crop=False):
 
 
 def predict(jepa, target_encoder, cfg, data, ids, rng, device):
-    """Clips `ids` under every mask config the predictor knows, through the frozen encoder and
-    predictor, and the target encoder over whole clips. Returns their patches (pixels in [0, 1],
-    normalised log-mel) and per hidden token its mask config number, clip, token number, prediction
-    (x) and the target encoder's feature there (target)."""
+    """Clips `ids` under every mask config the predictor knows, through the frozen networks. Returns
+    their patches (pixels in [0, 1], normalised log-mel) and per hidden token its mask config number,
+    clip, token number, prediction (x) and the target encoder's feature there (target)."""
     encoder = jepa.encoder
     video, audio, masks = masked_clips(encoder, cfg, data, ids, rng, device)
     with autocast(device):
@@ -849,9 +843,8 @@ def reconstruct_one(args, path, ckpt, data_dir, device, init):
     encoder, meta, mask_number = jepa.encoder, train_data["meta"], cfg.masks.index(args.mask)
     nv, D, bs = encoder.nv, encoder.width, args.batch_size
 
-    # 1. One frozen pass over the train clips, fresh masks per batch; every hidden token of every mask
-    #    config is a (token -> patch) example for the decoders: one from the predictions, one (the
-    #    oracle) from the target encoder's features at the same tokens.
+    # 1. One frozen pass over the train clips: every hidden token of every mask config is a (token ->
+    #    patch) example for two decoders, of the predictions and (the oracle) of the target features.
     sources = ("x", "target")
     decoders = {(s, "video"): Decoder(D, TUBELET * PATCH * PATCH * 3) for s in sources}
     if cfg.audio:
@@ -976,9 +969,8 @@ def refit(args, path, ckpt, data_dir, device):
 # Pictures and sound of one example
 
 def write_example(stem, r, pred, j, has_audio, cfg, meta):
-    """Clip j of predict's rows r and its reconstruction pred ({"pix", "mel": (patches, hidden)}) as
-    frames and log-mel, for common.write_media (PNG, MP4, WAV): the original, what the mask hid
-    (grey; the clip's lowest level), the reconstruction."""
+    """Clip j of predict's rows r, what the mask hid (grey, and the lowest level) and its
+    reconstruction pred ({"pix", "mel": (patches, hidden)}) as frames and log-mel, for write_media."""
     T, S = cfg.frames, cfg.size
     def frames(p):   # patches -> uint8 frames [T, S, S, 3]
         x = unpatchify_video(p[None], 3, T, S, S)[0].permute(1, 2, 3, 0)
