@@ -12,7 +12,7 @@ Trains, on a prepare.py dataset's labels, per factor:
 Both train as the ceiling does (probe.train_on_labels: pretraining's sampler and schedule, crops
 keeping >= 80% of the frame, a flip that swaps the direction label) and are scored on 384 train clips
 and 384 val clips at the steps given, so that underfitting (train at chance) can be told from
-memorising (train high, val at chance).
+memorising (train high, val at chance); beside them the controls that must fail (controls).
 
     python assets/relations.py --net cnn --steps 500,1000,2000
     python assets/relations.py --net vit --steps 600,2000 --data data/synthetic
@@ -31,7 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import avjepa  # noqa: E402
 import probe  # noqa: E402
-from common import load_split  # noqa: E402
+from common import get_batch, load_split  # noqa: E402
 
 
 class AVConvNet(nn.Module):
@@ -68,6 +68,25 @@ class AVConvNet(nn.Module):
         return self.heads(self.time(torch.cat([v, a], 1)).mean(2))
 
 
+@torch.no_grad()
+def controls(net, cfg, val, device, n_max=384):
+    """The controls that must fail, on val clips: each clip's sound swapped for another clip's at
+    random (no sound goes with its picture: sync must read chance), and the frames in reverse order
+    (the object moves the other way: direction must read its opposite, near 0%)."""
+    _, sizes, targets = probe.label_heads(val, val)
+    ids, right, g = probe.clip_ids(val, n_max, labelled=True), {}, torch.Generator().manual_seed(0)
+    net.eval()
+    for i in range(0, len(ids), 64):
+        b = get_batch(val, ids[i:i + 64], device)
+        video, audio = avjepa.augment_video(b["video"], cfg.size), avjepa.normalize_audio(b["audio"], val["meta"])
+        shuffled = audio[torch.randperm(len(audio), generator=g)]
+        for name, (v, a) in (("shuffled sound", (video, shuffled)), ("reversed time", (video.flip(2), audio))):
+            pred = torch.stack([o.argmax(-1) for o in net(v, a).float().split(sizes, -1)], 1)
+            right.setdefault(name, []).append(pred == targets[b["label"]])
+    net.train()
+    return {name: probe.head_scores(torch.cat(r), val["meta"]) for name, r in right.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--net", choices=["vit", "cnn"], required=True, help="which supervised model")
@@ -100,12 +119,13 @@ def main():
         if step in marks:
             row = dict(step=step, seconds=time.time() - t0, loss=loss,
                        **{split: probe.score_on_labels(net, cfg, data, val, device, 64, n_max=384)
-                          for split, data in (("train", train), ("val", val))})
+                          for split, data in (("train", train), ("val", val))}, controls=controls(net, cfg, val, device))
             res["scores"].append(row)
             out.write_text(json.dumps(res, indent=1) + "\n")
             fmt = lambda r: ", ".join(f"{k} {100 * v:.0f}%" for k, v in [("top1", r["top1"]), *r["factors"].items()])  # noqa: E731
             tqdm.write(f"{args.net} step {step} ({row['seconds']:.0f} s, loss {loss:.3f}): "
-                       f"train [{fmt(row['train'])}]; val [{fmt(row['val'])}]")
+                       f"train [{fmt(row['train'])}]; val [{fmt(row['val'])}]; "
+                       + "; ".join(f"{k} [{fmt(v)}]" for k, v in row["controls"].items()))
 
     probe.train_on_labels(net, cfg, train, val, device, f"{args.net} on the labels", report)
     print(f"relations {args.net} on {args.data}: {json.dumps(res['scores'][-1])}; {out}")
