@@ -446,13 +446,17 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     return res
 
 
+def labels_recipe(cfg):
+    """How the labels train: as pretraining, but with the schedule run to its end (V-JEPA's stretch
+    stops at an eighth of the peak lr: at 600 steps, the ceiling's rhythm 66% against 99%)."""
+    return replace(cfg, schedule_scale=1.0)
+
+
 @torch.enable_grad()
 def labels_ceiling(args, ckpt, data_dir, device):
-    """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels
-    instead of the JEPA loss (train_on_labels) for the checkpoint's steps (or --labels-steps); both
-    senses in one attention pass, so that a feature can relate sight to sound, and a linear head per
-    label factor on the mean of its tokens. Scored on val, its own heads, and cached in the dataset
-    folder (keyed by the dataset, the config and the budget)."""
+    """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead
+    of the JEPA loss (train_on_labels, LabelsNet) for the checkpoint's steps (or --labels-steps).
+    Scored on val, its own heads, and cached in the dataset folder (keyed by data, config, budget)."""
     steps, seed = args.labels_steps or ckpt["step"], args.seed
     cfg = labels_recipe(replace(ckpt["config"], steps=steps, seed=seed))
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
@@ -460,8 +464,9 @@ def labels_ceiling(args, ckpt, data_dir, device):
     key = dict(**data_key(data_dir), model=cfg.model, audio=cfg.audio, crop=cfg.size, fuse=cfg.fuse,
                steps=steps, batch=cfg.batch_size, seed=seed, schedule=schedule, sampler="avjepa.batch_indices")
     cache = data_dir / f"labels_{cfg.model}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
-    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        return cached
     torch.manual_seed(seed)
     net = LabelsNet(avjepa.build(cfg)[0], label_heads(train, val)[1]).to(device)
     print(f"the labels' ceiling: training the same encoder on the labels for {steps} steps, once "
@@ -494,12 +499,6 @@ def labelled_batch(net, cfg, data, idx, heads, device, theta=None):
     audio = normalize_audio(b["audio"], data["meta"]) if cfg.audio else None
     with autocast(device):
         return net(video, audio).float().split(sizes, -1), targets[b["label"].cpu()].clone()
-
-
-def labels_recipe(cfg):
-    """How the labels train: as pretraining, but with the schedule run to its end (V-JEPA's stretch
-    stops at an eighth of the peak lr: at 600 steps, the ceiling's rhythm 66% against 99%)."""
-    return replace(cfg, schedule_scale=1.0)
 
 
 def train_on_labels(net, cfg, train, val, device, desc, report=None):
