@@ -84,6 +84,8 @@ class Config:
     read off the dataset (with_data). Checkpoints store it as a dict, which Config.of reads back."""
     data: str = flag("data/synthetic", "dataset folder written by prepare.py")
     model: str = flag("vit_tiny", "encoder size", choices=list(MODELS))
+    tokenizer: str = flag("patch", "pixels and log-mel to tokens: one linear map per patch (V-JEPA), or "
+                          "a small convolution stack inside each patch", choices=["patch", "conv"])
     audio: bool = flag(False, "train on video + audio (AV-JEPA); without it, V-JEPA")
     masks: tuple = flag(("short", "long"), f"mask configs of every step: {', '.join(MASKS)}", type=mask_names)
     truncate: bool = flag(False, "cut masks to the batch minimum, as V-JEPA does")
@@ -435,27 +437,63 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D] in raster order
 
 
+class ConvPatchEmbed(nn.Module):
+    """A convolutional tokenizer: inside each patch, two 3x3 convolutions at stride 2 (16 -> 8 -> 4 px;
+    the second also joins a tubelet's frames), then a linear map to the token. Like PatchEmbed, a token
+    sees its own patch only (zero padding at the patch's edges), so nothing of a hidden patch reaches
+    a visible token. Unlike it, its filters are shared across the positions inside the patch: an edge,
+    or a thing that moved, looks alike wherever it falls, which a linear patch embedding must learn at
+    each of its 256 offsets apart (Xiao et al. 2021, "Early convolutions help transformers see better":
+    it helps a ViT from scratch on little data)."""
+    def __init__(self, conv, in_ch, dim, kernel):
+        super().__init__()
+        self.kernel, video = kernel, len(kernel) == 3
+        k1, k2, stride, pad = ((1, 3, 3), (kernel[0], 3, 3), (1, 2, 2), (0, 1, 1)) if video else (3, 3, 2, 1)
+        self.convs = nn.Sequential(conv(in_ch, 32, k1, stride, pad), nn.GELU(),
+                                   conv(32, 64, k2, stride, pad), nn.GELU())
+        self.proj = nn.Linear(64 * (kernel[-1] // 4) ** 2, dim)
+
+    def init_convs(self):   # He init: the signal keeps its scale through the GELUs
+        for m in self.convs:
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):   # [B, C, *size] -> [B, N, D], N in raster order
+        B, C, *size = x.shape
+        grid = [n // k for n, k in zip(size, self.kernel)]
+        x = x.reshape(B, C, *[v for n, k in zip(grid, self.kernel) for v in (n, k)])  # [B, C, n0, k0, n1, k1, ..]
+        d = len(grid)
+        x = x.permute(0, *range(2, 2 + 2 * d, 2), 1, *range(3, 3 + 2 * d, 2))        # [B, n0, n1, .., C, k0, k1, ..]
+        x = self.convs(x.reshape(B * math.prod(grid), C, *self.kernel))             # [B * N, 64, 1, 4, 4]
+        return self.proj(x.flatten(1)).view(B, -1, self.proj.out_features)
+
+
 class Encoder(nn.Module):
-    """The shared ViT of cfg.model over cfg's clips. Video-only, its state dict is V-JEPA's
-    VisionTransformer's, key for key."""
+    """The shared ViT of cfg.model over cfg's clips. Video-only with the patch tokenizer, its state
+    dict is V-JEPA's VisionTransformer's, key for key."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg, (self.width, depth, self.heads) = cfg, MODELS[cfg.model]
         self.fuse_from = depth - (cfg.fuse if cfg.audio else 0)  # from here on, across the senses
         self.video_grid = (cfg.frames // TUBELET, cfg.size // PATCH, cfg.size // PATCH)
         self.audio_grid = (128 // PATCH, cfg.audio_frames // PATCH) if cfg.audio else None
-        self.patch_embed = PatchEmbed(nn.Conv3d, 3, self.width, (TUBELET, PATCH, PATCH))
+        Embed = ConvPatchEmbed if cfg.tokenizer == "conv" else PatchEmbed
+        self.patch_embed = Embed(nn.Conv3d, 3, self.width, (TUBELET, PATCH, PATCH))
         coords = token_coords(self.video_grid, self.audio_grid, cfg.tubelet_seconds, cfg.audio_patch_seconds)
         pos = sincos(coords, self.width)
         self.nv = math.prod(self.video_grid)
         self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D]: V-JEPA
         if cfg.audio:
-            self.audio_patch_embed = PatchEmbed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
+            self.audio_patch_embed = Embed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
             self.register_buffer("audio_pos_embed", pos[None, self.nv:], persistent=False)
             self.modality_embed = nn.Parameter(torch.zeros(2, self.width))   # [video, audio]
         self.blocks = nn.ModuleList(Block(self.width, self.heads) for _ in range(depth))
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
         init_weights(self, self.blocks)
+        for embed in (self.patch_embed, getattr(self, "audio_patch_embed", None)):
+            if isinstance(embed, ConvPatchEmbed):
+                embed.init_convs()
         if cfg.audio:
             nn.init.trunc_normal_(self.modality_embed, std=0.02)
 
