@@ -117,10 +117,10 @@ def segments(packed):
 # -----------------------------------------------------------------------------
 # The JEPA invariants: what makes it a joint-embedding predictive architecture
 
-def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0):
+def micro_jepa(masks=("short", "long"), audio=True, seed=0, fuse=0, tokenizer="patch"):
     """A micro encoder, predictor and target encoder, as training builds them."""
     torch.manual_seed(seed)
-    return avjepa.build(micro_config(audio=audio, masks=tuple(masks), fuse=fuse))
+    return avjepa.build(micro_config(audio=audio, masks=tuple(masks), fuse=fuse, tokenizer=tokenizer))
 
 
 def micro_step_inputs(config="long", batch=3, seed=0):
@@ -203,8 +203,9 @@ def hide(video, audio, masks, clip, noise):
     return video, audio
 
 
-def test_context_features_and_predictions_do_not_change_when_the_target_pixels_do():
-    encoder, predictor, target_encoder = micro_jepa()
+@pytest.mark.parametrize("tokenizer", ["patch", "conv"])
+def test_context_features_and_predictions_do_not_change_when_the_target_pixels_do(tokenizer):
+    encoder, predictor, target_encoder = micro_jepa(tokenizer=tokenizer)
     jepa = avjepa.JEPA(encoder, predictor).eval()
     video, audio, masks = micro_step_inputs()
     changed_video, changed_audio = video, audio
@@ -1888,12 +1889,14 @@ def test_clip_flags_for_the_built_in_set_are_refused_not_ignored(flag):
 # controls read the world with plain measurements (where the object is, which pitch sounds), not with a
 # trained model, so each one fails the day the cue it rules out comes back.
 
-def object_track(frames, colour="red"):
-    """The object's centre in each clip tubelet's first frame (source frames 2, 10, 18, 26): x as an
-    angle round the wrapping screen, and y, from the pixels of its colour."""
+def object_track(frames, colour="red", second=False):
+    """The object's centre in each clip tubelet's first frame (source frames 2, 10, 18, 26), or its
+    second (6, 14, 22, 30): x as an angle round the wrapping screen, and y, from the pixels of its
+    colour."""
     import prepare
     width, xs, ys = frames.shape[2], [], []
-    for f in frames[prepare.FIRST_FRAME::prepare.TUBELET_FRAMES][:4]:
+    first = prepare.FIRST_FRAME + (prepare.SYNTH["frame_step"] if second else 0)
+    for f in frames[first::prepare.TUBELET_FRAMES][:4]:
         hit = np.abs(f - np.array(prepare.COLOURS[colour])).sum(-1) < 0.05
         y, x = np.nonzero(hit)
         xs.append(np.angle(np.exp(2j * np.pi * (x + 0.5) / width).mean()) * width / (2 * np.pi))
@@ -1902,16 +1905,13 @@ def object_track(frames, colour="red"):
 
 
 def heard_pitch(wave, sr, lag_tubelets=0):
-    """The tone's frequency in the middle of each of the clip's 4 tubelets (the 200-1000 Hz peak),
-    or of the tubelets `lag_tubelets` later (nan before the sound begins)."""
+    """The tone's frequency (the 200-1000 Hz peak, over 0.1 s) heard when each of the clip's 4
+    tubelets' first frame is shown, as object_track sees it, or `lag_tubelets` later."""
     import prepare
     tau = prepare.TUBELET_FRAMES / 30
     n, out = int(0.1 * sr), []
     for k in range(4):
-        start = int((prepare.FIRST_FRAME / 30 + (k + 0.5 + lag_tubelets) * tau) * sr) - n // 2
-        if start < 0:   # before the sound begins
-            out.append(np.nan)
-            continue
+        start = int((prepare.FIRST_FRAME / 30 + (k + lag_tubelets) * tau) * sr) - n // 2
         spec = np.abs(np.fft.rfft(wave[start:start + n] * np.hanning(n), 8 * n))
         f = np.fft.rfftfreq(8 * n, 1 / sr)
         band = (f > 200) & (f < 1000)
@@ -1942,6 +1942,16 @@ def test_the_object_moves_at_least_half_a_patch_per_tubelet_and_reversed_time_sw
         # time reversed, on the same tubelet grid
         back = np.diff(object_track(frames[::-1][2:], "blue")[0])
         assert (np.sign((back + 40) % 80 - 40) == -sign).all()
+
+
+@needs_av
+def test_the_object_moves_between_a_tubelets_two_frames_and_holds_still_between_tubelets():
+    import prepare
+    frames = prepare.synth_world("blue", "square", "fast", "right", "sync", seed=5)[0]
+    (x0, y0), (x1, y1) = object_track(frames, "blue"), object_track(frames, "blue", second=True)
+    within = (x1 - x0 + 40) % 80 - 40                       # in a tubelet: its first frame, then its second
+    between = (x0[1:] - x1[:-1] + 40) % 80 - 40             # a tubelet's second frame, then the next one's first
+    assert (within > 8).all() and np.allclose(between, 0, atol=0.5) and np.allclose(y0[1:], y1[:-1])
 
 
 @needs_av
@@ -2328,6 +2338,19 @@ def test_patchify_round_trips_and_rows_are_the_encoders_tokens(vit):
         tokens = embed(video if w.dim() == 5 else audio)
         torch.testing.assert_close(p @ w.reshape(len(w), -1).T + embed.proj.bias, tokens,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_the_conv_tokenizer_makes_each_token_from_its_own_patch_alone(vit):
+    torch.manual_seed(0)
+    enc = vit(32, 1, 2, audio=True, frames=4, size=32, audio_frames=48, tokenizer="conv")
+    video, audio = torch.randn(1, 3, 4, 32, 32), torch.randn(1, 1, 128, 48)
+    # video token 5 = tubelet 1, row 0, column 1; audio token 4 = mel band 1, time column 1 (of 3)
+    video2, audio2 = video.clone(), audio.clone()
+    video2[:, :, 2:4, 0:16, 16:32] += 1
+    audio2[:, :, 16:32, 16:32] += 1
+    for embed, x, x2, changed in ((enc.patch_embed, video, video2, 5), (enc.audio_patch_embed, audio, audio2, 4)):
+        moved = (embed(x2) - embed(x)).abs().amax(-1)[0]            # [N]
+        assert moved.nonzero().flatten().tolist() == [changed], moved
 
 
 def test_masked_metrics_count_only_hidden_patches():
