@@ -413,12 +413,12 @@ def init_from(encoder, path):
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
             raise SystemExit(f"{path} does not fit this model: {k} is {list(v.shape)} there but "
-                             f"{list(own[k].shape)} here (width {encoder.width}); pick the --model "
-                             "and --crop it was trained with")
+                             f"{list(own[k].shape)} here (width {encoder.width}); pick the --model, "
+                             "--tokenizer and --crop it was trained with")
     missing = [k for k in own if k not in sd and not k.startswith(("audio_", "modality_"))]
     if missing:
         raise SystemExit(f"{path} lacks {len(missing)} encoder weights of this model (e.g. "
-                         f"{missing[0]}): it was trained with a different --model")
+                         f"{missing[0]}): it was trained with a different --model or --tokenizer")
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 

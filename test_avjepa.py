@@ -1380,6 +1380,14 @@ def test_a_checkpoint_that_does_not_fit_is_explained(fake_data, tmp_path, vit):
                                 str(tmp_path / "other.pt")))
 
 
+def test_a_patch_tokenizers_checkpoint_does_not_start_a_conv_tokenizer(fake_data, tmp_path):
+    patch = avjepa.Encoder(micro_config(audio=False))
+    torch.save({"target_encoder": patch.state_dict()}, tmp_path / "patch.pt")
+    with pytest.raises(SystemExit, match="--tokenizer"):
+        avjepa.train(micro_args(fake_data, tmp_path, "--steps", "1", "--tokenizer", "conv", "--init",
+                                str(tmp_path / "patch.pt")))
+
+
 def test_a_dataset_whose_clips_do_not_cut_into_tubelets_is_named(tmp_path):
     data = write_fake_dataset(tmp_path / "odd", frames=3)
     with pytest.raises(SystemExit, match="3 frames of 32 px, and both must be multiples"):
