@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import kernels
 from common import (COUNT, FRACTION, NONNEG, NONNEG_INT, PATCH, POSITIVE, TUBELET, Run, check_device,
                     ddp, encoder_weights, get_batch, load_split, number, plot_masks, prefetch,
-                    read_checkpoint, saved_config, setup_process, to_device, vjepa_shapes)
+                    patchify_audio, patchify_video, read_checkpoint, saved_config, setup_process, to_device,
+                    vjepa_shapes)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -459,13 +460,13 @@ class ConvPatchEmbed(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):   # [B, C, *size] -> [B, N, D], N in raster order
-        B, C, *size = x.shape
-        grid = [n // k for n, k in zip(size, self.kernel)]
-        x = x.reshape(B, C, *[v for n, k in zip(grid, self.kernel) for v in (n, k)])  # [B, C, n0, k0, n1, k1, ..]
-        d = len(grid)
-        x = x.permute(0, *range(2, 2 + 2 * d, 2), 1, *range(3, 3 + 2 * d, 2))        # [B, n0, n1, .., C, k0, k1, ..]
-        x = self.convs(x.reshape(B * math.prod(grid), C, *self.kernel))             # [B * N, 64, 1, 4, 4]
+    def forward(self, x):   # [B, C, T, H, W] or [B, 1, 128, Ta] -> [B, N, D], N in raster order
+        B, C = x.shape[:2]
+        if len(self.kernel) == 3:   # the tokens' rows, (dt, dy, dx, c) -> [B * N, C, dt, dy, dx]
+            patches = patchify_video(x).reshape(-1, *self.kernel, C).permute(0, 4, 1, 2, 3)
+        else:                       # (mel, time) -> [B * N, 1, mel, time]
+            patches = patchify_audio(x).reshape(-1, 1, *self.kernel)
+        x = self.convs(patches)                                                    # [B * N, 64, (1,) 4, 4]
         return self.proj(x.flatten(1)).view(B, -1, self.proj.out_features)
 
 
@@ -491,9 +492,9 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(self.width, self.heads) for _ in range(depth))
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
         init_weights(self, self.blocks)
-        for embed in (self.patch_embed, getattr(self, "audio_patch_embed", None)):
-            if isinstance(embed, ConvPatchEmbed):
-                embed.init_convs()
+        for m in self.modules():
+            if isinstance(m, ConvPatchEmbed):
+                m.init_convs()
         if cfg.audio:
             nn.init.trunc_normal_(self.modality_embed, std=0.02)
 

@@ -531,8 +531,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     n_states = 6
     first = -lag                          # the first state the sound needs
 
-    def state_at(u):   # the state shown at clip time u (seconds; u = 0 at the clip's first frame)
-        return np.floor((u - MOVE_FRAME / fps) / tau).astype(int) + 1
+    def state_at(f):   # the state shown at source frame f (a frame's number, or a sound's time in frames)
+        return np.floor((f - FIRST_FRAME - MOVE_FRAME) / TUBELET_FRAMES).astype(int) + 1
     r = rng.uniform(9, 13)                # object radius in pixels
     lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
     # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span
@@ -579,7 +579,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     img = ((1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3)
            + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3))   # [F, H, W, 3]
     # the state shown in each frame
-    k = (np.arange(n_frames) - FIRST_FRAME - MOVE_FRAME) // TUBELET_FRAMES + 1   # state_at, exactly
+    k = state_at(np.arange(n_frames))
     shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
     cx = (x0 + step * shown) % width
     cy = lo + heights[np.clip(shown, -2, n_states - 1) + 2] * span
@@ -596,7 +596,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     n = round((seconds + 0.1) * sr)
     u = np.arange(n) / sr - FIRST_FRAME / fps
     # the state sounding at u
-    state = np.clip(state_at(u) - lag, -2, n_states - 1)
+    state = np.clip(state_at(u * fps + FIRST_FRAME) - lag, -2, n_states - 1)
     # 0 at the bottom, 1 at the top
     height = 1 - heights[state + 2]
     # 220 Hz at the bottom .. 880 Hz at the top
