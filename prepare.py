@@ -500,11 +500,10 @@ RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
 DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the object's motion across the screen
 SYNCS = {"sync": 0, "late": 2}  # the sound's lag behind the picture, in tubelets (0.53 s when late)
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
-SYNTH_VERSION = 3
+SYNTH_VERSION = 2
 TUBELET_FRAMES = TUBELET * SYNTH["frame_step"]  # source frames per tubelet: 8 at 30 fps, 0.267 s
 # prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
 FIRST_FRAME = 2
-MOVE_FRAME = 2   # the object moves this many source frames into each tubelet: between its two frames
 
 
 def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
@@ -512,27 +511,23 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     waveform and its sample rate, and the object's states (for the tests).
 
     The object lives in states, one per tubelet of the clip (prepare's grid: 2 frames 4 apart,
-    source frames 8k + 2 and 8k + 6). It moves between its two frames, as things in a video move
-    while a tubelet is filmed: tubelet k shows state k, then state k + 1 (MOVE_FRAME). From a state
-    to the next it steps sideways by a steady step (wrapping round the screen edges, so where it
+    source frames 8k + 2 and 8k + 6). In each state it holds still, at a height of its own; between
+    two states it moves sideways by a steady step (wrapping round the screen edges, so where it
     starts says nothing of where it goes) and, at random, jumps to a new height. So no single frame
-    shows the direction: it is a relation across time, which a tubelet's two frames hold. The sound
-    is made by the states: a tone whose pitch is the object's height (its waveform set by the shape:
-    sine, square, sawtooth), a drum hit at every jump, and ticks in a rhythm that only the sound has.
-    "sync": each state sounds while it is seen. "late": 2 tubelets later, so the sound of the
-    clip's start is that of states before the clip. The states are a stationary process, so a late
-    soundtrack is as likely a sound as a synced one and a picture is the same picture: only their
-    timing tells the two apart."""
+    or token shows the direction: it is a relation across time. The sound is made by the states: a
+    tone whose pitch is the object's height (its waveform set by the shape: sine, square, sawtooth),
+    a drum hit at every jump, and ticks in a rhythm that only the sound has. "sync": state k sounds
+    during tubelet k. "late": it sounds 2 tubelets later, so the first two tubelets carry the sound
+    of states before the clip. The states are a stationary process, so a late soundtrack is as
+    likely a sound as a synced one and a picture is the same picture: only their timing tells the
+    two apart."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     tau = TUBELET_FRAMES / fps
     lag = SYNCS[sync]
-    # states -2 .. 5: 2 before the clip, the 5 it shows, 1 after
+    # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
     n_states = 6
     first = -lag                          # the first state the sound needs
-
-    def state_at(f):   # the state shown at source frame f (a frame's number, or a sound's time in frames)
-        return np.floor((f - FIRST_FRAME - MOVE_FRAME) / TUBELET_FRAMES).astype(int) + 1
     r = rng.uniform(9, 13)                # object radius in pixels
     lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
     # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span
@@ -579,7 +574,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     img = ((1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3)
            + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3))   # [F, H, W, 3]
     # the state shown in each frame
-    k = state_at(np.arange(n_frames))
+    k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES
     shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
     cx = (x0 + step * shown) % width
     cy = lo + heights[np.clip(shown, -2, n_states - 1) + 2] * span
@@ -596,7 +591,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     n = round((seconds + 0.1) * sr)
     u = np.arange(n) / sr - FIRST_FRAME / fps
     # the state sounding at u
-    state = np.clip(state_at(u * fps + FIRST_FRAME) - lag, -2, n_states - 1)
+    state = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)
     # 0 at the bottom, 1 at the top
     height = 1 - heights[state + 2]
     # 220 Hz at the bottom .. 880 Hz at the top
@@ -609,9 +604,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     hit = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, m)) * ((f_hz > 1200) & (f_hz < 2500)), m)
     hit *= 0.35 / hit.std() * np.minimum(np.arange(m) / (0.004 * sr), 1) * np.exp(-np.arange(m) / (0.02 * sr))
     for s in range(first, n_states):
-        onset = (s - 1 + lag) * tau + MOVE_FRAME / fps   # when state s starts to sound
-        if jumps[s + 2] and onset >= u[0]:
-            i = int(np.searchsorted(u, onset))
+        if jumps[s + 2]:
+            i = int(np.searchsorted(u, (s + lag) * tau))
             wave[i:i + m] += hit[:max(0, min(m, n - i))]
     # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel), at the
     # rhythm's tempo from a random phase. Fast ticks fill every patch of that band; slow ones leave most quiet.
