@@ -60,6 +60,9 @@ def get_args(argv=None):
                    help="classify: also the ceiling, the encoder trained on the labels (cached per dataset)")
     p.add_argument("--labels-steps", type=NONNEG_INT, default=0,
                    help="classify: steps of the labels' run (0: the checkpoint's, the same budget)")
+    p.add_argument("--labels-lr", type=NONNEG, default=0,
+                   help="classify: the labels' run's peak lr (0: the checkpoint's; over thousands of "
+                        "steps a supervised ViT is steadier at 1e-4: docs/results.md)")
     p.add_argument("--mask", default="", help="reconstruct, refit: mask config to score (default: the first)")
     p.add_argument("--refit-steps", type=NONNEG_INT, default=0,
                    help="refit: steps of predictor training, encoders frozen (0: the checkpoint's)")
@@ -455,15 +458,19 @@ def labels_recipe(cfg):
 @torch.enable_grad()
 def labels_ceiling(args, ckpt, data_dir, device):
     """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead
-    of the JEPA loss (train_on_labels, LabelsNet) for the checkpoint's steps (or --labels-steps).
-    Scored on val, its own heads, and cached in the dataset folder (keyed by data, config, budget)."""
+    of the JEPA loss (train_on_labels, LabelsNet) for the checkpoint's steps (or --labels-steps), at
+    its peak lr (or --labels-lr). Scored on val, its own heads, and cached in the dataset folder (keyed
+    by data, config, budget)."""
     steps, seed = args.labels_steps or ckpt["step"], args.seed
-    cfg = labels_recipe(replace(ckpt["config"], steps=steps, seed=seed))
+    lr = args.labels_lr or ckpt["config"].lr
+    cfg = labels_recipe(replace(ckpt["config"], steps=steps, seed=seed, lr=lr))
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     schedule = [cfg.schedule, cfg.lr, cfg.start_lr, cfg.final_lr, cfg.warmup, cfg.schedule_scale, cfg.cooldown]
-    key = dict(**data_key(data_dir), model=cfg.model, audio=cfg.audio, crop=cfg.size, fuse=cfg.fuse,
-               steps=steps, batch=cfg.batch_size, seed=seed, schedule=schedule, sampler="avjepa.batch_indices")
-    cache = data_dir / f"labels_{cfg.model}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
+    key = dict(**data_key(data_dir), model=cfg.model, tokenizer=cfg.tokenizer, audio=cfg.audio,
+               crop=cfg.size, fuse=cfg.fuse, steps=steps, batch=cfg.batch_size, seed=seed, schedule=schedule,
+               sampler="avjepa.batch_indices")
+    tok = "" if cfg.tokenizer == "patch" else f"_{cfg.tokenizer}"
+    cache = data_dir / f"labels_{cfg.model}{tok}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
         return cached

@@ -14,6 +14,7 @@ import torch
 # before kernels (and so triton) is imported: compiled kernels on a GPU, the interpreter elsewhere
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -2292,6 +2293,32 @@ def test_the_labels_ceiling_trains_with_pretrainings_clip_sampler_and_schedule(p
     # every step's clips and learning rate come from avjepa, over the labels' own 4 steps
     assert seen == [x for s in range(4) for x in (("lr", s, 4), ("clips", s))]
 
+
+def labels_ceiling_of(probe_run, tokenizer="patch", *flags):
+    """probe's labels' ceiling (2 steps) of probe_run's checkpoint as if built with `tokenizer`."""
+    cfg = avjepa.Config.of(torch.load(probe_run["ckpt"], weights_only=True))
+    args = probe.get_args(["--task", "classify", "--labels-steps", "2", *flags])
+    return probe.labels_ceiling(args, dict(config=dataclasses.replace(cfg, tokenizer=tokenizer), step=2),
+                                Path(probe_run["data"]), torch.device("cpu"))
+
+
+def test_the_labels_ceiling_trains_at_the_runs_peak_lr_unless_labels_lr_is_given(probe_run, monkeypatch):
+    peaks = []
+    def schedules(step, cfg):
+        peaks.append(cfg.lr)
+        return avjepa.schedules(step, cfg)
+    monkeypatch.setattr(probe, "schedules", schedules)
+    run_lr = avjepa.Config.of(torch.load(probe_run["ckpt"], weights_only=True)).lr
+    labels_ceiling_of(probe_run)
+    labels_ceiling_of(probe_run, "patch", "--labels-lr", "3e-5")
+    assert peaks == [run_lr, run_lr, 3e-5, 3e-5]
+
+
+def test_the_labels_ceiling_is_cached_per_tokenizer(probe_run):
+    patch, conv = labels_ceiling_of(probe_run, "patch"), labels_ceiling_of(probe_run, "conv")
+    # the conv tokenizer's ceiling is trained, not the patch one read back
+    assert patch["key"]["tokenizer"] == "patch" and conv["key"]["tokenizer"] == "conv"
+    assert labels_ceiling_of(probe_run, "conv") == conv                        # and read back itself
 
 def test_refit_refuses_a_mask_config_the_predictor_has_no_token_for(probe_run):
     with pytest.raises(SystemExit, match="mask tokens for short, long only, not 'v2a'"):
