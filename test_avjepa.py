@@ -2309,8 +2309,9 @@ def test_the_labels_ceiling_trains_at_the_runs_peak_lr_unless_labels_lr_is_given
         return avjepa.schedules(step, cfg)
     monkeypatch.setattr(probe, "schedules", schedules)
     run_lr = avjepa.Config.of(torch.load(probe_run["ckpt"], weights_only=True)).lr
-    labels_ceiling_of(probe_run)
-    labels_ceiling_of(probe_run, "patch", "--labels-lr", "3e-5")
+    # a seed of its own: no other test's cached ceiling is read back instead of trained
+    labels_ceiling_of(probe_run, "patch", "--seed", "11")
+    labels_ceiling_of(probe_run, "patch", "--seed", "11", "--labels-lr", "3e-5")
     assert peaks == [run_lr, run_lr, 3e-5, 3e-5]
 
 
