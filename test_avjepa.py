@@ -2321,6 +2321,7 @@ def test_the_labels_ceiling_is_cached_per_tokenizer(probe_run):
     assert patch["key"]["tokenizer"] == "patch" and conv["key"]["tokenizer"] == "conv"
     assert labels_ceiling_of(probe_run, "conv") == conv                        # and read back itself
 
+
 def test_refit_refuses_a_mask_config_the_predictor_has_no_token_for(probe_run):
     with pytest.raises(SystemExit, match="mask tokens for short, long only, not 'v2a'"):
         probe.main(["--task", "refit", "--runs", probe_run["runs"], "--mask", "v2a"])
