@@ -331,35 +331,6 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_moment_blocks_let_a_token_see_only_what_plays_at_its_own_moment():
-    # 2 tubelets of 0.27 s; 3 audio columns of 0.16 s, centred at 0.08 and 0.24 s (tubelet 0) and 0.40 s (1)
-    torch.manual_seed(0)
-    enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()     # every block
-    assert enc.moment.tolist() == [0] * 4 + [1] * 4 + [0, 0, 1] * 8     # video [t, h, w], audio [mel, time]
-    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
-    louder = audio.clone()
-    louder[..., 32:] += 1                                          # the last column only: moment 1
-    changed = (enc(video, louder) - enc(video, audio)).abs().amax(-1) > 1e-6   # [B, N]
-    assert torch.equal(changed, (enc.moment == 1).expand(2, -1))
-
-
-def test_moment_blocks_keep_packed_clips_apart_and_each_row_in_its_place():
-    torch.manual_seed(0)
-    enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()
-    video, audio = torch.randn(3, 3, 4, 32, 32), torch.randn(3, 1, 128, 48)
-    n = enc.n_tokens()
-    keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
-    packed = kernels.pack(keep, n, 3)
-    out = enc(video, audio, segments=packed)
-    louder = audio.clone()
-    louder[..., 32:] += 1
-    changed = (enc(video, louder, segments=packed) - out).abs().amax(-1) > 1e-6
-    assert torch.equal(changed, enc.moment[packed.index % n] == 1)     # the kept rows of moment 1, in place
-    for b in range(3):
-        alone = enc(video[b:b + 1], audio[b:b + 1], segments=kernels.pack([keep[b]], n, 1))
-        torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
-
-
 def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     torch.manual_seed(0)
     enc = avjepa.Encoder(micro_config()).eval()
