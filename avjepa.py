@@ -98,6 +98,9 @@ class Config:
     context_pass: str = flag("separate", "the context: a pass per sense, or one over both", choices=PASSES)
     target_pass: str = flag("separate", "the same, for the targets", choices=PASSES)
     fuse: int = flag(0, "last blocks that attend across senses (CAV-MAE)", type=NONNEG_INT)
+    moment_blocks: int = flag(0, "first blocks that attend within one moment: a tubelet's video tokens and "
+                              "the audio playing then (0: every block sees the whole clip, as V-JEPA)",
+                              type=NONNEG_INT)
     target_layers: int = flag(1, "targets: mean of this many last blocks (data2vec 2)", type=COUNT)
     nce_weight: float = flag(0.0, "InfoNCE of pooled predictions and targets (CAV-MAE)", type=NONNEG)
     reg: str = flag("sigreg", "anti-collapse term: SIGReg (LeJEPA) or none (V-JEPA)", choices=["none", "sigreg"])
@@ -149,7 +152,7 @@ class Config:
             error(f"argument --pred-width: {self.pred_width} must be a multiple of {self.model}'s {heads} heads")
         if self.crop % PATCH:
             error(f"argument --crop: {self.crop} must be a multiple of {PATCH}")
-        for name in ("fuse", "target_layers"):
+        for name in ("fuse", "target_layers", "moment_blocks"):
             if getattr(self, name) > depth:
                 error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than {depth} blocks")
         self.name = self.name or f"{self.model}-{'av' if self.audio else 'v'}"
@@ -484,6 +487,9 @@ class Encoder(nn.Module):
         coords = token_coords(self.video_grid, self.audio_grid, cfg.tubelet_seconds, cfg.audio_patch_seconds)
         pos = sincos(coords, self.width)
         self.nv = math.prod(self.video_grid)
+        # each token's moment: its tubelet, or for audio the tubelet its column's centre plays in
+        self.register_buffer("moment", (coords[:, 0] + 0.5).floor().clamp(0, self.video_grid[0] - 1).long(),
+                             persistent=False)                                  # [N]
         self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D]: V-JEPA
         if cfg.audio:
             self.audio_patch_embed = Embed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
@@ -536,18 +542,38 @@ class Encoder(nn.Module):
         index, cu, max_len = segments or whole_clips(B, N, N, x.device, separate=False)
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
+        if self.cfg.moment_blocks:   # rows sorted by moment within each segment, so that a moment is a segment too
+            order, cu_moments = by_moment(index, cu, self.moment[index % N], self.video_grid[0])
+            moments = (cu_moments, int(torch.bincount(self.moment[:N]).max()))   # no wait for the device
+            index = index[order]
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed
         for i, block in enumerate(self.blocks):
             if i == self.fuse_from and fused_segments is not None:   # late fusion: the senses meet
                 cu, max_len = fused_segments.cu, fused_segments.max_len
-            x = block(x, cu, max_len)
+            x = block(x, *(moments if i < self.cfg.moment_blocks else (cu, max_len)))
             if len(self.blocks) - average_last <= i < len(self.blocks) - 1:
                 earlier.append(F.layer_norm(x, (D,)))
         x = self.norm(x)
         if earlier:
             x = torch.stack(earlier + [F.layer_norm(x, (D,))]).mean(0)
+        if self.cfg.moment_blocks:   # back to the rows' order
+            x = torch.empty_like(x).index_copy(0, order, x)
         return x.view(B, N, D) if segments is None else x
+
+
+def by_moment(index, cu, moment, n_moments):
+    """Divided attention over time (TimeSformer's, here across the senses): the rows of each segment
+    cut by moment, so that the first blocks join what is seen and heard at the same instant before any
+    block relates instants to one another. index [R] rows, cu [S + 1] segments, moment [R] each row's
+    moment. Returns the order that sorts each segment's rows by moment (a segment's rows stay in its
+    span, so cu still cuts the sorted rows) and the cu of the moments as segments."""
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=index.device), cu.diff().long())
+    key = segment * n_moments + moment                                       # [R]
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=(len(cu) - 1) * n_moments)
+    counts = counts[counts > 0]                                              # moments a segment lacks
+    return order, F.pad(counts.cumsum(0), (1, 0)).int()
 
 
 def predictor_slots(ctx, tgt):

@@ -500,10 +500,13 @@ RHYTHMS = {"slow": 2.0, "fast": 8.0}  # background ticks per second
 DIRECTIONS = {"left": -1.0, "right": 1.0}  # sign of the object's motion across the screen
 SYNCS = {"sync": 0, "late": 2}  # the sound's lag behind the picture, in tubelets (0.53 s when late)
 SYNTH = dict(frames=8, frame_step=4, size=64, clips_per_video=1)  # 1.07 s clips at a 7.5 fps grid
-SYNTH_VERSION = 2
+SYNTH_VERSION = 4
 TUBELET_FRAMES = TUBELET * SYNTH["frame_step"]  # source frames per tubelet: 8 at 30 fps, 0.267 s
 # prepare takes the clip from the middle of the 36-frame video: source frames 2, 6, ..., 30
 FIRST_FRAME = 2
+MOVE_FRAME = 2   # the object steps sideways this many source frames into each tubelet: between its two frames
+RADII = {"big": 22.0, "small": 11.0}   # the object's radius in each state, in pixels of the 80 px frame
+PITCHES = {"big": 330.0, "small": 550.0}   # Hz: big things sound low; both in one mel patch band
 
 
 def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, seconds=1.2):
@@ -511,29 +514,36 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     waveform and its sample rate, and the object's states (for the tests).
 
     The object lives in states, one per tubelet of the clip (prepare's grid: 2 frames 4 apart,
-    source frames 8k + 2 and 8k + 6). In each state it holds still, at a height of its own; between
-    two states it moves sideways by a steady step (wrapping round the screen edges, so where it
-    starts says nothing of where it goes) and, at random, jumps to a new height. So no single frame
-    or token shows the direction: it is a relation across time. The sound is made by the states: a
-    tone whose pitch is the object's height (its waveform set by the shape: sine, square, sawtooth),
-    a drum hit at every jump, and ticks in a rhythm that only the sound has. "sync": state k sounds
-    during tubelet k. "late": it sounds 2 tubelets later, so the first two tubelets carry the sound
-    of states before the clip. The states are a stationary process, so a late soundtrack is as
-    likely a sound as a synced one and a picture is the same picture: only their timing tells the
-    two apart."""
+    source frames 8k + 2 and 8k + 6). In each state it has a size (big or small, at random) and a
+    height (kept, or at random a jump to a new one). It steps sideways at a steady pace between each
+    tubelet's two frames (MOVE_FRAME), as things move while a tubelet is filmed, wrapping round the
+    screen edges, so where it starts says nothing of where it goes: a tubelet holds the motion, no
+    single frame does. The sound is made by the states: a tone whose pitch says the object's size
+    (big sounds low, small high; its waveform set by the shape: sine, square, sawtooth), a drum hit
+    at every jump, and ticks in a rhythm that only the sound has. "sync": each state sounds while
+    it is seen. "late": 2 tubelets later, so the sound of the clip's start is that of states before
+    the clip. The states are a stationary process, so a late soundtrack is as likely a sound as a
+    synced one and a picture is the same picture: only their timing tells the two apart.
+
+    Sync is read by what tokens hold, not by where they are: how big the object looks in a tubelet
+    and which pitch sounds then are both in the tokens' content (the big object fills several
+    patches; the two pitches fall in one mel band, at different rows of its patches). In version 2
+    the pitch said the height, a fact that lives in the position codes of a video row and a mel
+    band, and no ViT learned it from the labels (docs/results.md)."""
     rng = np.random.default_rng(seed)
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     tau = TUBELET_FRAMES / fps
     lag = SYNCS[sync]
-    # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
+    # states -2 .. 5: 2 before the clip, its 4 tubelets (the last one's step shows state 4), 1 after
     n_states = 6
     first = -lag                          # the first state the sound needs
-    r = rng.uniform(9, 13)                # object radius in pixels
-    lo, span = r + 2, width - 2 * r - 4   # the centre's height stays in [lo, lo + span]
+    big = rng.random(n_states + 2) < 0.5                    # state s is index s + 2 (s = -2 .. 5)
+    radius = np.where(big, RADII["big"], RADII["small"])
+    lo, span = RADII["big"] + 2, width - 2 * RADII["big"] - 4   # the centre's height stays in [lo, lo + span]
     # heights: each state keeps the last one's, or (60%) jumps to a new one at least a fifth of the span
     # away. Every state, the first included, may have jumped into: a late clip's first hit (at the clip's
     # start) is then as likely as a synced one's, and the sound alone says nothing of sync.
-    jumps = rng.random(n_states + 2) < 0.6                  # state s is index s + 2 (s = -2 .. 5)
+    jumps = rng.random(n_states + 2) < 0.6
     start = rng.uniform(0, 1)                               # drawn before the jumps' sizes
     heights = (start + np.cumsum(np.where(jumps, rng.uniform(0.2, 0.8, n_states + 2), 0))) % 1.0
     # sideways per tubelet: >= half a patch
@@ -573,29 +583,30 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     frac = (left - np.floor(left))[:, None, None, None]
     img = ((1 - frac) * scene[:, col.astype(int) % world].transpose(1, 0, 2, 3)
            + frac * scene[:, (col.astype(int) + 1) % world].transpose(1, 0, 2, 3))   # [F, H, W, 3]
-    # the state shown in each frame
-    k = (np.arange(n_frames) - FIRST_FRAME) // TUBELET_FRAMES
-    shown = np.arange(k.min(), k.max() + 1)[:, None, None]              # [S, 1, 1] each state once
-    cx = (x0 + step * shown) % width
-    cy = lo + heights[np.clip(shown, -2, n_states - 1) + 2] * span
+    # each frame's state: its tubelet's, for the size and the height; the sideways steps are taken
+    # MOVE_FRAME frames into each tubelet, so a tubelet's second frame is one step on
+    f = np.arange(n_frames)
+    state = np.clip((f - FIRST_FRAME) // TUBELET_FRAMES, -2, n_states - 1)                # [F]
+    steps = (f - FIRST_FRAME - MOVE_FRAME) // TUBELET_FRAMES + 1                         # [F]
+    cx = ((x0 + step * steps) % width)[:, None, None]                                     # [F, 1, 1]
+    cy = (lo + heights[state + 2] * span)[:, None, None]
+    r = radius[state + 2][:, None, None]
     y, x = yy[None, :, :1], xx[None, :1, :]                             # [1, H, 1], [1, 1, W]
-    mask = np.zeros((len(shown), width, width), bool)
+    mask = np.zeros((n_frames, width, width), bool)
     for shift in (-width, 0, width):                                   # wrapping round the edges
         dx, dy = x - cx - shift, y - cy
         mask |= {"circle": dx ** 2 + dy ** 2 <= r ** 2,
                  "square": np.maximum(abs(dx), abs(dy)) <= 0.85 * r,
                  "triangle": (dy <= 0.8 * r) & (abs(dx) <= (dy + r) * 0.55)}[shape]
-    frames = np.where(mask[k - k.min(), ..., None], COLOURS[colour], img)
+    frames = np.where(mask[..., None], COLOURS[colour], img)
 
     # Sound, in the clip's time u (u = 0 at the first frame of the clip)
     n = round((seconds + 0.1) * sr)
     u = np.arange(n) / sr - FIRST_FRAME / fps
     # the state sounding at u
-    state = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)
-    # 0 at the bottom, 1 at the top
-    height = 1 - heights[state + 2]
-    # 220 Hz at the bottom .. 880 Hz at the top
-    phase = 2 * np.pi * np.cumsum(220 * 4 ** height) / sr
+    sounding = np.clip(np.floor(u / tau).astype(int) - lag, -2, n_states - 1)
+    pitch = np.where(big[sounding + 2], PITCHES["big"], PITCHES["small"])
+    phase = 2 * np.pi * np.cumsum(pitch) / sr
     wave = 0.15 * {"circle": np.sin(phase), "square": 0.6 * np.sign(np.sin(phase)),
                    "triangle": phase / np.pi % 2 - 1}[shape]               # ~equal loudness
     # a drum hit at every jump: 1.2-2.5 kHz noise, 60 ms, above the tone and below the ticks
@@ -604,8 +615,9 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     hit = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, m)) * ((f_hz > 1200) & (f_hz < 2500)), m)
     hit *= 0.35 / hit.std() * np.minimum(np.arange(m) / (0.004 * sr), 1) * np.exp(-np.arange(m) / (0.02 * sr))
     for s in range(first, n_states):
-        if jumps[s + 2]:
-            i = int(np.searchsorted(u, (s + lag) * tau))
+        onset = (s + lag) * tau   # when state s starts to sound
+        if jumps[s + 2] and onset >= u[0]:
+            i = int(np.searchsorted(u, onset))
             wave[i:i + m] += hit[:max(0, min(m, n - i))]
     # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel), at the
     # rhythm's tempo from a random phase. Fast ticks fill every patch of that band; slow ones leave most quiet.
@@ -616,7 +628,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     for i in (np.arange(rng.uniform(0, 1 / rate), seconds, 1 / rate) * sr).astype(int):
         wave[i:i + m] += tick[:len(wave) - i]
     wave += rng.normal(0, 0.01, len(wave))  # a noise bed, as any microphone has
-    states = dict(heights=heights, jumps=jumps, step=step, x0=x0, pan=pan, lag=lag)
+    states = dict(heights=heights, jumps=jumps, big=big, step=step, x0=x0, pan=pan, lag=lag)
     return np.clip(frames, 0, 1), wave, sr, states
 
 

@@ -467,9 +467,11 @@ def labels_ceiling(args, ckpt, data_dir, device):
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     schedule = [cfg.schedule, cfg.lr, cfg.start_lr, cfg.final_lr, cfg.warmup, cfg.schedule_scale, cfg.cooldown]
     key = dict(**data_key(data_dir), model=cfg.model, tokenizer=cfg.tokenizer, audio=cfg.audio,
-               crop=cfg.size, fuse=cfg.fuse, steps=steps, batch=cfg.batch_size, seed=seed, schedule=schedule,
+               crop=cfg.size, fuse=cfg.fuse, moment_blocks=cfg.moment_blocks, steps=steps, batch=cfg.batch_size,
+               seed=seed, schedule=schedule,
                sampler="avjepa.batch_indices")
-    tok = "" if cfg.tokenizer == "patch" else f"_{cfg.tokenizer}"
+    tok = ("" if cfg.tokenizer == "patch" else f"_{cfg.tokenizer}") + (f"_moments{cfg.moment_blocks}"
+                                                                       if cfg.moment_blocks else "")
     cache = data_dir / f"labels_{cfg.model}{tok}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:

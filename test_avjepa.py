@@ -331,6 +331,35 @@ def test_packed_encoder_equals_each_clip_encoded_alone():
         torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_moment_blocks_let_a_token_see_only_what_plays_at_its_own_moment():
+    # 2 tubelets of 0.27 s; 3 audio columns of 0.16 s, centred at 0.08 and 0.24 s (tubelet 0) and 0.40 s (1)
+    torch.manual_seed(0)
+    enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()     # every block
+    assert enc.moment.tolist() == [0] * 4 + [1] * 4 + [0, 0, 1] * 8     # video [t, h, w], audio [mel, time]
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 128, 48)
+    louder = audio.clone()
+    louder[..., 32:] += 1                                          # the last column only: moment 1
+    changed = (enc(video, louder) - enc(video, audio)).abs().amax(-1) > 1e-6   # [B, N]
+    assert torch.equal(changed, (enc.moment == 1).expand(2, -1))
+
+
+def test_moment_blocks_keep_packed_clips_apart_and_each_row_in_its_place():
+    torch.manual_seed(0)
+    enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()
+    video, audio = torch.randn(3, 3, 4, 32, 32), torch.randn(3, 1, 128, 48)
+    n = enc.n_tokens()
+    keep = [np.sort(np.random.default_rng(b).choice(n, size, replace=False)) for b, size in enumerate([1, 7, 24])]
+    packed = kernels.pack(keep, n, 3)
+    out = enc(video, audio, segments=packed)
+    louder = audio.clone()
+    louder[..., 32:] += 1
+    changed = (enc(video, louder, segments=packed) - out).abs().amax(-1) > 1e-6
+    assert torch.equal(changed, enc.moment[packed.index % n] == 1)     # the kept rows of moment 1, in place
+    for b in range(3):
+        alone = enc(video[b:b + 1], audio[b:b + 1], segments=kernels.pack([keep[b]], n, 1))
+        torch.testing.assert_close(out[packed[1][b]:packed[1][b + 1]], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_separate_passes_encode_each_modality_as_if_the_other_were_absent():
     torch.manual_seed(0)
     enc = avjepa.Encoder(micro_config()).eval()
@@ -1898,17 +1927,25 @@ def test_clip_flags_for_the_built_in_set_are_refused_not_ignored(flag):
 # controls read the world with plain measurements (where the object is, which pitch sounds), not with a
 # trained model, so each one fails the day the cue it rules out comes back.
 
-def object_track(frames, colour="red"):
-    """The object's centre in each clip tubelet's first frame (source frames 2, 10, 18, 26): x as an
-    angle round the wrapping screen, and y, from the pixels of its colour."""
+def object_track(frames, colour="red", second=False):
+    """The object's centre in each clip tubelet's first frame (source frames 2, 10, 18, 26; second:
+    their second frames, 6, 14, 22, 30): x as an angle round the wrapping screen, y, and its area
+    in pixels, from the pixels of its colour."""
     import prepare
-    width, xs, ys = frames.shape[2], [], []
-    for f in frames[prepare.FIRST_FRAME::prepare.TUBELET_FRAMES][:4]:
+    width, xs, ys, areas = frames.shape[2], [], [], []
+    for f in frames[prepare.FIRST_FRAME + 4 * second::prepare.TUBELET_FRAMES][:4]:
         hit = np.abs(f - np.array(prepare.COLOURS[colour])).sum(-1) < 0.05
         y, x = np.nonzero(hit)
         xs.append(np.angle(np.exp(2j * np.pi * (x + 0.5) / width).mean()) * width / (2 * np.pi))
         ys.append(y.mean())
-    return np.array(xs), np.array(ys)
+        areas.append(hit.sum())
+    return np.array(xs), np.array(ys), np.array(areas)
+
+
+def looks_big(area):
+    """A circle's area in pixels (object_track) -> big or small: the cut halfway between the two."""
+    import prepare
+    return area > np.pi * np.mean([r ** 2 for r in prepare.RADII.values()])
 
 
 def heard_pitch(wave, sr, lag_tubelets=0):
@@ -1955,6 +1992,18 @@ def test_the_object_moves_at_least_half_a_patch_per_tubelet_and_reversed_time_sw
 
 
 @needs_av
+def test_each_tubelet_holds_one_step_of_the_motion_and_one_size():
+    import prepare
+    for direction, sign in prepare.DIRECTIONS.items():
+        frames, _, _, states = prepare.synth_world("blue", "square", "fast", direction, "sync", seed=5)
+        (x1, y1, a1), (x2, y2, a2) = object_track(frames, "blue"), object_track(frames, "blue", second=True)
+        inside = (x2 - x1 + 40) % 80 - 40                             # between a tubelet's two frames
+        assert np.allclose(inside, states["step"], atol=1.5), (inside, states["step"])
+        # the size and the height change between tubelets only
+        assert np.allclose(y1, y2, atol=1) and np.allclose(a1, a2, rtol=0.1)
+
+
+@needs_av
 def test_a_late_soundtrack_is_the_synced_one_two_tubelets_later_and_the_picture_is_the_same():
     import prepare
     sync_frames, sync_wave, sr, states = prepare.synth_world("red", "circle", "slow", "left",
@@ -1962,27 +2011,38 @@ def test_a_late_soundtrack_is_the_synced_one_two_tubelets_later_and_the_picture_
     late_frames, late_wave, sr_late, _ = prepare.synth_world("red", "circle", "slow", "left",
                                                              "late", seed=3)
     assert np.array_equal(sync_frames, late_frames) and sr == sr_late
-    height = -object_track(sync_frames)[1]                            # up is high
+    area = object_track(sync_frames)[2]
     pitch, late_pitch = heard_pitch(sync_wave, sr), heard_pitch(late_wave, sr)
-    # synced: the pitch is the height seen
-    assert np.corrcoef(height, np.log(pitch))[0, 1] > 0.95
+    # synced: the pitch says the size seen (big sounds low)
+    assert np.array_equal(looks_big(area), np.isclose(pitch, prepare.PITCHES["big"], rtol=0.03)), (area, pitch)
     # late: the same sound, 2 tubelets on; so shifting a clip's sound by 2 tubelets swaps its sync label
     assert np.allclose(late_pitch[2:], pitch[:2], rtol=0.02)
 
 
 @needs_av
-def test_pitch_follows_the_seen_height_only_when_synced():
+def test_pitch_follows_the_seen_size_only_when_synced():
     import prepare
-    corr = {}
+    agree = {}
     for sync in prepare.SYNCS:
-        corr[sync] = []
+        agree[sync] = []
         for seed in range(12):
-            frames, wave, sr, states = prepare.synth_world("green", "circle", "fast", "right",
-                                                           sync, seed)
-            height, pitch = -object_track(frames, "green")[1], np.log(heard_pitch(wave, sr))
-            if height.std() > 1 and pitch.std() > 0.01:   # something changed within the clip
-                corr[sync].append(np.corrcoef(height, pitch)[0, 1])
-    assert min(corr["sync"]) > 0.95 and np.mean(corr["late"]) < 0.5, corr
+            frames, wave, sr, _ = prepare.synth_world("green", "circle", "fast", "right", sync, seed)
+            big_seen = looks_big(object_track(frames, "green")[2])
+            big_heard = heard_pitch(wave, sr) < np.sqrt(prepare.PITCHES["big"] * prepare.PITCHES["small"])
+            agree[sync].append((big_seen == big_heard).mean())
+    # synced, every tubelet; late, as often as two independent coin flips (half the time)
+    assert min(agree["sync"]) == 1 and 0.3 < np.mean(agree["late"]) < 0.7, agree
+
+
+@needs_av
+def test_the_sound_alone_says_nothing_of_sync():
+    import prepare
+    low = {}
+    for sync in prepare.SYNCS:   # how often each of the 4 tubelets sounds low (big), over 40 clips
+        low[sync] = np.mean([heard_pitch(*prepare.synth_world("red", "circle", "slow", "left", sync, seed)[1:3]) < 440
+                             for seed in range(40)], 0)
+    # a late clip's first tubelets sound states before the clip, which are as often big
+    assert (abs(low["sync"] - low["late"]) < 0.25).all() and (abs(low["late"] - 0.5) < 0.25).all(), low
 
 
 def cli(*args):

@@ -94,6 +94,7 @@ def main():
     p.add_argument("--model", default="vit_tiny", help="--net vit: encoder size")
     p.add_argument("--tokenizer", choices=["patch", "conv"], default="patch",
                    help="--net vit: avjepa's --tokenizer")
+    p.add_argument("--moment-blocks", type=int, default=0, help="--net vit: avjepa's --moment-blocks")
     p.add_argument("--pool-axes", action="store_true", help="--net cnn: pool away the height and the mel band")
     p.add_argument("--steps", default="600,2000", help="comma-separated steps at which to score; trains to the last")
     p.add_argument("--batch-size", type=int, default=16, help="clips per step")
@@ -104,13 +105,14 @@ def main():
     marks = sorted(int(s) for s in args.steps.split(","))
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     sizes = probe.label_heads(train, val)[1]
-    cfg = avjepa.Config(model=args.model, tokenizer=args.tokenizer, audio=True, steps=marks[-1],
+    cfg = avjepa.Config(model=args.model, tokenizer=args.tokenizer, audio=True,
+                        moment_blocks=args.moment_blocks, steps=marks[-1],
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed).with_data(train["meta"])
     torch.manual_seed(args.seed)
     net = (probe.LabelsNet(avjepa.build(cfg)[0], sizes) if args.net == "vit"
            else AVConvNet(cfg.frames, sizes, keep_axes=not args.pool_axes))
     res = dict(net=args.net, model=args.model if args.net == "vit" else "AVConvNet", tokenizer=args.tokenizer,
-               pool_axes=args.pool_axes, data=args.data,
+               moment_blocks=args.moment_blocks, pool_axes=args.pool_axes, data=args.data,
                params=sum(p.numel() for p in net.parameters() if p.requires_grad), train_clips=train["n"],
                val_clips=val["n"], batch_size=args.batch_size, lr=args.lr, seed=args.seed, scores=[])
     name = args.net + ("_pooled" if args.net == "cnn" and args.pool_axes else "")
