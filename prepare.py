@@ -534,7 +534,7 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     sr = int(rng.choice([16000, 44100]))  # two source rates, so the ingest has to resample
     tau = TUBELET_FRAMES / fps
     lag = SYNCS[sync]
-    # states -2 .. 5: 2 before the clip, its 4 tubelets (the last one's step shows state 4), 1 after
+    # states -2 .. 5: 2 before the clip, its 4 tubelets, 2 after
     n_states = 6
     first = -lag                          # the first state the sound needs
     big = rng.random(n_states + 2) < 0.5                    # state s is index s + 2 (s = -2 .. 5)
@@ -615,9 +615,8 @@ def synth_world(colour, shape, rhythm, direction, sync, seed, width=80, fps=30, 
     hit = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, m)) * ((f_hz > 1200) & (f_hz < 2500)), m)
     hit *= 0.35 / hit.std() * np.minimum(np.arange(m) / (0.004 * sr), 1) * np.exp(-np.arange(m) / (0.02 * sr))
     for s in range(first, n_states):
-        onset = (s + lag) * tau   # when state s starts to sound
-        if jumps[s + 2] and onset >= u[0]:
-            i = int(np.searchsorted(u, onset))
+        if jumps[s + 2]:
+            i = int(np.searchsorted(u, (s + lag) * tau))   # when state s starts to sound
             wave[i:i + m] += hit[:max(0, min(m, n - i))]
     # Ticks: 30 ms bursts of noise in the 3-7.5 kHz band (the top three patch rows of the log-mel), at the
     # rhythm's tempo from a random phase. Fast ticks fill every patch of that band; slow ones leave most quiet.

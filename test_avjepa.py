@@ -1933,7 +1933,7 @@ def object_track(frames, colour="red", second=False):
     in pixels, from the pixels of its colour."""
     import prepare
     width, xs, ys, areas = frames.shape[2], [], [], []
-    for f in frames[prepare.FIRST_FRAME + 4 * second::prepare.TUBELET_FRAMES][:4]:
+    for f in frames[prepare.FIRST_FRAME + prepare.SYNTH["frame_step"] * second::prepare.TUBELET_FRAMES][:4]:
         hit = np.abs(f - np.array(prepare.COLOURS[colour])).sum(-1) < 0.05
         y, x = np.nonzero(hit)
         xs.append(np.angle(np.exp(2j * np.pi * (x + 0.5) / width).mean()) * width / (2 * np.pi))
@@ -1946,6 +1946,12 @@ def looks_big(area):
     """A circle's area in pixels (object_track) -> big or small: the cut halfway between the two."""
     import prepare
     return area > np.pi * np.mean([r ** 2 for r in prepare.RADII.values()])
+
+
+def sounds_big(pitch):
+    """A heard pitch in Hz (heard_pitch) -> big or small: the cut halfway (geometrically) between the two."""
+    import prepare
+    return pitch < np.sqrt(prepare.PITCHES["big"] * prepare.PITCHES["small"])
 
 
 def heard_pitch(wave, sr, lag_tubelets=0):
@@ -2028,7 +2034,7 @@ def test_pitch_follows_the_seen_size_only_when_synced():
         for seed in range(12):
             frames, wave, sr, _ = prepare.synth_world("green", "circle", "fast", "right", sync, seed)
             big_seen = looks_big(object_track(frames, "green")[2])
-            big_heard = heard_pitch(wave, sr) < np.sqrt(prepare.PITCHES["big"] * prepare.PITCHES["small"])
+            big_heard = sounds_big(heard_pitch(wave, sr))
             agree[sync].append((big_seen == big_heard).mean())
     # synced, every tubelet; late, as often as two independent coin flips (half the time)
     assert min(agree["sync"]) == 1 and 0.3 < np.mean(agree["late"]) < 0.7, agree
@@ -2039,8 +2045,8 @@ def test_the_sound_alone_says_nothing_of_sync():
     import prepare
     low = {}
     for sync in prepare.SYNCS:   # how often each of the 4 tubelets sounds low (big), over 40 clips
-        low[sync] = np.mean([heard_pitch(*prepare.synth_world("red", "circle", "slow", "left", sync, seed)[1:3]) < 440
-                             for seed in range(40)], 0)
+        low[sync] = np.mean([sounds_big(heard_pitch(*prepare.synth_world("red", "circle", "slow", "left", sync,
+                                                                         seed)[1:3])) for seed in range(40)], 0)
     # a late clip's first tubelets sound states before the clip, which are as often big
     assert (abs(low["sync"] - low["late"]) < 0.25).all() and (abs(low["late"] - 0.5) < 0.25).all(), low
 
