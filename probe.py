@@ -666,9 +666,12 @@ def retrieve(args, path, ckpt, data_dir, device):
                     f"gap {x['gap']:.3f}" + (f", ridge R@1 {100 * ridge['r1']:.1f}%" if ridge else ""))
         return describe(fmt)
     n = res["val_clips"]
+    said = "".join(f"; the {f} heard in the sound predicted from the picture " + describe(
+        lambda r: f"{100 * r['heard'][f]['predicted']:.0f}% (real sound {100 * r['heard'][f]['real']:.0f}%)")
+        + f", chance {100 * h['chance']:.0f}%" for f, h in res.get("heard", {}).items())
     print(f"retrieve {res['run']} [{args.init}]: video->audio {scores('v2a')}; audio->video "
           f"{scores('a2v')}; among {n} val clips (chance: R@1 {100 / n:.1f}%, median rank "
-          f"{(n + 1) / 2:.0f}, gap 0) in {secs:.0f} s")
+          f"{(n + 1) / 2:.0f}, gap 0){said} in {secs:.0f} s")
     return res
 
 
@@ -687,7 +690,8 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     if len(ids) < 2:
         raise SystemExit(f"{data_dir} has fewer than 2 val clips with sound: nothing to retrieve among")
     t0, D, bs = time.time(), jepa.encoder.width, args.batch_size
-    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video")}
+    out = {k: [] for k in ("pred_audio", "audio", "pred_video", "video", "train_audio", "train_video",
+                           "train_pred_audio")}
     # the ridge map's train clips: those with sound, at most --clips or 1024 (their features are kept)
     train_ids = clip_ids(train, args.clips or 1024, sounding=True)
     jobs = ([("val", val, ids[i:i + bs]) for i in range(0, len(ids), bs)]
@@ -698,9 +702,9 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         audio = normalize_audio(b["audio"], data["meta"])
         with autocast(device), torch.no_grad():
             for direction, name in (("v2a", "audio"), ("a2v", "video")):
-                if split == "val":
+                if split == "val" or name == "audio":   # the train clips' predicted sound: for `heard`
                     pred = cross_predict(jepa, video, audio, cfg.masks.index(asked[direction]), name == "audio")
-                    out["pred_" + name].append(pred.float().cpu())
+                    out[("pred_" if split == "val" else "train_pred_") + name].append(pred.float().cpu())
                 alone = target_encoder(None, audio) if name == "audio" else target_encoder(video)
                 into = name if split == "val" else "train_" + name
                 out[into].append(F.layer_norm(alone.float(), (D,)).cpu())
@@ -718,8 +722,42 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         if out["train_" + name] is not None:
             res[direction + "_ridge"] = rank_scores(ridge_ranks(out["train_" + other], out["train_" + name],
                                                                 out[other], gallery))
+    if out["train_audio"] is not None:
+        res["heard"] = heard(out, train, train_ids, val, ids, jepa.encoder)
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{init}.json")
+    return res
+
+def heard(out, train, train_ids, val, ids, encoder):
+    """The first sign that the predictor crosses the senses: what the sound it predicts from the
+    picture alone says of a factor that both senses carry (on the built-in set, the shape: it sets the
+    timbre). A linear readout of each mel band's mean feature (a timbre is which bands sound), fit on
+    the train clips' predicted sound and scored on val's, beside the same readout of the real sound's
+    features. {factor: {predicted, real, chance}}; empty without such a factor or labels."""
+    meta = train["meta"]
+    factors = [f for f, v in meta.get("factors", {}).items() if v.get("modality") == "both"]
+    if "class_factors" not in meta or not factors:
+        return {}
+    targets = torch.tensor(meta["class_factors"])                                 # [classes, heads]
+    Fa, C = encoder.audio_grid
+
+    def bands(x):   # [n, Fa * C, D] -> [n, Fa * D]
+        return x.view(len(x), Fa, C, -1).mean(2).flatten(1)
+    labels = {s: torch.as_tensor(np.asarray(d["label"])[i].astype(np.int64)) for s, d, i in
+              (("train", train, train_ids), ("val", val, ids))}
+    kept = {s: labels[s] >= 0 for s in labels}
+    if not kept["train"].any() or not kept["val"].any():
+        return {}
+    res = {}
+    for f in factors:
+        j = list(meta["factors"]).index(f)
+        y = {s: targets[labels[s][kept[s]], j] for s in labels}
+        size = len(meta["factors"][f]["values"])
+        res[f] = dict(chance=1 / size)
+        for name, tr, va in (("predicted", out["train_pred_audio"], out["pred_audio"]),
+                             ("real", out["train_audio"], out["audio"])):
+            guess = linear_readout(bands(tr)[kept["train"]], y["train"][:, None], bands(va)[kept["val"]], [size])
+            res[f][name] = (guess[:, 0] == y["val"]).float().mean().item()
     return res
 
 # -----------------------------------------------------------------------------

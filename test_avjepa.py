@@ -2165,6 +2165,31 @@ def test_linear_readout_reads_a_linearly_coded_factor_and_has_no_seed():
                                                                             lam=1e-3))
 
 
+def test_heard_reads_a_factor_of_both_senses_from_the_predicted_sound_only_if_it_carries_it():
+    """The timbre diagnostic: the shape is in one mel band of the real sound; a predictor that says
+    the same sound for every picture tells nothing of it, one that says the band tells all of it."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(0)
+    Fa, C, D = 2, 3, 4
+    meta = dict(factors={"colour": {"values": ["r", "g"], "modality": "video"},
+                         "shape": {"values": ["o", "x", "v"], "modality": "both"}},
+                class_factors=[[c, s] for c in range(2) for s in range(3)])
+    labels = {"train": torch.arange(60) % 6, "val": torch.arange(30) % 6}
+    def sound(label):   # [n, Fa * C, D]: the shape in band 1, one channel per shape
+        x = torch.randn(len(label), Fa, C, D, generator=g) * 0.1
+        x[torch.arange(len(label)), 1, :, label % 3] += 1
+        return x.flatten(1, 2)
+    train, val = ({"meta": meta, "label": labels[s].numpy()} for s in ("train", "val"))
+    encoder = SimpleNamespace(audio_grid=(Fa, C))
+    real = dict(train_audio=sound(labels["train"]), audio=sound(labels["val"]))
+    told = probe.heard(dict(real, train_pred_audio=real["train_audio"] + 0.01, pred_audio=real["audio"]),
+                       train, np.arange(60), val, np.arange(30), encoder)
+    same = probe.heard(dict(real, train_pred_audio=torch.zeros(60, Fa * C, D), pred_audio=torch.zeros(30, Fa * C, D)),
+                       train, np.arange(60), val, np.arange(30), encoder)
+    assert list(told) == ["shape"] and told["shape"]["real"] == 1.0 and told["shape"]["predicted"] == 1.0
+    assert same["shape"]["predicted"] == pytest.approx(1 / 3) and same["shape"]["chance"] == pytest.approx(1 / 3)
+
+
 def test_retrieval_ranks_count_the_gallery_clips_closer_than_the_true_one():
     gallery = torch.tensor([[[0.0]], [[1.0]], [[2.0]]])
     # clip 1's prediction is nearer clip 2's sound
