@@ -680,8 +680,9 @@ def plot_classify(res, png_path):
     for ax, (title, pick) in zip(axes[0], readouts):
         x = np.arange(len(names))
         encoders = [(res["init"], pick(res))] + ([("random", pick(res["random"]))] if "random" in res else [])
-        if "labels" in res:   # the ceiling, the same bars on every panel: its own heads read it
-            encoders.append((f"labels ({res['labels']['steps']} steps)", res["labels"]))
+        if "labels" in res:   # the ceiling: its own heads, or the linear readout of its frozen tokens
+            ceiling = pick(res["labels"]) if "linear" in res["labels"] else res["labels"]
+            encoders.append((f"labels ({res['labels']['steps']} steps)", ceiling))
         w = 0.8 / len(encoders)
         for i, (label, r) in enumerate(encoders):
             scores = [r["top1"]] + [r.get("factors", {}).get(f, 0) for f in names[1:]]

@@ -399,7 +399,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                              "with both splits (class folders or a CSV with labels; "
                              "--val-fraction > 0 when the source has no split)")
     (classes, outputs, targets), t0 = label_heads(train_data, val_data), time.time()
-    read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
+    modalities = args.modalities or ("both" if ckpt["config"].audio else "video")
+    read = args.read if modalities == "both" else "joint"   # one modality: the passes are the same
     name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_sha256=ckpt["sha256"], **data_key(data_dir),
@@ -412,10 +413,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                                                 args.batch_size, split) for split, (d, ids) in splits.items()})
         if not args.no_cache:
             write_atomic(cache, lambda t: torch.save(feats, t))
-    nv = 0 if args.modalities == "audio" else encoder.nv
-    N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
-    bounds = [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3]
-    bounds = [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]   # no empty range
+    bounds = token_bounds(feats, encoder, args.modalities, read)
     standardize(feats["train"], feats["val"], bounds)
     labels, runs = feats["val"]["y"], []
     for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
@@ -433,20 +431,34 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                chance_top1=1 / classes, probe_runs=runs, **(mean_of(runs) if runs else {}))
     if runs:
         res["top1_spread"] = max(r["top1"] for r in runs) - min(r["top1"] for r in runs)
-    # the seedless readout: each head's value from a linear map of the pooled features and their pairs
-    def readout_features(f):   # pooled tokens, and the pairs that a relation between tokens needs
-        x = pooled(f, bounds)
-        if args.modalities != "audio" and read != "both":
-            x = torch.cat([x, paired(f, encoder)], 1)
-        return x
-    head_pred = linear_readout(readout_features(feats["train"]), targets[feats["train"]["y"]],
-                               readout_features(feats["val"]), outputs)                 # [n_val, heads]
-    res["linear"] = head_scores(head_pred == targets[labels], meta)
+    res["linear"] = linear_scores(feats, encoder, bounds, args.modalities, read, targets, outputs, meta)
     if "class_factors" in meta:
         res["chance_factors"] = {f: 1 / len(v["values"]) for f, v in meta["factors"].items()}
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_classify_{name}.json")
     return res
+
+
+def token_bounds(feats, encoder, modalities, read):
+    """Where each sense's tokens start and end in extracted features (read=both: two passes side by
+    side), without empty ranges: [0, nv, N] for both senses in one pass."""
+    nv = 0 if modalities == "audio" else encoder.nv
+    N = feats["train"]["x"].shape[1] // (2 if read == "both" else 1)
+    bounds = [0, nv, N, N + nv, 2 * N][:5 if read == "both" else 3]
+    return [b for i, b in enumerate(bounds) if i == 0 or b > bounds[i - 1]]
+
+
+def linear_scores(feats, encoder, bounds, modalities, read, targets, outputs, meta):
+    """The seedless readout of standardized features: each head's value from a linear map of the
+    pooled tokens and of their time-aligned pairs (the pairs that a relation between tokens needs)."""
+    def readout_features(f):
+        x = pooled(f, bounds)
+        if modalities != "audio" and read != "both":
+            x = torch.cat([x, paired(f, encoder)], 1)
+        return x
+    head_pred = linear_readout(readout_features(feats["train"]), targets[feats["train"]["y"]],
+                               readout_features(feats["val"]), outputs)                 # [n_val, heads]
+    return head_scores(head_pred == targets[feats["val"]["y"]], meta)
 
 
 def labels_recipe(cfg):
@@ -459,17 +471,20 @@ def labels_recipe(cfg):
 def labels_ceiling(args, ckpt, data_dir, device):
     """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead
     of the JEPA loss (train_on_labels, LabelsNet) for the checkpoint's steps (or --labels-steps), at
-    its peak lr (or --labels-lr). Scored on val, its own heads, and cached in the dataset folder (keyed
-    by data, config, budget)."""
+    its peak lr (or --labels-lr). Scored on val by its own heads and, as the checkpoint's encoder is,
+    by the linear readout of its frozen tokens (the ceiling read the same way); cached in the dataset
+    folder (keyed by data, config, budget and how it is read)."""
     steps, seed = args.labels_steps or ckpt["step"], args.seed
     lr = args.labels_lr or ckpt["config"].lr
+    modalities = args.modalities or ("both" if ckpt["config"].audio else "video")
+    read = args.read if modalities == "both" else "joint"
     cfg = labels_recipe(replace(ckpt["config"], steps=steps, seed=seed, lr=lr))
     train, val = load_split(data_dir, "train"), load_split(data_dir, "val")
     schedule = [cfg.schedule, cfg.lr, cfg.start_lr, cfg.final_lr, cfg.warmup, cfg.schedule_scale, cfg.cooldown]
     key = dict(**data_key(data_dir), model=cfg.model, tokenizer=cfg.tokenizer, audio=cfg.audio,
                crop=cfg.size, fuse=cfg.fuse, moment_blocks=cfg.moment_blocks, steps=steps, batch=cfg.batch_size,
-               seed=seed, schedule=schedule,
-               sampler="avjepa.batch_indices")
+               seed=seed, schedule=schedule, sampler="avjepa.batch_indices",
+               linear=dict(modalities=modalities, read=read, clips=args.clips))
     tok = ("" if cfg.tokenizer == "patch" else f"_{cfg.tokenizer}") + (f"_moments{cfg.moment_blocks}"
                                                                        if cfg.moment_blocks else "")
     cache = data_dir / f"labels_{cfg.model}{tok}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
@@ -484,6 +499,15 @@ def labels_ceiling(args, ckpt, data_dir, device):
     loss = train_on_labels(net, cfg, train, val, device, "labels' ceiling")
     res = dict(key=key, steps=steps, **score_on_labels(net, cfg, val, val, device, args.batch_size),
                seconds=time.time() - t0, final_loss=loss)
+    net.eval()
+    _, outputs, targets = label_heads(train, val)
+    feats = {split: extract(net.encoder, d, clip_ids(d, args.clips, labelled=True), modalities, read,
+                            device, args.batch_size, f"labels' encoder, {split}")
+             for split, d in (("train", train), ("val", val))}
+    bounds = token_bounds(feats, net.encoder, modalities, read)
+    standardize(feats["train"], feats["val"], bounds)
+    res["linear"] = linear_scores(feats, net.encoder, bounds, modalities, read, targets, outputs,
+                                  train["meta"])
     write_json(res, cache)
     return res
 
@@ -596,7 +620,8 @@ def classify(args, path, ckpt, data_dir, device):
     attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
     if "labels" in res:
         ceiling = res["labels"]
-        labels = f" [labels: {scores(ceiling)}]; the labels' encoder trained {ceiling['steps']} steps"
+        labels = (f" [labels: {scores(ceiling)}; read by the linear readout: {scores(ceiling['linear'])}]; "
+                  f"the labels' encoder trained {ceiling['steps']} steps")
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
     chart = path.parent / f"probe_classify_{res['modalities']}.png"

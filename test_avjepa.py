@@ -2362,8 +2362,10 @@ def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe
     cache = Path(probe_run["data"]) / "labels_vit_micro_av_3steps_seed0.json"
     assert cache.exists() and first["labels"]["steps"] == 3 and 0 <= first["labels"]["top1"] <= 1
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 "
-                     r"[0-9.]+% \(side [0-9]+%\)\]", line)
+    assert re.search(r"\[random: top-1 [0-9.]+% \(side [0-9]+%\)\] \[labels: top-1 [0-9.]+% \(side [0-9]+%\); "
+                     r"read by the linear readout: top-1 [0-9.]+% \(side [0-9]+%\)\]", line)
+    # the ceiling read the same way as the checkpoint's encoder
+    assert 0 <= first["labels"]["linear"]["factors"]["side"] <= 1
     stamp = cache.stat().st_mtime_ns
     # read, not retrained
     assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
