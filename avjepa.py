@@ -103,6 +103,8 @@ class Config:
                               type=NONNEG_INT)
     target_layers: int = flag(1, "targets: mean of this many last blocks (data2vec 2)", type=COUNT)
     nce_weight: float = flag(0.0, "InfoNCE of pooled predictions and targets (CAV-MAE)", type=NONNEG)
+    nce_per: str = flag("clip", "--nce-weight pools each clip, or each moment with the same clip's other "
+                        "moments among the negatives (Synchformer)", choices=["clip", "moment"])
     reg: str = flag("sigreg", "anti-collapse term: SIGReg (LeJEPA) or none (V-JEPA)", choices=["none", "sigreg"])
     reg_weight: float = flag(1.0, "weight of --reg", type=NONNEG)
     schedule: str = flag("vjepa1", "vjepa1: cosine lr, rising EMA; vjepa2: constant, then a cool-down",
@@ -671,23 +673,29 @@ def jepa_loss(pred, targets, masks, n_masks):
     return (target_weights(masks, n_masks) * err).sum(), *per_modality
 
 
-def clip_contrast(pred, targets, masks, batch, temperature=0.05):
+def clip_contrast(pred, targets, masks, batch, moment=None, n_moments=1, temperature=0.05):
     """InfoNCE between pooled predictions and targets: per (mask config, modality), a clip's mean
     prediction over its hidden tokens must be nearer (cosine) its own mean target than the batch's
     other clips', both ways (CAV-MAE). L1 alone is content with the median of what the context
-    allows, nearly the same for every clip; this asks each prediction to tell its clip apart."""
+    allows, nearly the same for every clip; this asks each prediction to tell its clip apart.
+    moment [Tt] (--nce-per moment): pooled per moment of each clip instead, so that the negatives
+    are also the same clip's other moments (Synchformer's segment-level contrast): the predicted
+    sound of one moment must tell the sound then from the sound a moment later."""
+    M = n_moments if moment is not None else 1
     group = masks.targets.segment_ids() * 2 + masks.target_modality  # [Tt] (config, clip, modality)
+    group = group * M + (moment if moment is not None else 0)        # ... and moment
     G = len(masks.targets.cu) - 1                                               # configs x clips
+    n = batch * M                                                               # parts per config
 
-    def pool(x):  # [Tt, d] -> [configs, 2, B, d]
-        s = x.new_zeros(2 * G, x.shape[-1]).index_add_(0, group, x)
-        return s.view(G // batch, batch, 2, -1).transpose(1, 2)
-    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0  # [configs, 2, B]
+    def pool(x):  # [Tt, d] -> [configs, 2, B * M, d]
+        s = x.new_zeros(2 * G * M, x.shape[-1]).index_add_(0, group, x)
+        return s.view(G // batch, batch, 2, M, -1).transpose(1, 2).flatten(2, 3)
+    count = pool(torch.ones_like(pred[:, :1], dtype=torch.float)).squeeze(-1) > 0  # [configs, 2, n]
     p, t = F.normalize(pool(pred.float()), dim=-1), F.normalize(pool(targets.float()), dim=-1)
-    both = count[..., :, None] & count[..., None, :]  # both clips have that part
-    logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, B, B]
-    pair = count & (count.sum(-1, keepdim=True) > 1)  # a clip with others to tell from
-    labels = torch.arange(batch, device=pred.device).expand_as(count)
+    both = count[..., :, None] & count[..., None, :]  # both parts exist
+    logits = (p @ t.transpose(-1, -2) / temperature).masked_fill(~both, -1e4)   # [configs, 2, n, n]
+    pair = count & (count.sum(-1, keepdim=True) > 1)  # a part with others to tell from
+    labels = torch.arange(n, device=pred.device).expand_as(count)
     loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none") + (
         F.cross_entropy(logits.transpose(-1, -2).flatten(0, 2), labels.flatten(), reduction="none"))
     return (loss * pair.flatten()).sum() / pair.sum().clamp(min=1) / 2
@@ -764,8 +772,12 @@ def step_loss(model, target_encoder, video, audio, masks, cfg):
         loss, loss_v, loss_a = jepa_loss(pred, targets, masks, len(cfg.masks))
         if cfg.reg == "sigreg":   # keeps the context features spread out (README: what helps)
             loss = loss + cfg.reg_weight * sigreg(context)
-        if cfg.nce_weight:        # predictions that tell clips apart
-            loss = loss + cfg.nce_weight * clip_contrast(pred, targets, masks, video.shape[0])
+        if cfg.nce_weight:        # predictions that tell clips (or moments) apart
+            moment = None
+            if cfg.nce_per == "moment":   # each target's moment: its tubelet, or when its sound plays
+                moment = target_encoder.moment[masks.targets.index % target_feats.shape[1]]
+            loss = loss + cfg.nce_weight * clip_contrast(pred, targets, masks, video.shape[0], moment,
+                                                         target_encoder.video_grid[0])
     return loss, loss_v, loss_a, target_feats
 
 

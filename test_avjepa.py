@@ -506,6 +506,22 @@ def test_clip_contrast_is_low_when_each_prediction_matches_its_own_clip_and_skip
     assert torch.isfinite(pred.grad).all() and clips.numel() == len(pred)
 
 
+def test_moment_contrast_tells_a_prediction_a_moment_late_from_the_right_one_which_clip_contrast_cannot():
+    B, T, D = 3, 4, 16
+    # one config: every clip's 4 audio tokens hidden, one per moment (tokens 0-3 video, 4-7 audio)
+    masks = avjepa.pack_masks([np.arange(4)] * B, [np.arange(4, 8)] * B, B, nv=4, n_tokens=8)
+    moment = torch.arange(4).repeat(B)                                  # [Tt] target t plays in moment t
+    targets = torch.randn(B * T, D, generator=torch.Generator().manual_seed(0))
+    right = targets * 10
+    late = (targets.view(B, T, D).roll(1, 1) * 10).flatten(0, 1)         # each moment says the one before
+    # pooled over the clip, a late prediction is the right one
+    assert avjepa.clip_contrast(late, targets, masks, B).item() == pytest.approx(
+        avjepa.clip_contrast(right, targets, masks, B).item(), abs=1e-5)
+    # per moment, the same clip's other moments are negatives: late is far worse
+    per_moment = [avjepa.clip_contrast(p, targets, masks, B, moment, T) for p in (right, late)]
+    assert per_moment[0] < 0.05 and per_moment[1] > 5
+
+
 def test_the_default_ema_lets_the_teacher_move_within_the_run_and_keeps_vjepas_at_scale():
     assert avjepa.ema_range(600) == pytest.approx((0.99, 1.0))
     assert avjepa.ema_range(90000) == pytest.approx((0.998, 1.0))
@@ -677,7 +693,7 @@ def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
 
 
 @pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"],
-                                   ["--audio", "--truncate"]])
+                                   ["--audio", "--truncate"], ["--audio", "--nce-weight", "0.1", "--nce-per", "moment"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
