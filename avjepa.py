@@ -107,6 +107,8 @@ class Config:
                         "moments among the negatives (Synchformer)", choices=["clip", "moment"])
     reg: str = flag("sigreg", "anti-collapse term: SIGReg (LeJEPA) or none (V-JEPA)", choices=["none", "sigreg"])
     reg_weight: float = flag(1.0, "weight of --reg", type=NONNEG)
+    reg_on: str = flag("tokens", "what --reg reads: the context tokens, or a projector's output (an MLP, as "
+                       "LeJEPA's), which leaves the tokens free of its shape", choices=["tokens", "projector"])
     schedule: str = flag("vjepa1", "vjepa1: cosine lr, rising EMA; vjepa2: constant, then a cool-down",
                          choices=["vjepa1", "vjepa2"])
     cooldown: float = flag(0.2, "vjepa2: fraction of steps cooling down", type=FRACTION)
@@ -607,6 +609,10 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(width, encoder.heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.predictor_proj = nn.Linear(width, encoder.width)
+        # --reg-on projector: SIGReg reads the context through this MLP, trained by SIGReg alone
+        D = encoder.width
+        self.projector = (nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+                          if cfg.reg_on == "projector" else None)
         init_weights(self, self.blocks)
 
     def forward(self, context, masks):
@@ -637,8 +643,11 @@ class JEPA(nn.Module):
         self.encoder, self.predictor = encoder, predictor
 
     def forward(self, video, audio, masks):
+        """-> the predictions [Tt, D] and what the anti-collapse term reads: the context [Tc, D], or
+        its projection (--reg-on projector)."""
         context = self.encoder(video, audio, masks.context_passes, masks.context)  # [Tc, D]
-        return self.predictor(context, masks), context         # [Tt, D], [Tc, D]
+        projector = self.predictor.projector
+        return self.predictor(context, masks), context if projector is None else projector(context)
 
 
 def build(cfg):

@@ -693,11 +693,14 @@ def test_sigreg_is_small_for_gaussian_features_and_large_for_collapsed_ones():
 
 
 @pytest.mark.parametrize("flags", [[], ["--audio"], ["--audio", "--masks", "short,long,v2a,a2v"],
-                                   ["--audio", "--truncate"], ["--audio", "--nce-weight", "0.1", "--nce-per", "moment"]])
+                                   ["--audio", "--truncate"], ["--audio", "--nce-weight", "0.1", "--nce-per", "moment"],
+                                   ["--audio", "--reg-on", "projector"]])
 def test_training_runs_and_writes_a_checkpoint(fake_data, tmp_path, flags):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--name", "r", *flags))
     ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
     assert {"encoder", "predictor", "target_encoder", "opt", "step", "config", "rng"} <= set(ck) and ck["step"] == 2
+    # SIGReg's projector is trained and kept only when asked for
+    assert any(k.startswith("projector.") for k in ck["predictor"]) == ("projector" in flags)
 
 
 def test_training_draws_each_mask_configs_targets_in_its_colour_at_the_start(fake_data, tmp_path,
