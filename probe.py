@@ -399,8 +399,7 @@ def classify_one(args, path, ckpt, data_dir, device, init):
                              "with both splits (class folders or a CSV with labels; "
                              "--val-fraction > 0 when the source has no split)")
     (classes, outputs, targets), t0 = label_heads(train_data, val_data), time.time()
-    modalities = args.modalities or ("both" if ckpt["config"].audio else "video")
-    read = args.read if modalities == "both" else "joint"   # one modality: the passes are the same
+    read = args.read if args.modalities == "both" else "joint"   # one modality: the passes are the same
     name = f"{args.modalities}_{read}_{init}" if args.modalities == "both" else f"{args.modalities}_{init}"
     cache = path.parent / f"probe_features_{name}.pt"
     key = dict(ckpt=str(path.resolve()), ckpt_sha256=ckpt["sha256"], **data_key(data_dir),
@@ -752,6 +751,7 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{init}.json")
     return res
+
 
 def heard(out, train, train_ids, val, ids, encoder):
     """The first sign that the predictor crosses the senses: what the sound it predicts from the
