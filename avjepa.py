@@ -572,7 +572,7 @@ def by_moment(index, cu, moment, n_moments):
     block relates instants to one another. index [R] rows, cu [S + 1] segments, moment [R] each row's
     moment. Returns the order that sorts each segment's rows by moment (a segment's rows stay in its
     span, so cu still cuts the sorted rows) and the cu of the moments as segments."""
-    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=index.device), cu.diff().long())
+    segment = kernels.segment_ids(cu, len(index))                             # [R]
     key = segment * n_moments + moment                                       # [R]
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=(len(cu) - 1) * n_moments)
