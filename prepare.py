@@ -21,13 +21,13 @@ import csv
 import glob
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import time
 from contextlib import nullcontext
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
@@ -176,6 +176,12 @@ def log_mel(wave, n_frames):
                       frame_shift=HOP * 1000).T
     mel = torch.nn.functional.pad(mel, (0, max(0, n_frames - mel.shape[1])), value=SILENCE)
     return mel[:, :n_frames].numpy()
+
+
+def Pool(workers, initializer):
+    """A pool of fresh worker processes. Not forked: a fork copies a process whose thread pools
+    (torch's, FFmpeg's) may hold a lock at that instant, and the child then waits on it forever."""
+    return multiprocessing.get_context("spawn").Pool(workers, initializer)
 
 
 def init_worker():
@@ -666,8 +672,12 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
     needed = 40_000 * len(jobs)   # about 20 kB a video, twice that to be safe
     check_space(videos / "x.mp4", needed)   # fail early if they cannot fit
     try:
-        with Pool(workers or os.cpu_count(), init_worker) as pool:
-            pool.starmap(synth_clip, jobs, chunksize=8)
+        if (workers or os.cpu_count()) > 1:
+            with Pool(workers or os.cpu_count(), init_worker) as pool:
+                pool.starmap(synth_clip, jobs, chunksize=8)
+        else:   # one worker: this process
+            for job in jobs:
+                synth_clip(*job)
     except Exception as e:   # a worker's OSError comes back here
         if disk_full(e):
             for split in SPLITS:   # a killed worker's temporaries
