@@ -492,8 +492,14 @@ class Encoder(nn.Module):
         pos = sincos(coords, self.width)
         self.nv = math.prod(self.video_grid)
         # each token's moment: its tubelet, or for audio the tubelet its column's centre plays in
-        self.register_buffer("moment", (coords[:, 0] + 0.5).floor().clamp(0, self.video_grid[0] - 1).long(),
-                             persistent=False)                                  # [N]
+        moment = (coords[:, 0] + 0.5).floor().clamp(0, self.video_grid[0] - 1).long()   # [N]
+        self.register_buffer("moment", moment, persistent=False)
+        # the most tokens one moment holds, for each pass: video alone, audio alone, or both (known
+        # here, so that a forward pass never waits for the device to count them)
+        self.longest_moment = {(True, False): int(moment[:self.nv].bincount().max())}
+        if cfg.audio:
+            self.longest_moment[False, True] = int(moment[self.nv:].bincount().max())
+            self.longest_moment[True, True] = int(moment.bincount().max())
         self.pos_embed = nn.Parameter(pos[None, :self.nv], requires_grad=False)   # [1, Nv, D]: V-JEPA
         if cfg.audio:
             self.audio_patch_embed = Embed(nn.Conv2d, 1, self.width, (PATCH, PATCH))
@@ -547,8 +553,9 @@ class Encoder(nn.Module):
         # Only the kept tokens go on: the context encoder never sees a target, so nothing about the
         # hidden pixels can reach the context features (a test checks it)
         if self.cfg.moment_blocks:   # rows sorted by moment within each segment, so that a moment is a segment too
-            order, cu_moments = by_moment(index, cu, self.moment[index % N], self.video_grid[0])
-            moments = (cu_moments, int(torch.bincount(self.moment[:N]).max()))   # no wait for the device
+            moment = self.moment if video is not None else self.moment[self.nv:]   # audio alone: its own
+            order, cu_moments = by_moment(index, cu, moment[index % N], self.video_grid[0])
+            moments = (cu_moments, self.longest_moment[video is not None, audio is not None])
             index = index[order]
         x = kernels.gather(x.reshape(B * N, D), index, pos.to(x.dtype))  # x[index] + pos[index % N]
         earlier = []   # the outputs of the blocks averaged with the last (average_last > 1), normed

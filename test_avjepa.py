@@ -343,6 +343,18 @@ def test_moment_blocks_let_a_token_see_only_what_plays_at_its_own_moment():
     assert torch.equal(changed, (enc.moment == 1).expand(2, -1))
 
 
+def test_moment_blocks_group_the_sound_by_its_own_moments_when_it_is_encoded_alone():
+    # the sound alone (retrieval's gallery, an audio-only probe) keeps its tokens' moments, not the
+    # moments of the video tokens that would come first in a joint pass
+    torch.manual_seed(0)
+    enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()
+    audio = torch.randn(2, 1, 128, 48)
+    louder = audio.clone()
+    louder[..., 32:] += 1                                          # the last column only: moment 1
+    changed = (enc(None, louder) - enc(None, audio)).abs().amax(-1) > 1e-6   # [B, 24]
+    assert torch.equal(changed, (enc.moment[enc.nv:] == 1).expand(2, -1))
+
+
 def test_moment_blocks_keep_packed_clips_apart_and_each_row_in_its_place():
     torch.manual_seed(0)
     enc = avjepa.Encoder(micro_config(moment_blocks=2, audio_frames=48)).eval()
@@ -2666,7 +2678,7 @@ def test_a_full_disk_while_preparing_keeps_the_old_dataset_and_leaves_no_tempora
 @needs_av
 def test_a_full_disk_while_generating_the_built_in_videos_is_one_clear_line(tmp_path, monkeypatch):
     import prepare
-    # the worker processes are forked: they see it too
+    # one worker: the videos are written in this process, which sees the patch
     monkeypatch.setattr(prepare, "write_mp4", enospc)
     with pytest.raises(SystemExit) as e:
         prepare.make_synthetic(tmp_path / "synthetic", workers=1, per_class=(1, 0))
