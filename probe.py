@@ -414,17 +414,8 @@ def classify_one(args, path, ckpt, data_dir, device, init):
             write_atomic(cache, lambda t: torch.save(feats, t))
     bounds = token_bounds(feats, encoder, args.modalities, read)
     standardize(feats["train"], feats["val"], bounds)
-    labels, runs = feats["val"]["y"], []
-    for k in range(args.probe_seeds):   # the probe is a trained network too: its seed moves its score
-        probe = train_probe(feats["train"], outputs, targets, encoder.heads, args, device, args.seed + k)
-        logits = predict_classes(probe, feats["val"], targets, device)
-        train_logits = predict_classes(probe, feats["train"], targets, device)
-        run = dict(top1=top_k(logits, labels, 1), train_top1=top_k(train_logits, feats["train"]["y"], 1))
-        if classes >= 10:
-            run["top5"] = top_k(logits, labels, 5)
-        if "class_factors" in meta:   # a class right on colour, wrong on rhythm, counts for colour
-            run["factors"] = head_scores(targets[logits.argmax(-1)] == targets[labels], meta)["factors"]
-        runs.append(run)
+    labels = feats["val"]["y"]
+    runs = attentive_runs(feats, classes, outputs, targets, encoder.heads, meta, args, device)
     res = dict(header("classify", path, ckpt, data_dir, init), modalities=args.modalities, read=read,
                epochs=args.epochs, classes=classes, train_clips=len(splits["train"][1]), val_clips=len(labels),
                chance_top1=1 / classes, probe_runs=runs, **(mean_of(runs) if runs else {}))
@@ -436,6 +427,23 @@ def classify_one(args, path, ckpt, data_dir, device, init):
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_classify_{name}.json")
     return res
+
+
+def attentive_runs(feats, classes, outputs, targets, heads, meta, args, device):
+    """The attentive probe on standardized features, once per probe seed (the probe is a trained
+    network too: its seed moves its score): a list of score dicts."""
+    labels, runs = feats["val"]["y"], []
+    for k in range(args.probe_seeds):
+        probe = train_probe(feats["train"], outputs, targets, heads, args, device, args.seed + k)
+        logits = predict_classes(probe, feats["val"], targets, device)
+        train_logits = predict_classes(probe, feats["train"], targets, device)
+        run = dict(top1=top_k(logits, labels, 1), train_top1=top_k(train_logits, feats["train"]["y"], 1))
+        if classes >= 10:
+            run["top5"] = top_k(logits, labels, 5)
+        if "class_factors" in meta:   # a class right on colour, wrong on rhythm, counts for colour
+            run["factors"] = head_scores(targets[logits.argmax(-1)] == targets[labels], meta)["factors"]
+        runs.append(run)
+    return runs
 
 
 def token_bounds(feats, encoder, modalities, read):
@@ -471,7 +479,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
     """The ceiling: the checkpoint's encoder, from the same random init, trained on the labels instead
     of the JEPA loss (train_on_labels, LabelsNet) for the checkpoint's steps (or --labels-steps), at
     its peak lr (or --labels-lr). Scored on val by its own heads and, as the checkpoint's encoder is,
-    by the linear readout of its frozen tokens (the ceiling read the same way); cached in the dataset
+    by the linear readout and the attentive probe of its frozen tokens (the ceiling read the same
+    way as the checkpoint's encoder); cached in the dataset
     folder (keyed by data, config, budget and how it is read)."""
     steps, seed = args.labels_steps or ckpt["step"], args.seed
     lr = args.labels_lr or ckpt["config"].lr
@@ -483,7 +492,8 @@ def labels_ceiling(args, ckpt, data_dir, device):
     key = dict(**data_key(data_dir), model=cfg.model, tokenizer=cfg.tokenizer, audio=cfg.audio,
                crop=cfg.size, fuse=cfg.fuse, moment_blocks=cfg.moment_blocks, steps=steps, batch=cfg.batch_size,
                seed=seed, schedule=schedule, sampler="avjepa.batch_indices",
-               linear=dict(modalities=modalities, read=read, clips=args.clips))
+               read=dict(modalities=modalities, read=read, clips=args.clips,
+                         attentive=[args.probe_seeds, args.epochs, args.lr, args.wd, args.batch_size]))
     tok = ("" if cfg.tokenizer == "patch" else f"_{cfg.tokenizer}") + (f"_moments{cfg.moment_blocks}"
                                                                        if cfg.moment_blocks else "")
     cache = data_dir / f"labels_{cfg.model}{tok}_{'av' if cfg.audio else 'v'}_{steps}steps_seed{seed}.json"
@@ -499,7 +509,7 @@ def labels_ceiling(args, ckpt, data_dir, device):
     res = dict(key=key, steps=steps, **score_on_labels(net, cfg, val, val, device, args.batch_size),
                seconds=time.time() - t0, final_loss=loss)
     net.eval()
-    _, outputs, targets = label_heads(train, val)
+    classes, outputs, targets = label_heads(train, val)
     feats = {split: extract(net.encoder, d, clip_ids(d, args.clips, labelled=True), modalities, read,
                             device, args.batch_size, f"labels' encoder, {split}")
              for split, d in (("train", train), ("val", val))}
@@ -507,6 +517,9 @@ def labels_ceiling(args, ckpt, data_dir, device):
     standardize(feats["train"], feats["val"], bounds)
     res["linear"] = linear_scores(feats, net.encoder, bounds, modalities, read, targets, outputs,
                                   train["meta"])
+    runs = attentive_runs(feats, classes, outputs, targets, net.encoder.heads, train["meta"], args, device)
+    if runs:
+        res["attentive"] = mean_of(runs)
     write_json(res, cache)
     return res
 
@@ -619,8 +632,10 @@ def classify(args, path, ckpt, data_dir, device):
     attentive = f"attentive probe {describe(scores)}, {seeds}; " if args.probe_seeds else ""
     if "labels" in res:
         ceiling = res["labels"]
-        labels = (f" [labels: {scores(ceiling)}; read by the linear readout: {scores(ceiling['linear'])}]; "
-                  f"the labels' encoder trained {ceiling['steps']} steps")
+        attentive_ceiling = (f"; by the attentive probe: {scores(ceiling['attentive'])}"
+                             if "attentive" in ceiling else "")
+        labels = (f" [labels: {scores(ceiling)}; read by the linear readout: {scores(ceiling['linear'])}"
+                  f"{attentive_ceiling}]; the labels' encoder trained {ceiling['steps']} steps")
     passes = f", {res['read']} passes" if args.modalities == "both" else ""
     factor_chance = "".join(f", {k} {100 * c:.0f}%" for k, c in res.get("chance_factors", {}).items())
     chart = path.parent / f"probe_classify_{res['modalities']}.png"

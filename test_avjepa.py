@@ -2402,6 +2402,14 @@ def test_classify_prints_the_labels_ceiling_and_trains_it_once_per_dataset(probe
     assert probe.main(args)["labels"] == first["labels"] and cache.stat().st_mtime_ns == stamp
 
 
+def test_the_labels_ceiling_is_also_read_by_the_attentive_probe_as_the_checkpoint_is(probe_run, capsys):
+    res = probe.main(["--task", "classify", "--runs", probe_run["runs"], "--probe-seeds", "1", "--epochs", "2",
+                      "--no-baseline", "--labels-steps", "3"])
+    assert 0 <= res["labels"]["attentive"]["factors"]["side"] <= 1 and "attentive" in res["labels"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"; by the attentive probe: top-1 [0-9.]+% \(side [0-9]+%\)\]", line), line
+
+
 def test_the_labels_ceiling_trains_with_pretrainings_clip_sampler_and_schedule(probe_run, monkeypatch):
     seen = []
     def batch_indices(n, batch_size, step, seed):
