@@ -126,6 +126,8 @@ class Config:
     name: str = flag("", "run name, its folder under --out (default: <model>-av or -v)")
     resume: bool = flag(False, "continue the run from its checkpoint")
     save_every: int = flag(200, "checkpoint every this many steps", type=COUNT)
+    keep_every: int = flag(0, "also keep the checkpoint of every this many steps, as <run>/steps/<step>/ckpt.pt "
+                              "(for assets/plot_steps.py; 0: only the latest)", type=NONNEG_INT)
     log_every: int = flag(10, "a log.jsonl line every this many steps", type=COUNT)
     device: str = flag("", "cpu, cuda or cuda:N (default: cuda when available)")
     compile: bool = flag(False, "torch.compile the step's forward as one graph")
@@ -138,7 +140,7 @@ class Config:
     audio_patch_seconds: float = field(default=1.0, metadata=dict(flag=False))
 
     # what --resume lets change (and prints), and what says where a run is rather than how it trains
-    RESUME_MAY_CHANGE = ("steps", "save_every", "log_every", "device")
+    RESUME_MAY_CHANGE = ("steps", "save_every", "keep_every", "log_every", "device")
     LOCATION = ("resume", "name", "out")
 
     def __post_init__(self):   # lists (argparse's nargs, a checkpoint's dict) are kept as tuples

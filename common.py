@@ -764,6 +764,11 @@ def stop_requested(caught, log_step, world, device):
     return flag.item() > 0
 
 
+def keeps(step, cfg):
+    """Whether the checkpoint of `step` is kept beside the latest (--keep-every)."""
+    return bool(cfg.keep_every) and step % cfg.keep_every == 0
+
+
 class Run:
     """A training run's bookkeeping, kept out of the loop: its folder (one process at a time), where
     it starts (its checkpoint when resumed, else --init's weights or the init), the bar and
@@ -796,7 +801,7 @@ class Run:
         self.clips += cfg.batch_size * self.world
         self.bar.update(1)
         log = s % cfg.log_every == 0 or s == cfg.steps - 1
-        save = (s + 1) % cfg.save_every == 0 and s + 1 < cfg.steps
+        save = ((s + 1) % cfg.save_every == 0 or keeps(s + 1, cfg)) and s + 1 < cfg.steps
         stop = stop_requested(self.caught, log, self.world, self.device)   # Ctrl-C or SIGTERM came
         if (log or save or stop) and self.first_bad.item() >= 0:
             bad = self.first_bad.item()   # the clips of that step, read again
@@ -830,6 +835,11 @@ class Run:
     def save(self, step):
         if self.master:
             save_checkpoint(self.ckpt_path, self.modules, self.opt, step, asdict(self.cfg))
+            if keeps(step, self.cfg):   # a copy that later saves leave alone
+                kept = self.dir / "steps" / f"{step:06d}" / "ckpt.pt"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(kept, lambda tmp: shutil.copyfile(self.ckpt_path, tmp),
+                             self.ckpt_path.stat().st_size, "the run's latest checkpoint is intact")
 
     def close(self):
         """Also when an error ends the loop: the caller's own Ctrl-C handling comes back."""

@@ -789,6 +789,14 @@ def test_resume_after_interruption_gives_the_same_weights(fake_data, tmp_path, m
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+def test_keep_every_keeps_a_checkpoint_of_every_such_step_beside_the_latest(fake_data, tmp_path):
+    avjepa.train(micro_args(fake_data, tmp_path, "--steps", "5", "--keep-every", "2"))
+    run = tmp_path / "vit_micro-v"
+    assert sorted(p.name for p in (run / "steps").iterdir()) == ["000002", "000004"]
+    assert [torch.load(run / "steps" / d / "ckpt.pt", weights_only=True)["step"] for d in ("000002", "000004")] == [2, 4]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 5
+
+
 def test_resume_reads_a_checkpoint_saved_before_the_optimizer_groups_carried_a_decay_flag(fake_data, tmp_path):
     avjepa.train(micro_args(fake_data, tmp_path, "--steps", "2", "--save-every", "2"))
     path = tmp_path / "vit_micro-v" / "ckpt.pt"

@@ -1,10 +1,12 @@
 """assets/steps.png: what a run's checkpoints read as training goes on, between the floor and the
-ceiling. For each checkpoint (one folder each: copy ckpt.pt aside after each save), first run
+ceiling. Train with --keep-every N (each kept checkpoint in its own folder, out/<run>/steps/<step>/),
+then for each of those folders DIR run
     python probe.py --task classify --read joint --probe-seeds 0 --no-labels --ckpt DIR/ckpt.pt
     python probe.py --task retrieve --ckpt DIR/ckpt.pt
-then: python assets/plot_steps.py LABELS_JSON DIR1 DIR2 ... DIR_LAST (the last also read with the random
-baseline, as probe.py reads by default), where LABELS_JSON is the labels'
-ceiling that probe.py cached in the dataset folder (labels_*.json, with its linear readout)."""
+and, on the run's last checkpoint (out/<run>, read with the random baseline as probe.py reads by
+default), the README's probes. Then: python assets/plot_steps.py LABELS_JSON DIR1 DIR2 ... out/<run>,
+where LABELS_JSON is the labels' ceiling that probe.py cached in the dataset folder (labels_*.json,
+with its linear readout)."""
 import json
 import sys
 from pathlib import Path
