@@ -671,9 +671,10 @@ def make_synthetic(out="data/synthetic", workers=None, per_class=(10, 4)):
                     old.unlink()
     needed = 40_000 * len(jobs)   # about 20 kB a video, twice that to be safe
     check_space(videos / "x.mp4", needed)   # fail early if they cannot fit
+    workers = workers or os.cpu_count()
     try:
-        if (workers or os.cpu_count()) > 1:
-            with Pool(workers or os.cpu_count(), init_worker) as pool:
+        if workers > 1:
+            with Pool(workers, init_worker) as pool:
                 pool.starmap(synth_clip, jobs, chunksize=8)
         else:   # one worker: this process
             for job in jobs:
