@@ -101,6 +101,9 @@ class Config:
     moment_blocks: int = flag(0, "first blocks that attend within one moment: a tubelet's video tokens and "
                               "the audio playing then (0: every block sees the whole clip, as V-JEPA)",
                               type=NONNEG_INT)
+    pred_moment_blocks: int = flag(0, "the predictor's first blocks that attend within one moment, as "
+                                   "--moment-blocks does in the encoder: a hidden token first gathers what is "
+                                   "seen and heard at its own instant (0: none, as V-JEPA)", type=NONNEG_INT)
     target_layers: int = flag(1, "targets: mean of this many last blocks (data2vec 2)", type=COUNT)
     nce_weight: float = flag(0.0, "InfoNCE of pooled predictions and targets (CAV-MAE)", type=NONNEG)
     nce_per: str = flag("clip", "--nce-weight pools each clip, or each moment with the same clip's other "
@@ -161,6 +164,10 @@ class Config:
         for name in ("fuse", "target_layers", "moment_blocks"):
             if getattr(self, name) > depth:
                 error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than {depth} blocks")
+        pred_depth = self.pred_depth or predictor_size(MODELS[self.model][0], depth)[1]
+        if self.pred_moment_blocks > pred_depth:
+            error(f"argument --pred-moment-blocks: {self.pred_moment_blocks} is more than the predictor's "
+                  f"{pred_depth} blocks")
         self.name = self.name or f"{self.model}-{'av' if self.audio else 'v'}"
 
     def with_data(self, meta):
@@ -612,6 +619,11 @@ class Predictor(nn.Module):
         coords = token_coords(encoder.video_grid, encoder.audio_grid, cfg.tubelet_seconds,
                               cfg.audio_patch_seconds)
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
+        # --pred-moment-blocks: each token's moment, as the encoder counts them; a segment here holds
+        # a clip's context and targets, each token at most once, so a moment holds at most all of its own
+        self.moment_blocks, self.n_moments = cfg.pred_moment_blocks, encoder.video_grid[0]
+        self.register_buffer("moment", encoder.moment.clone(), persistent=False)   # [N]
+        self.longest_moment = encoder.longest_moment[True, bool(encoder.audio_grid)]
         self.predictor_embed = nn.Linear(encoder.width, width)
         # one learned mask token per mask config and modality, zero at start (V-JEPA)
         self.mask_tokens = nn.Parameter(torch.zeros(len(cfg.masks), 2 if encoder.audio_grid else 1, width))
@@ -640,8 +652,15 @@ class Predictor(nn.Module):
         x = kernels.scatter(torch.cat([x_ctx, x_tgt]), torch.cat([ctx_slot, tgt_slot]),
                             len(ctx_slot) + len(tgt_slot))
         cu, max_len = ctx.cu + tgt.cu, masks.predictor_max_len
-        for block in self.blocks:
-            x = block(x, cu, max_len)
+        if self.moment_blocks:   # rows sorted by moment within each segment (by_moment, as the encoder)
+            token = torch.empty(len(x), dtype=torch.long, device=x.device)     # each row's token number
+            token[ctx_slot], token[tgt_slot] = ctx.index % N, tgt.index % N
+            order, cu_moments = by_moment(token, cu, self.moment[token], self.n_moments)
+            x = x[order]
+        for i, block in enumerate(self.blocks):
+            x = block(x, *((cu_moments, self.longest_moment) if i < self.moment_blocks else (cu, max_len)))
+        if self.moment_blocks:   # back to the rows' order
+            x = torch.empty_like(x).index_copy(0, order, x)
         return self.predictor_proj(self.norm(kernels.gather(x, tgt_slot)))  # [Tt, D]
 
 

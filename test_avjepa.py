@@ -572,6 +572,44 @@ def test_packed_predictor_equals_each_segment_predicted_alone():
                                    rtol=1e-5)
 
 
+def test_predictor_moment_blocks_let_a_hidden_token_see_only_its_own_moment():
+    # every predictor block within one moment: the sound hidden at moment 1, predicted from the
+    # whole picture, moves with the picture of moment 1 only
+    torch.manual_seed(0)
+    cfg = micro_config(masks=("v2a",), pred_moment_blocks=6, audio_frames=48)
+    encoder, predictor, _ = avjepa.build(cfg)
+    predictor.eval()
+    nv, N = encoder.nv, encoder.n_tokens()
+    masks = avjepa.pack_masks([np.arange(nv)] * 2, [np.arange(nv, N)] * 2, 2, nv, N)
+    context = torch.randn(2 * nv, 32)
+    moved = context.clone()
+    moved[(encoder.moment[:nv] == 1).repeat(2)] += 1                 # the video tokens of moment 1
+    changed = (predictor(moved, masks) - predictor(context, masks)).abs().amax(-1) > 1e-6   # [2 * 24]
+    assert torch.equal(changed, (encoder.moment[nv:] == 1).repeat(2))
+
+
+def test_predictor_with_moment_blocks_still_predicts_each_segment_as_if_alone():
+    torch.manual_seed(0)
+    encoder, predictor, _ = avjepa.build(micro_config(masks=("short", "long"), pred_moment_blocks=2,
+                                                      audio_frames=48))
+    predictor.eval()
+    nn.init.normal_(predictor.mask_tokens)
+    N = encoder.n_tokens()
+    masks = avjepa.sample_masks(np.random.default_rng(1), mask_config("short", "long"), 2,
+                                encoder.video_grid, encoder.audio_grid, np.array([1, 1]))
+    context = torch.randn(len(masks.context.index), 32)
+    pred = predictor(context, masks)
+    ctx_cu, tgt_cu = masks.context.cu.tolist(), masks.targets.cu.tolist()
+    for s in range(4):                                 # segment s = (config s // 2, clip s % 2)
+        rows = lambda p, cu: (p.index[cu[s]:cu[s + 1]] % N).numpy()
+        alone = avjepa.pack_masks([rows(masks.context, ctx_cu)], [rows(masks.targets, tgt_cu)], 1,
+                                  encoder.nv, N)
+        alone.target_mask.fill_(s // 2)
+        torch.testing.assert_close(pred[tgt_cu[s]:tgt_cu[s + 1]],
+                                   predictor(context[ctx_cu[s]:ctx_cu[s + 1]], alone), atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_predictor_slots_put_each_segments_targets_after_its_context():
     ctx = kernels.Packed(torch.arange(5), torch.tensor([0, 3, 5], dtype=torch.int32), 3)
     tgt = kernels.Packed(torch.arange(3), torch.tensor([0, 1, 3], dtype=torch.int32), 2)
