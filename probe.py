@@ -708,6 +708,9 @@ def retrieve(args, path, ckpt, data_dir, device):
     said = "".join(f"; the {f} heard in the sound predicted from the picture " + describe(
         lambda r: f"{100 * r['heard'][f]['predicted']:.0f}% (real sound {100 * r['heard'][f]['real']:.0f}%)")
         + f", chance {100 * h['chance']:.0f}%" for f, h in res.get("heard", {}).items())
+    said += "".join(f"; video->audio of the {name} clips " + describe(
+        lambda r: f"R@1 {100 * r['v2a_by'][name]['r1']:.1f}%, median rank {r['v2a_by'][name]['median_rank']:.0f}")
+        for name in res.get("v2a_by", {}))
     print(f"retrieve {res['run']} [{args.init}]: video->audio {scores('v2a')}; audio->video "
           f"{scores('a2v')}; among {n} val clips (chance: R@1 {100 / n:.1f}%, median rank "
           f"{(n + 1) / 2:.0f}, gap 0){said} in {secs:.0f} s")
@@ -756,8 +759,11 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
         pred, gallery = out["pred_" + name], out[name]
         # spread: how much the predictions differ from clip to clip, against how much the real features
         # do. Near 0, the predictor says the same for every clip (the mean): nothing can be retrieved.
-        res[direction] = dict(rank_scores(ranks(pred, gallery)), gap=shuffled_gap(pred, gallery),
+        r = ranks(pred, gallery)
+        res[direction] = dict(rank_scores(r), gap=shuffled_gap(pred, gallery),
                               spread=(pred.var(0).mean() / gallery.var(0).mean()).item())
+        if direction == "v2a":
+            res["v2a_by"] = ranks_by_timing(r, val, ids)
         if out["train_" + name] is not None:
             res[direction + "_ridge"] = rank_scores(ridge_ranks(out["train_" + other], out["train_" + name],
                                                                 out[other], gallery))
@@ -766,6 +772,22 @@ def retrieve_one(args, path, ckpt, data_dir, device, init):
     res["seconds"] = time.time() - t0
     write_json(res, path.parent / f"probe_retrieve_{init}.json")
     return res
+
+
+def ranks_by_timing(r, val, ids):
+    """The video -> audio ranks r [n] split by the factor that only the timing of sight against sound
+    carries (on the built-in set, `sync`): a late soundtrack is the picture's sound some moments on,
+    which the picture alone cannot tell, so only synced clips can be found from their picture in full.
+    {value: rank_scores}; empty without such a factor or labels."""
+    meta = val["meta"]
+    factors = [f for f, v in meta.get("factors", {}).items() if v.get("modality") == "video against audio"]
+    if "class_factors" not in meta or not factors:
+        return {}
+    f = factors[0]
+    labels = torch.as_tensor(np.asarray(val["label"])[ids].astype(np.int64))
+    value = torch.tensor(meta["class_factors"])[labels.clamp(min=0), list(meta["factors"]).index(f)]
+    groups = {name: (labels >= 0) & (value == k) for k, name in enumerate(meta["factors"][f]["values"])}
+    return {name: dict(rank_scores(r[m]), clips=int(m.sum())) for name, m in groups.items() if m.any()}
 
 
 def heard(out, train, train_ids, val, ids, encoder):

@@ -2213,6 +2213,19 @@ def test_retrieve_ranks_every_val_clip_with_sound_in_both_directions(probe_run):
     assert all(1 <= res[d + "_ridge"]["median_rank"] <= n for d in ("v2a", "a2v"))
 
 
+def test_retrieval_ranks_split_by_the_factor_only_sight_against_sound_carries():
+    meta = dict(factors={"colour": {"values": ["red", "blue"], "modality": "video"},
+                         "sync": {"values": ["sync", "late"], "modality": "video against audio"}},
+                class_factors=[[0, 0], [0, 1], [1, 0], [1, 1]])
+    val = dict(meta=meta, label=np.array([0, 1, 2, 3, -1, 2]))
+    ids = np.array([0, 1, 2, 3, 4])                     # the unlabelled clip 4 is in no group
+    by = probe.ranks_by_timing(torch.tensor([1, 7, 3, 1, 2]), val, ids)
+    assert by["sync"]["clips"] == 2 and by["sync"]["r1"] == 0.5       # classes 0 and 2: ranks 1, 3
+    assert by["late"]["clips"] == 2 and by["late"]["median_rank"] == 1  # classes 1 and 3: ranks 7, 1
+    assert probe.ranks_by_timing(torch.tensor([1]), dict(meta=dict(factors={}), label=np.array([0])),
+                                 np.array([0])) == {}
+
+
 def test_ridge_ranks_find_every_clip_when_one_sense_is_a_linear_map_of_the_other():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(6, 5, generator=g)
