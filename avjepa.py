@@ -51,7 +51,8 @@ def predictor_size(width, depth):
 class MaskConfig(NamedTuple):
     """How a mask config picks the targets. multiblock: `blocks` rectangles of `scale` of the grid
     each, through all time (V-JEPA); all_audio / all_video: one sense whole, predicted from the
-    other; future: the second half of the clip, in both senses."""
+    other; future: the second half of the clip, in both senses; later_audio: the second half of the
+    sound, with the whole picture and the first half of the sound as context."""
     kind: str
     blocks: int = 0          # multiblock: V-JEPA's count, for its 14 x 14 grid (grid_blocks)
     scale: float = 0.0       # multiblock: each rectangle's share of the grid
@@ -62,7 +63,7 @@ class MaskConfig(NamedTuple):
 MASKS = {"short": MaskConfig("multiblock", 8, 0.15, "#1f77b4"),
          "long": MaskConfig("multiblock", 2, 0.7, "#2ca02c"),
          "v2a": MaskConfig("all_audio", colour="#d62728"), "a2v": MaskConfig("all_video", colour="#9467bd"),
-         "future": MaskConfig("future", colour="#ff7f0e")}
+         "future": MaskConfig("future", colour="#ff7f0e"), "later_audio": MaskConfig("later_audio", colour="#e377c2")}
 ASPECT = (0.75, 1.5)      # block aspect ratio range (both modalities)
 PASSES = ["joint", "separate"]   # one attention pass over both senses, or one per sense
 
@@ -155,8 +156,8 @@ class Config:
         """Settings that are each valid but do not fit together: error(message), argparse's exit."""
         _, depth, heads = MODELS[self.model]
         for m in self.masks:
-            if MASKS[m].kind in ("all_audio", "all_video") and not self.audio:
-                error(f"mask config {m!r} predicts one sense from the other: it needs --audio")
+            if MASKS[m].kind in ("all_audio", "all_video", "later_audio") and not self.audio:
+                error(f"mask config {m!r} predicts across the senses: it needs --audio")
         if self.pred_width % heads:
             error(f"argument --pred-width: {self.pred_width} must be a multiple of {self.model}'s {heads} heads")
         if self.crop % PATCH:
@@ -293,6 +294,10 @@ def sample_targets(rng, mask, video_grid, audio_grid):
     elif kind == "future":   # the later tubelets and audio columns
         v = np.repeat(np.arange(T) >= T - T // 2, H * W)
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
+    elif kind == "later_audio":   # the later audio columns only. Which sound goes with the seen picture
+        # then, its own moment's or an earlier one's, only the earlier sound against the earlier picture
+        # can tell: the context must hold how sight and sound line up (sync)
+        v, a = np.zeros(T * H * W, bool), np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
     else:
         _, blocks, scale, _ = MASKS[mask]
         v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)

@@ -180,7 +180,7 @@ def test_the_loss_reads_the_teacher_only_at_the_targets(monkeypatch):
     assert loss_with_teacher_moved_at(hidden) != base
 
 
-@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future"])
+@pytest.mark.parametrize("config", ["short", "long", "v2a", "a2v", "future", "later_audio"])
 def test_context_and_targets_are_disjoint_and_cover_every_token(config):
     m = masks_for(config)
     for c, t in zip(segments(m.context), segments(m.targets)):
@@ -276,8 +276,16 @@ def test_future_hides_the_second_half_of_both_senses():
     assert (audio == (np.arange(13) >= 7)[None, :]).all()
 
 
+def test_later_audio_hides_the_second_half_of_the_sound_and_no_picture():
+    nv = math.prod(VIDEO_GRID)
+    t = segments(masks_for("later_audio", batch=1).targets)[0]
+    assert not np.isin(np.arange(nv), t).any()                                 # the whole picture is context
+    audio = np.isin(np.arange(nv, N), t).reshape(AUDIO_GRID)                   # [mel, time]
+    assert (audio == (np.arange(13) >= 7)[None, :]).all()                      # columns 7-12 of 13
+
+
 def test_context_is_never_empty_even_on_a_tiny_grid():
-    for config in ["short", "long", "v2a", "a2v", "future"]:
+    for config in ["short", "long", "v2a", "a2v", "future", "later_audio"]:
         m = avjepa.sample_masks(np.random.default_rng(1), mask_config(config), 200, (1, 2, 2),
                                 (2, 2), np.arange(200) % 2 == 0)
         index, cu, _ = m.context
