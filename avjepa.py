@@ -44,8 +44,10 @@ MODELS = {"vit_micro": (32, 2, 2), "vit_tiny": (192, 12, 3), "vit_small": (384, 
 # A predictor about a tenth of its encoder: half as wide (at most V-JEPA's 384) and 6 deep (12 from
 # vit_large up, as V-JEPA). A 384 x 12 predictor would be 4x ViT-Tiny's encoder: a predictor that
 # strong can solve the task by itself, and the encoder, the part we keep, learns less.
-def predictor_size(width, depth):
-    return min(width // 2, 384), (12 if depth >= 24 else 6)
+def predictor_size(cfg):
+    """The predictor's width and depth: --pred-width and --pred-depth, else the sizes above."""
+    width, depth, _ = MODELS[cfg.model]
+    return cfg.pred_width or min(width // 2, 384), cfg.pred_depth or (12 if depth >= 24 else 6)
 
 
 class MaskConfig(NamedTuple):
@@ -165,7 +167,7 @@ class Config:
         for name in ("fuse", "target_layers", "moment_blocks"):
             if getattr(self, name) > depth:
                 error(f"argument --{name.replace('_', '-')}: {getattr(self, name)} is more than {depth} blocks")
-        pred_depth = self.pred_depth or predictor_size(MODELS[self.model][0], depth)[1]
+        pred_depth = predictor_size(self)[1]
         if self.pred_moment_blocks > pred_depth:
             error(f"argument --pred-moment-blocks: {self.pred_moment_blocks} is more than the predictor's "
                   f"{pred_depth} blocks")
@@ -291,13 +293,12 @@ def sample_targets(rng, mask, video_grid, audio_grid):
     kind = MASKS[mask].kind
     if kind in ("all_audio", "all_video"):   # one modality is the whole target
         v, a = np.full(T * H * W, kind == "all_video"), np.full(Fa * Ca, kind == "all_audio")
-    elif kind == "future":   # the later tubelets and audio columns
-        v = np.repeat(np.arange(T) >= T - T // 2, H * W)
+    elif kind in ("future", "later_audio"):   # the later audio columns, and for future the later tubelets.
+        # later_audio leaves the whole picture seen: which sound goes with the later picture, its own
+        # moment's or an earlier one's, only the earlier sound against the earlier picture can tell, so
+        # the context must hold how sight and sound line up (sync)
+        v = np.repeat(np.arange(T) >= T - T // 2, H * W) & (kind == "future")
         a = np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
-    elif kind == "later_audio":   # the later audio columns only. Which sound goes with the seen picture
-        # then, its own moment's or an earlier one's, only the earlier sound against the earlier picture
-        # can tell: the context must hold how sight and sound line up (sync)
-        v, a = np.zeros(T * H * W, bool), np.tile(np.arange(Ca) >= Ca - Ca // 2, Fa)
     else:
         _, blocks, scale, _ = MASKS[mask]
         v = block_mask(rng, H, W, grid_blocks(blocks, H * W), scale)
@@ -619,8 +620,7 @@ class Predictor(nn.Module):
     """Narrow ViT over [context ; mask tokens] per segment: predicts the targets' embeddings."""
     def __init__(self, cfg, encoder):
         super().__init__()
-        width, depth = predictor_size(encoder.width, len(encoder.blocks))
-        width, depth = cfg.pred_width or width, cfg.pred_depth or depth
+        width, depth = predictor_size(cfg)
         coords = token_coords(encoder.video_grid, encoder.audio_grid, cfg.tubelet_seconds,
                               cfg.audio_patch_seconds)
         self.register_buffer("pos_embed", sincos(coords, width), persistent=False)  # [N, Dp]
